@@ -52,6 +52,8 @@ enum class GgmlType : uint32_t {
   kTQ1_0 = 34,
   kTQ2_0 = 35,
   kMXFP4 = 39,
+  kNVFP4 = 40,
+  kQ1_0 = 41,
 };
 
 // True if `id` is a ggml type this reader knows the layout of (name, block size).
@@ -63,7 +65,7 @@ size_t ggml_block_bytes(GgmlType t);          // bytes per block; 0 if unknown
 size_t ggml_row_bytes(GgmlType t, int64_t n_elems);  // n_elems must be a multiple of block elems
 
 // Dequantize n elements (a multiple of ggml_block_elems(t)) from src into dst. Supports F32, F16,
-// BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (see ggml_type_dequantizable);
+// BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K (see ggml_type_dequantizable);
 // other types are a programming error (checked). No allocation; on the CPU matmul's hot path.
 void ggml_dequantize_row(GgmlType t, const void* src, float* dst, int64_t n);
 
@@ -139,6 +141,8 @@ class GgufValue {
   std::vector<double> as_float_array() const;
   // Raw little-endian element bytes of a numeric array (size() * gguf_type_size(elem_type())).
   const std::vector<uint8_t>& raw_array() const { return raw_; }
+  // A scalar's little-endian payload, zero-extended to 64 bits (the writer's path).
+  uint64_t scalar_bits() const { return bits_; }
 
   std::string to_string() const;  // short human form for `kiln info` (arrays summarized)
 
