@@ -6,8 +6,16 @@
 // Content-parts choice (apply): an OpenAI message whose "content" is an array of parts that are
 // all {"type": "text", "text": ...} is flattened to one string, parts joined with "\n" (vLLM's
 // "string" content format). Arrays with any non-text part are passed through untouched, as
-// transformers does. Tool-call "arguments" given as a JSON string are parsed into an object (as
-// vLLM does); a string that is not valid JSON is left as a string.
+// transformers does. Assistant "tool_calls" that are null or [] are dropped, and each call's
+// "arguments" given as a JSON string is parsed into an object, null/"" becoming {} (vLLM's
+// _postprocess_messages); a string that is not valid JSON is an error, as in vLLM.
+//
+// Key order: Python dicts keep insertion order and `tojson` prints in that order, so callers that
+// want byte-identical output must hand in nlohmann::ordered_json (parse request bodies with
+// nlohmann::ordered_json::parse). The nlohmann::json overloads work too, with keys sorted.
+//
+// Context: as transformers' apply_chat_template, `tools` and `documents` are always defined and
+// are None when not given (so `tools is defined` is true and `tools is none` tells them apart).
 #pragma once
 #include <memory>
 #include <string>
@@ -40,6 +48,8 @@ class Template {
   // "NAME:LINE: message".
   Result<std::string> render(const nlohmann::json& context) const;
   Result<std::string> render(const nlohmann::json& context, const RenderLimits& limits) const;
+  Result<std::string> render(const nlohmann::ordered_json& context,
+                             const RenderLimits& limits = RenderLimits()) const;
 
   // Builds the HF context {messages, tools (when not null), add_generation_prompt, bos_token,
   // eos_token, ...extra_vars} after normalizing messages (see the file comment) and renders.
@@ -47,6 +57,10 @@ class Template {
                             bool add_generation_prompt, const std::string& bos_token,
                             const std::string& eos_token,
                             const nlohmann::json& extra_vars = nlohmann::json::object()) const;
+  Result<std::string> apply(const nlohmann::ordered_json& messages, const nlohmann::ordered_json& tools,
+                            bool add_generation_prompt, const std::string& bos_token,
+                            const std::string& eos_token,
+                            const nlohmann::ordered_json& extra_vars = nlohmann::ordered_json::object()) const;
 
   const std::string& name() const;
   const std::string& source() const;
@@ -57,7 +71,7 @@ class Template {
 
 // Messages in OpenAI's shape -> what HF templates expect (see the file comment). Exposed so the
 // server can normalize once and so tests can check it.
-nlohmann::json normalize_messages(const nlohmann::json& messages);
+Result<nlohmann::ordered_json> normalize_messages(const nlohmann::ordered_json& messages);
 
 // Today's date for strftime_now: the env var KILN_DATE_OVERRIDE ("YYYY-MM-DD" or
 // "YYYY-MM-DD HH:MM:SS") pins it, for deterministic tests; otherwise local time.
