@@ -1,0 +1,56 @@
+#include "backend/cpu/cpu_executor.h"
+
+#include <algorithm>
+
+#include "backend/cpu/sampler.h"
+
+namespace kiln {
+
+CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, const LoadOptions& opts) : model_(std::move(model)) {
+  const ModelConfig& c = model_->config;
+  int32_t max_seq = opts.max_seq_len > 0 ? opts.max_seq_len : c.max_position_embeddings;
+  int32_t blocks = opts.kv_cache_blocks;
+  if (blocks <= 0) {
+    size_t per = CpuKvCache::bytes_per_block(c, opts.block_size);
+    blocks = int32_t(std::max<size_t>(1, opts.kv_cache_memory_bytes / per));
+  }
+  kv_.init(c, blocks, opts.block_size);
+  ops_ = std::make_unique<CpuOps>(model_->config, &kv_);
+  info_.vocab_size = c.vocab_size;
+  info_.block_size = opts.block_size;
+  info_.num_kv_blocks = blocks;
+  info_.max_seq_len = max_seq;
+  info_.eos_ids = c.eos_token_ids;
+  info_.device = "cpu";
+}
+
+Status CpuExecutor::execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                            std::vector<SampledToken>* out) {
+  if (sampling.size() != batch.logits_rows.size())
+    return Status::error("internal: " + std::to_string(sampling.size()) + " sampling entries for " +
+                         std::to_string(batch.logits_rows.size()) + " logits rows");
+  for (int32_t id : batch.token_ids)
+    if (id < 0 || id >= info_.vocab_size)
+      return Status::error("token id " + std::to_string(id) + " is outside the vocabulary (" +
+                           std::to_string(info_.vocab_size) + ")");
+  forward(model_->config, model_->weights, *ops_, batch);
+  out->resize(sampling.size());
+  const float* logits = ops_->logits();
+  const int32_t V = info_.vocab_size;
+  for (size_t i = 0; i < sampling.size(); ++i) (*out)[i] = sample_token(logits + i * size_t(V), V, sampling[i]);
+  return Status::ok();
+}
+
+std::unique_ptr<CpuExecutor> make_cpu_executor(std::shared_ptr<const Model> model, const LoadOptions& opts) {
+  return std::make_unique<CpuExecutor>(std::move(model), opts);
+}
+
+Result<std::unique_ptr<ModelExecutor>> load_cpu_executor(const std::string& model_path, const LoadOptions& opts) {
+  if (opts.device != "cpu")
+    return Status::error("device '" + opts.device + "' is not available in this build (cpu is)");
+  KILN_ASSIGN_OR_RETURN(auto model, load_model(model_path));
+  std::unique_ptr<ModelExecutor> ex = make_cpu_executor(std::move(model), opts);
+  return ex;
+}
+
+}  // namespace kiln

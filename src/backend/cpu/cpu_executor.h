@@ -1,0 +1,41 @@
+// ModelExecutor on the CPU: the model, a host KV cache and the host sampler.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "backend/cpu/cpu_ops.h"
+#include "model/executor.h"
+#include "model/weights.h"
+
+namespace kiln {
+
+struct LoadOptions {
+  std::string device = "cpu";        // "cpu" | "cuda" | "cuda:N"
+  int32_t kv_cache_blocks = 0;       // 0: from kv_cache_memory (CPU) or memory fraction (GPU)
+  double kv_cache_memory_fraction = 0.9;  // GPU: of free memory after weights
+  size_t kv_cache_memory_bytes = size_t(1) << 30;  // CPU default budget: 1 GiB
+  int32_t block_size = 16;
+  int32_t max_seq_len = 0;           // 0: the model's max_position_embeddings
+};
+
+class CpuExecutor final : public ModelExecutor {
+ public:
+  CpuExecutor(std::shared_ptr<const Model> model, const LoadOptions& opts);
+  const ExecutorInfo& info() const override { return info_; }
+  Status execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                 std::vector<SampledToken>* out) override;
+  // Logits of the last step, [logits_rows, vocab] (tests, golden comparisons).
+  const float* last_logits() const { return ops_->logits(); }
+  const Model& model() const { return *model_; }
+
+ private:
+  std::shared_ptr<const Model> model_;
+  CpuKvCache kv_;
+  std::unique_ptr<CpuOps> ops_;
+  ExecutorInfo info_;
+};
+
+Result<std::unique_ptr<ModelExecutor>> load_cpu_executor(const std::string& model_path, const LoadOptions& opts);
+std::unique_ptr<CpuExecutor> make_cpu_executor(std::shared_ptr<const Model> model, const LoadOptions& opts);
+
+}  // namespace kiln
