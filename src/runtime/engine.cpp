@@ -79,7 +79,7 @@ class EngineImpl final : public Engine {
                            " exceeds max_seq_len (" + std::to_string(limits_.max_seq_len) + ")");
     std::lock_guard<std::mutex> lock(mu_);
     if (!accepting_) return Status::error("server is shutting down");
-    const int64_t waiting = int64_t(submits_.size()) + published_.num_waiting;
+    const int64_t waiting = published_.num_waiting;  // includes submits not yet drained
     if (waiting >= limits_.max_queue)
       return Status::error("queue full (" + std::to_string(waiting) + " requests waiting, max_queue " +
                            std::to_string(limits_.max_queue) + ")");
@@ -284,6 +284,7 @@ void EngineImpl::loop() {
     if (sched_->has_work()) {
       const ScheduledStep& step = sched_->schedule();
       for (uint64_t id : step.unschedulable) finish(id, FinishReason::kError, {}, -1, "request cannot fit in the KV cache");
+      publish_stats();  // admitted requests leave the queue now, not after the forward pass
       if (!step.empty()) run_step(step);
     } else {
       // Idle: a cheap moment to verify the block accounting (STYLE.md #6).

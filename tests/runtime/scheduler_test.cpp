@@ -21,7 +21,7 @@ using test::fake_info;
 using test::fake_reference;
 
 std::vector<int32_t> tokens(int32_t n, int32_t start) {
-  std::vector<int32_t> v(size_t(n));
+  std::vector<int32_t> v(static_cast<size_t>(n));
   std::iota(v.begin(), v.end(), start);
   return v;
 }
@@ -218,10 +218,14 @@ TEST(Scheduler, CachedBlocksEvictedUnderPressure) {
 TEST(Scheduler, PreemptionByRecomputeGivesIdenticalOutputs) {
   // 6 blocks of 4 (24 tokens) for two requests that each grow to 8 + 12 = 20 tokens (5 blocks).
   //   step 1: 1:8* 2:8*        4 blocks used
-  //   ...      both decode; at 9 tokens each takes its 3rd block (6 used)
-  //   step 5: 1 needs a 4th block for token 13: none free -> preempt 2 (newest), 1 decodes alone
-  //   ...      1 runs to 20 tokens and finishes; 2 is re-admitted, recomputing prompt + its
-  //            outputs so far (partly from the prefix cache), then decodes to the end.
+  //   step 2: 1:1* 2:1*        position 8: each takes its 3rd block (6 used)
+  //   steps 3-5: decode positions 9-11
+  //   step 6: 1 needs a 4th block for position 12: none free -> preempt 2 (newest); 1 decodes alone
+  //            (2's 3 full blocks go to the free list, still cached; 1 reuses the tail one)
+  //   steps 7-12: 1 decodes alone, takes a 5th block at position 16 (evicting 2's second block),
+  //            and finishes with 12 tokens
+  //   step 13: 2:9*  re-admitted with 8 + 5 tokens: block 0 from the cache, 9 recomputed
+  //   steps 14-19: 2 decodes to 12 outputs
   Sim constrained(6, 4, {8, 100});
   Sim roomy(64, 4, {8, 100});
   for (Sim* s : {&constrained, &roomy}) {
@@ -229,10 +233,15 @@ TEST(Scheduler, PreemptionByRecomputeGivesIdenticalOutputs) {
     s->add(2, tokens(8, 40), 12);
     s->run();
   }
-  EXPECT_GE(constrained.preempted_total, 1);
+  EXPECT_EQ(constrained.preempted_total, 1);
   EXPECT_EQ(constrained.sched.stats().num_preemptions, constrained.preempted_total);
   EXPECT_EQ(roomy.preempted_total, 0);
-  EXPECT_EQ(constrained.timeline[4], "1:1*");  // 2 was preempted in step 5
+  std::vector<std::string> expect = {"1:8* 2:8*"};
+  for (int i = 0; i < 4; ++i) expect.push_back("1:1* 2:1*");
+  for (int i = 0; i < 7; ++i) expect.push_back("1:1*");
+  expect.push_back("2:9*");
+  for (int i = 0; i < 6; ++i) expect.push_back("2:1*");
+  EXPECT_EQ(constrained.timeline, expect);
   EXPECT_EQ(constrained.done, roomy.done);
   constrained.expect_matches_reference();
   EXPECT_EQ(constrained.kv.num_used_blocks(), 0);
@@ -283,7 +292,9 @@ TEST(Scheduler, RandomStress) {
     EXPECT_GT(sim.done.size(), 20u);
     sim.expect_matches_reference();
     EXPECT_EQ(sim.kv.num_used_blocks(), 0);
-    if (round == 0) EXPECT_GT(sim.preempted_total, 0);
+    if (round == 0) {
+      EXPECT_GT(sim.preempted_total, 0);
+    }
   }
 }
 
