@@ -9,6 +9,13 @@
 #include <immintrin.h>
 #endif
 
+// Keep `d * q - m` as two roundings, as ggml's reference code and gguf-py compute it, so the
+// results match bit for bit (clang would otherwise fuse it into an FMA under -mfma; GCC's ISO
+// modes never contract).
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+
 namespace kiln {
 namespace {
 
