@@ -19,6 +19,7 @@ class GgufFile;  // src/formats/gguf.h
 
 namespace tok {
 struct TokenizerImpl;  // src/tokenizer/tokenizer_impl.h
+class DecodeStream;    // src/tokenizer/decode_stream.h
 }
 
 class Tokenizer {
@@ -33,10 +34,10 @@ class Tokenizer {
 
   // add_special_tokens: apply the post-processor (BOS etc.), as HF's encode(add_special_tokens=).
   std::vector<int32_t> encode(std::string_view text, bool add_special_tokens) const;
+  // As HF decode: the decoder pipeline over the ids' tokens; ids out of range are skipped; invalid
+  // UTF-8 becomes U+FFFD (one per byte in a byte-fallback run, one per maximal invalid subpart for
+  // byte-level tokens), so the result is always valid UTF-8.
   std::string decode(std::span<const int32_t> ids, bool skip_special_tokens = false) const;
-  // decode() without the final lossy UTF-8 repair: the raw bytes the ids stand for (incremental
-  // decoding builds on this).
-  std::string decode_bytes(std::span<const int32_t> ids, bool skip_special_tokens = false) const;
 
   int32_t vocab_size() const;
   std::optional<int32_t> token_to_id(std::string_view token) const;
@@ -66,11 +67,18 @@ class Tokenizer {
 };
 
 // Streaming detokenizer, one per request. push() never returns a partial UTF-8 sequence, and the
-// concatenation of everything push()/flush() return equals decode(all pushed ids) (with the
-// prefix, if any, decoded as context and not returned).
+// concatenation of everything push()/flush() return equals decode(all pushed ids, skip_special).
+// Text is held back only while a later id could still change it: an incomplete UTF-8 sequence of
+// byte-level tokens, a run of byte-fallback tokens <0xNN> (HF turns a whole run into U+FFFDs if any
+// part is invalid), a trailing character a Strip decoder may remove.
+// With set_prefix(prompt), the output is decode(prompt + generated) minus decode(prompt) (vLLM's
+// behaviour: the first generated word keeps its leading space under Metaspace/Strip decoders).
 class IncrementalDecoder {
  public:
   explicit IncrementalDecoder(std::shared_ptr<const Tokenizer> tok, bool skip_special_tokens = true);
+  ~IncrementalDecoder();
+  IncrementalDecoder(IncrementalDecoder&&) noexcept;
+  IncrementalDecoder& operator=(IncrementalDecoder&&) noexcept;
   // Prompt ids the generated ids follow: they are decoded as context only (as vLLM does), so a
   // Metaspace tokenizer keeps the leading space of the first generated word.
   void set_prefix(std::span<const int32_t> prompt_ids);
@@ -79,10 +87,7 @@ class IncrementalDecoder {
 
  private:
   std::shared_ptr<const Tokenizer> tok_;
-  bool skip_special_;
-  std::vector<int32_t> ids_;     // context + generated ids still needed for decoding
-  size_t prefix_offset_ = 0;     // ids_[prefix_offset_, read_offset_) decode to already emitted text
-  size_t read_offset_ = 0;
+  std::unique_ptr<tok::DecodeStream> stream_;
 };
 
 }  // namespace kiln
