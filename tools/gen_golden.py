@@ -73,11 +73,22 @@ def versions():
             "python": sys.version.split()[0]}
 
 
+MIN_GAP = 0.01  # greedy choices closer than this are re-rolled (C++ tolerance is 1e-3)
+
+
 def make_family(name, spec, out_dir, seed):
+    for attempt in range(50):
+        gaps = make_family_once(name, spec, out_dir, seed + 1000 * attempt)
+        if min(gaps) > MIN_GAP:
+            return
+    raise SystemExit(f"{name}: no seed gave greedy gaps above {MIN_GAP}")
+
+
+def make_family_once(name, spec, out_dir, seed):
     torch.manual_seed(seed)
     cfg_cls = getattr(transformers, spec["cls"])
     cfg = cfg_cls(**spec["cfg"])
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
     with torch.no_grad():  # norms away from 1 so a missing norm weight shows
         for n, p in model.named_parameters():
@@ -90,7 +101,7 @@ def make_family(name, spec, out_dir, seed):
     d = os.path.join(out_dir, name)
     os.makedirs(d, exist_ok=True)
     model.save_pretrained(d, safe_serialization=True)
-    model = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     model.eval()
     rng = np.random.default_rng(seed)
     prompt = [int(x) for x in rng.integers(4, cfg.vocab_size, PROMPT_LEN)]
@@ -102,16 +113,18 @@ def make_family(name, spec, out_dir, seed):
             os.remove(p)
     json.dump({"model": name, "prompt_ids": prompt, "greedy_ids": toks, "top2_gap": gaps,
                "logits_shape": list(logits.shape), "logits_rows": "all prompt positions",
-               "weights_dtype": str(spec["dtype"]), "compute_dtype": "float32", "versions": versions()},
+               "weights_dtype": str(spec["dtype"]), "compute_dtype": "float32", "seed": seed,
+               "versions": versions()},
               open(os.path.join(d, "golden.json"), "w"), indent=1)
-    print(f"{name}: prompt {prompt[:4]}... greedy {toks[:8]}... min gap {min(gaps):.4g}")
+    print(f"{name}: seed {seed} prompt {prompt[:4]}... greedy {toks[:8]}... min gap {min(gaps):.4g}")
+    return gaps
 
 
 def make_default(gguf_path, out_dir):
     d = os.path.join(out_dir, "smollm2_q4_1")
     os.makedirs(d, exist_ok=True)
     folder, fname = os.path.split(os.path.abspath(gguf_path))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     model.eval()
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
