@@ -14,6 +14,10 @@
 // modes never contract).
 #ifdef __clang__
 #pragma STDC FP_CONTRACT OFF
+#else
+// GCC's -O2 "very cheap" vectorizer cost model leaves these block loops scalar; the dynamic model
+// vectorizes them: 1.1 -> 7-9 Gelem/s for Q4_0/Q4_1/Q8_0/Q4_K on this machine's AVX2 (GCC 12).
+#pragma GCC optimize("vect-cost-model=dynamic")
 #endif
 
 namespace kiln {
@@ -271,16 +275,21 @@ void deq_q6_k(const uint8_t* b, float* y, int64_t nb) {  // {u8 ql[128]; u8 qh[6
     const uint8_t* qh = b + 128;
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
     for (int n = 0; n < 256; n += 128, ql += 64, qh += 32, sc += 8, y += 128) {
-      for (int l = 0; l < 32; ++l) {
-        const int is = l / 16;
-        const int q1 = int((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-        const int q2 = int((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-        const int q3 = int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-        const int q4 = int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-        y[l] = d * float(sc[is]) * float(q1);
-        y[l + 32] = d * float(sc[is + 2]) * float(q2);
-        y[l + 64] = d * float(sc[is + 4]) * float(q3);
-        y[l + 96] = d * float(sc[is + 6]) * float(q4);
+      // Halves of 16 share their scales; hoisting them (same products as ggml: (d * sc) * q)
+      // lets the compiler vectorize the body: 0.7 -> 4.4 Gelem/s (AVX2, GCC 12).
+      for (int h = 0; h < 2; ++h) {
+        const float s1 = d * float(sc[h]), s2 = d * float(sc[h + 2]);
+        const float s3 = d * float(sc[h + 4]), s4 = d * float(sc[h + 6]);
+        for (int l = 16 * h; l < 16 * h + 16; ++l) {
+          const int q1 = int((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+          const int q2 = int((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+          const int q3 = int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+          const int q4 = int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+          y[l] = s1 * float(q1);
+          y[l + 32] = s2 * float(q2);
+          y[l + 64] = s3 * float(q3);
+          y[l + 96] = s4 * float(q4);
+        }
       }
     }
   }
