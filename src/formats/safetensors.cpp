@@ -212,11 +212,16 @@ Result<SafetensorsCheckpoint> SafetensorsCheckpoint::open(const std::string& dir
   std::string index_path;
 
   if (!file_exists(dir_or_file)) return Status::error(dir_or_file + ": no such file or directory");
-  if (!is_directory(dir_or_file)) {
+  const bool is_index = !is_directory(dir_or_file) && ends_with(dir_or_file, ".index.json");
+  if (!is_directory(dir_or_file) && !is_index) {
     paths.push_back(dir_or_file);
   } else {
-    const std::string& dir = dir_or_file;
-    index_path = join_path(dir, "model.safetensors.index.json");
+    // The directory, or the index file itself (its shards are beside it).
+    const std::string dir =
+        is_index ? (dir_or_file.find('/') == std::string::npos ? std::string(".")
+                                                               : dir_or_file.substr(0, dir_or_file.rfind('/')))
+                 : dir_or_file;
+    index_path = is_index ? dir_or_file : join_path(dir, "model.safetensors.index.json");
     if (file_exists(index_path)) {
       KILN_ASSIGN_OR_RETURN(std::string text, read_file(index_path));
       json idx = json::parse(text, nullptr, false);

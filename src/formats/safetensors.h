@@ -55,7 +55,8 @@ class SafetensorsFile {
 };
 
 // A checkpoint: a directory holding model.safetensors, or model.safetensors.index.json plus its
-// shards, or a directory with *.safetensors files and no index, or a single .safetensors file.
+// shards, or a directory with *.safetensors files and no index, or a single .safetensors file, or
+// an *.index.json file (its shards beside it).
 class SafetensorsCheckpoint {
  public:
   static Result<SafetensorsCheckpoint> open(const std::string& dir_or_file);

@@ -162,6 +162,11 @@ TEST(SafetensorsCheckpoint, ShardedIndex) {
   EXPECT_EQ(ck->find("a")->shape, (std::vector<int64_t>{2, 3}));
   EXPECT_EQ(ck->find("zzz"), nullptr);
 
+  // The index file itself opens the same checkpoint.
+  auto by_index = SafetensorsCheckpoint::open(dir.file("model.safetensors.index.json"));
+  ASSERT_TRUE(by_index.is_ok()) << by_index.message();
+  EXPECT_EQ(by_index->names(), ck->names());
+
   // A copy stays usable after the original is gone.
   SafetensorsCheckpoint copy = *ck;
   ck = Status::error("dropped");
