@@ -355,6 +355,7 @@ TEST(Engine, RandomClientsWithCancels) {
   // Four client threads submit and sometimes cancel; every request ends exactly once, the ones
   // not cancelled match their solo run, and the pool is whole at the end.
   Rig rig(fake_info(20, 4, 1000), limits(5, 12, 4096));
+  rig.fake->step_delay_us = 20;
   std::mutex mu;
   std::map<uint64_t, std::pair<std::vector<int32_t>, std::pair<uint64_t, int32_t>>> sent;
   std::vector<std::thread> clients;
@@ -373,7 +374,7 @@ TEST(Engine, RandomClientsWithCancels) {
           sent[*id] = {p, {seed, max_tokens}};
         }
         if (rng() % 4 == 0) {
-          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 500));
+          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 200));
           rig.engine->cancel(*id);
         }
       }

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "model/executor.h"
@@ -74,6 +75,7 @@ class FakeExecutor : public ModelExecutor {
       gate_cv_.notify_all();
       gate_cv_.wait(lock, [&] { return gate_open_; });
     }
+    if (step_delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(step_delay_us.load()));
     const int32_t step = ++steps_;
     if (step == fail_at_step.load()) return Status::error("injected executor failure at step " + std::to_string(step));
     Status st = check_and_run(b, sampling, out);
@@ -99,6 +101,7 @@ class FakeExecutor : public ModelExecutor {
   }
 
   std::atomic<int32_t> fail_at_step{-1};
+  std::atomic<int32_t> step_delay_us{0};  // a slower model, so racing clients can cancel mid-run
   std::atomic<int32_t> steps_{0};
   std::atomic<int32_t> max_tokens_seen{0};
   std::atomic<int32_t> max_seqs_seen{0};
