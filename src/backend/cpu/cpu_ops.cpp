@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #endif
 
+#include "backend/cpu/quant_dot.h"
 #include "core/thread_pool.h"
 
 namespace kiln {
@@ -86,6 +87,21 @@ void cpu_linear(const float* x, int64_t m, const Weight& w, const float* bias, f
   const int64_t N = w.rows, K = w.cols;
   constexpr int64_t kTile = 16;
   const int64_t tiles = (N + kTile - 1) / kTile;
+  if (w.format == WeightFormat::kGgml && quant_dot_supported(w.ggml_type) && K % 32 == 0) {
+    // Fused dequantize-and-dot: 17.9 -> see docs/PERF.md for the default model's decode.
+    thread_local std::vector<float> xsums;
+    xsums.resize(size_t(m * (K / 32)));
+    for (int64_t i = 0; i < m; ++i) quant_block_sums(x + i * K, K, xsums.data() + i * (K / 32));
+    const float* xs = xsums.data();
+    parallel_for(tiles, [&](int64_t t0, int64_t t1) {
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t r = t0 * kTile; r < std::min(N, t1 * kTile); ++r) {
+          const float acc = quant_dot(w.ggml_type, w.row_ptr(r), x + i * K, xs + i * (K / 32), K);
+          y[i * N + r] = bias ? acc + bias[r] : acc;
+        }
+    });
+    return;
+  }
   parallel_for(tiles, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> wbuf;
     wbuf.resize(size_t(kTile * K));
