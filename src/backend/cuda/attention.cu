@@ -1,0 +1,314 @@
+// Paged attention. KV cache per layer: [num_blocks, n_kv, block_size, head_dim] bf16, so one
+// head's block is contiguous.
+//  - prefill (any q_len): one block per (64-row query tile, q head); K/V tiles of 64 tokens are
+//    gathered from the pages into shared memory; S = QK^T and O += PV on tensor cores (wmma,
+//    bf16 in, f32 accumulate); online softmax in f32 per row.
+//  - decode (q_len == 1 everywhere): one block per (sequence, q head, KV split); each group of
+//    head_dim/8 lanes streams one token's 16-byte K/V slices at a time; splits are merged by a
+//    second kernel (flash-decoding), so batch 1 still fills the GPU.
+#include <cuda_bf16.h>
+#include <mma.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "backend/cuda/kernels.h"
+
+namespace kiln::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+namespace wmma = nvcuda::wmma;
+
+constexpr int kBM = 64, kBN = 64, kWarps = 4;
+
+template <int D>
+struct PrefillSmem {
+  static constexpr int kLdq = D + 8, kLds = kBN + 4, kLdp = kBN + 8, kLdo = D + 4;
+  static constexpr size_t kQ = size_t(kBM) * kLdq * 2, kK = size_t(kBN) * kLdq * 2;
+  static constexpr size_t kS = size_t(kWarps) * 16 * kLds * 4, kP = size_t(kWarps) * 16 * kLdp * 2;
+  static constexpr size_t kO = size_t(kWarps) * 16 * kLdo * 4;
+  static constexpr size_t kBytes = kQ + 2 * kK + kS + kP + kO + kBM * 4;
+};
+
+template <int D>
+__global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
+  using S = PrefillSmem<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem);
+  bf16* sK = reinterpret_cast<bf16*>(smem + S::kQ);
+  bf16* sV = reinterpret_cast<bf16*>(smem + S::kQ + S::kK);
+  float* sS = reinterpret_cast<float*>(smem + S::kQ + 2 * S::kK);
+  bf16* sP = reinterpret_cast<bf16*>(smem + S::kQ + 2 * S::kK + S::kS);
+  float* sO = reinterpret_cast<float*>(smem + S::kQ + 2 * S::kK + S::kS + S::kP);
+  int32_t* sPos = reinterpret_cast<int32_t*>(smem + S::kQ + 2 * S::kK + S::kS + S::kP + S::kO);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int seq = p.tiles[2 * blockIdx.x], q0 = p.tiles[2 * blockIdx.x + 1];
+  const int head = blockIdx.y, kvh = head / (p.n_heads / p.n_kv);
+  const SeqMeta sm = p.seqs[seq];
+  const int rows = min(kBM, sm.q_len - q0);
+  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+  const bf16* q = reinterpret_cast<const bf16*>(p.q);
+  const bf16* kc = reinterpret_cast<const bf16*>(p.k_cache);
+  const bf16* vc = reinterpret_cast<const bf16*>(p.v_cache);
+  constexpr int kVecs = D / 8;
+
+  // Q tile and query positions; rows past the sequence are zero and fully masked.
+  for (int i = tid; i < kBM * kVecs; i += 128) {
+    const int r = i / kVecs, c = i % kVecs;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < rows) val = *reinterpret_cast<const uint4*>(q + int64_t(sm.q_start + q0 + r) * p.ldq + int64_t(head) * D + c * 8);
+    *reinterpret_cast<uint4*>(sQ + r * S::kLdq + c * 8) = val;
+  }
+  for (int r = tid; r < kBM; r += 128) sPos[r] = r < rows ? p.tokens[sm.q_start + q0 + r].pos : -1;
+  for (int i = tid; i < kWarps * 16 * S::kLdo; i += 128) sO[i] = 0.0f;
+  __syncthreads();
+  int max_pos = -1;
+  for (int r = 0; r < rows; ++r) max_pos = max(max_pos, sPos[r]);
+  const int kv_len = min(max_pos + 1, sm.ctx_len);
+
+  // Softmax ownership: lane pair (2r, 2r+1) of warp w owns row w*16 + r, 32 columns each.
+  const int my_row = lane >> 1, col0 = (lane & 1) * 32;
+  const int my_pos = sPos[warp * 16 + my_row];
+  float m_run = -INFINITY, l_run = 0.0f;
+  float* sSw = sS + warp * 16 * S::kLds;
+  bf16* sPw = sP + warp * 16 * S::kLdp;
+  float* sOw = sO + warp * 16 * S::kLdo;
+
+  for (int kv0 = 0; kv0 < kv_len; kv0 += kBN) {
+    __syncthreads();  // the previous tile's K/V are no longer read
+    for (int i = tid; i < kBN * kVecs; i += 128) {
+      const int r = i / kVecs, c = i % kVecs, j = kv0 + r;
+      uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
+      if (j < kv_len) {
+        const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + c * 8;
+        kval = *reinterpret_cast<const uint4*>(kc + base);
+        vval = *reinterpret_cast<const uint4*>(vc + base);
+      }
+      *reinterpret_cast<uint4*>(sK + r * S::kLdq + c * 8) = kval;
+      *reinterpret_cast<uint4*>(sV + r * S::kLdq + c * 8) = vval;
+    }
+    __syncthreads();
+
+    // S_w[16, 64] = Q_w[16, D] K^T
+#pragma unroll
+    for (int n = 0; n < kBN / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+        wmma::load_matrix_sync(a, sQ + warp * 16 * S::kLdq + k * 16, S::kLdq);
+        wmma::load_matrix_sync(b, sK + n * 16 * S::kLdq + k * 16, S::kLdq);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(sSw + n * 16, acc, S::kLds, wmma::mem_row_major);
+    }
+    __syncwarp();
+
+    // Online softmax over this row's 32 columns, merged with the partner lane.
+    float sv[32];
+    float mloc = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < 32; ++c) {
+      const int j = kv0 + col0 + c;
+      float s = sSw[my_row * S::kLds + col0 + c] * p.scale;
+      if (j > my_pos || j >= kv_len) s = -INFINITY;
+      sv[c] = s;
+      mloc = fmaxf(mloc, s);
+    }
+    mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, 1));
+    const float m_new = fmaxf(m_run, mloc);
+    const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_run - m_new);
+    float lsum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < 32; ++c) {
+      const float e = m_new == -INFINITY ? 0.0f : __expf(sv[c] - m_new);
+      lsum += e;
+      sPw[my_row * S::kLdp + col0 + c] = __float2bfloat16(e);
+    }
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    l_run = l_run * alpha + lsum;
+    m_run = m_new;
+    for (int d = (lane & 1) * (D / 2); d < (lane & 1) * (D / 2) + D / 2; ++d) sOw[my_row * S::kLdo + d] *= alpha;
+    __syncwarp();
+
+    // O_w[16, D] += P_w[16, 64] V[64, D]
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::load_matrix_sync(acc, sOw + n * 16, S::kLdo, wmma::mem_row_major);
+#pragma unroll
+      for (int k = 0; k < kBN / 16; ++k) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
+        wmma::load_matrix_sync(a, sPw + k * 16, S::kLdp);
+        wmma::load_matrix_sync(b, sV + k * 16 * S::kLdq + n * 16, S::kLdq);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(sOw + n * 16, acc, S::kLdo, wmma::mem_row_major);
+    }
+    __syncwarp();
+  }
+
+  const int r = warp * 16 + my_row;
+  if (r < rows) {
+    const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
+    bf16* o = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start + q0 + r) * p.ldo + int64_t(head) * D;
+    for (int d = (lane & 1) * (D / 2); d < (lane & 1) * (D / 2) + D / 2; ++d)
+      o[d] = __float2bfloat16(sOw[my_row * S::kLdo + d] * inv);
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
+  constexpr int kTpt = D / 8, kGroups = 128 / kTpt;
+  __shared__ float red[kGroups][D + 2];
+  const int seq = blockIdx.x, head = blockIdx.y, split = blockIdx.z;
+  const int kvh = head / (p.n_heads / p.n_kv);
+  const SeqMeta sm = p.seqs[seq];
+  if (sm.q_len != 1) return;  // a prefill sequence of a mixed step: the prefill kernel's
+  const int tid = threadIdx.x, g = tid / kTpt, li = tid % kTpt;
+  const int ctx = sm.ctx_len;
+  const int per = (ctx + p.splits - 1) / p.splits;
+  const int j0 = split * per, j1 = min(ctx, j0 + per);
+  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+  const bf16* kc = reinterpret_cast<const bf16*>(p.k_cache);
+  const bf16* vc = reinterpret_cast<const bf16*>(p.v_cache);
+
+  float qf[8], acc[8];
+  {
+    const uint4 qr = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq +
+                                                     int64_t(head) * D + li * 8);
+    const bf16* qb = reinterpret_cast<const bf16*>(&qr);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      qf[i] = __bfloat162float(qb[i]) * p.scale;
+      acc[i] = 0.0f;
+    }
+  }
+  float m = -INFINITY, l = 0.0f;
+  // Every lane runs the same number of iterations (the shuffles below need the whole warp).
+  for (int jb = j0; jb < j1; jb += kGroups) {
+    const int j = jb + g;
+    const bool valid = j < j1;
+    uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
+    if (valid) {
+      const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + li * 8;
+      kr = *reinterpret_cast<const uint4*>(kc + base);
+      vr = *reinterpret_cast<const uint4*>(vc + base);
+    }
+    const bf16* kb = reinterpret_cast<const bf16*>(&kr);
+    const bf16* vb = reinterpret_cast<const bf16*>(&vr);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s += qf[i] * __bfloat162float(kb[i]);
+#pragma unroll
+    for (int o = kTpt / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, kTpt);
+    if (!valid) continue;
+    const float m_new = fmaxf(m, s);
+    const float alpha = __expf(m - m_new);  // m == -inf: 0
+    const float e = __expf(s - m_new);
+    l = l * alpha + e;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = acc[i] * alpha + e * __bfloat162float(vb[i]);
+    m = m_new;
+  }
+  // Merge the groups.
+  if (li == 0) {
+    red[g][D] = m;
+    red[g][D + 1] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) red[g][li * 8 + i] = acc[i];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int gg = 0; gg < kGroups; ++gg) M = fmaxf(M, red[gg][D]);
+  for (int d = tid; d < D + 1; d += 128) {
+    float sum = 0.0f;
+    for (int gg = 0; gg < kGroups; ++gg) {
+      const float w = red[gg][D] == -INFINITY ? 0.0f : __expf(red[gg][D] - M);
+      sum += (d < D ? red[gg][d] : red[gg][D + 1]) * w;
+    }
+    if (p.splits == 1) {
+      if (d < D) {
+        float L = 0.0f;
+        for (int gg = 0; gg < kGroups; ++gg)
+          L += red[gg][D] == -INFINITY ? 0.0f : red[gg][D + 1] * __expf(red[gg][D] - M);
+        reinterpret_cast<bf16*>(p.out)[int64_t(sm.q_start) * p.ldo + int64_t(head) * D + d] =
+            __float2bfloat16(L > 0.0f ? sum / L : 0.0f);
+      }
+    } else {
+      float* part = p.partials + ((int64_t(seq) * p.n_heads + head) * p.splits + split) * (D + 2);
+      part[d] = sum;  // d == D: the merged l
+      if (d == 0) part[D + 1] = M;
+    }
+  }
+}
+
+template <int D>
+__global__ void decode_reduce_kernel(AttnParams p) {
+  const int seq = blockIdx.x, head = blockIdx.y;
+  const SeqMeta sm = p.seqs[seq];
+  if (sm.q_len != 1) return;
+  const float* part = p.partials + (int64_t(seq) * p.n_heads + head) * p.splits * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, part[s * (D + 2) + D + 1]);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.0f, L = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float ms = part[s * (D + 2) + D + 1];
+      const float w = ms == -INFINITY ? 0.0f : __expf(ms - M);
+      o += part[s * (D + 2) + d] * w;
+      L += part[s * (D + 2) + D] * w;
+    }
+    reinterpret_cast<bf16*>(p.out)[int64_t(sm.q_start) * p.ldo + int64_t(head) * D + d] =
+        __float2bfloat16(L > 0.0f ? o / L : 0.0f);
+  }
+}
+
+template <int D>
+void prefill_launch(const AttnParams& p, cudaStream_t s) {
+  static bool configured = false;  // the attribute is per function; set once per process
+  if (!configured) {
+    cudaFuncSetAttribute(prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PrefillSmem<D>::kBytes));
+    configured = true;
+  }
+  dim3 grid(p.num_tiles, p.n_heads);
+  prefill_kernel<D><<<grid, 128, PrefillSmem<D>::kBytes, s>>>(p);
+}
+
+template <int D>
+void decode_launch(const AttnParams& p, cudaStream_t s) {
+  dim3 grid(p.num_seqs, p.n_heads, p.splits);
+  decode_kernel<D><<<grid, 128, 0, s>>>(p);
+  if (p.splits > 1) decode_reduce_kernel<D><<<dim3(p.num_seqs, p.n_heads), D, 0, s>>>(p);
+}
+
+}  // namespace
+
+bool attention_supports_head_dim(int32_t d) { return d == 16 || d == 32 || d == 64 || d == 128; }
+
+void launch_prefill_attention(const AttnParams& p, cudaStream_t s) {
+  if (p.num_tiles == 0) return;
+  switch (p.head_dim) {
+    case 16: return prefill_launch<16>(p, s);
+    case 32: return prefill_launch<32>(p, s);
+    case 64: return prefill_launch<64>(p, s);
+    case 128: return prefill_launch<128>(p, s);
+  }
+}
+
+void launch_decode_attention(const AttnParams& p, cudaStream_t s) {
+  if (p.num_seqs == 0) return;
+  switch (p.head_dim) {
+    case 16: return decode_launch<16>(p, s);
+    case 32: return decode_launch<32>(p, s);
+    case 64: return decode_launch<64>(p, s);
+    case 128: return decode_launch<128>(p, s);
+  }
+}
+
+}  // namespace kiln::cuda

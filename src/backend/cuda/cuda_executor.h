@@ -1,0 +1,91 @@
+// ModelExecutor on one CUDA device: bf16 weights uploaded once, a paged bf16 KV cache sized from a
+// memory fraction or a block count, step metadata uploaded once per step, decode steps replayed
+// from CUDA graphs per batch-size bucket, greedy sampling on the device (other sampling reads the
+// row back and runs the host sampler, so seeded requests match the CPU backend token for token).
+// No CUDA header here: the CLI includes this in builds where the binary may run without a GPU.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/cpu/cpu_executor.h"  // LoadOptions
+#include "model/executor.h"
+#include "model/weights.h"
+
+namespace kiln {
+
+// path: an HF directory or .gguf file; opts.device "cuda" or "cuda:N". Weights are converted to
+// bf16 on upload (GGUF quantized rows are dequantized on the host row by row first).
+Result<std::unique_ptr<ModelExecutor>> load_cuda_executor(const std::string& path, const LoadOptions& opts);
+// Random bf16 weights generated on the device (8B-scale benchmarks with no host copy).
+Result<std::unique_ptr<ModelExecutor>> make_cuda_executor_dummy(const ModelConfig& c, const LoadOptions& opts,
+                                                                 uint64_t seed);
+
+namespace cuda {
+
+// False (with the reason) when no CUDA device can be used: no driver, no GPU.
+bool device_available(std::string* why);
+
+class CudaOps;
+class Gemm;
+struct DeviceKv;
+
+class CudaExecutor final : public ModelExecutor {
+ public:
+  ~CudaExecutor() override;
+  static Result<std::unique_ptr<CudaExecutor>> create(std::shared_ptr<const Model> host_model, const LoadOptions& opts);
+  static Result<std::unique_ptr<CudaExecutor>> create_dummy(const ModelConfig& c, const LoadOptions& opts,
+                                                            uint64_t seed);
+
+  const ExecutorInfo& info() const override { return info_; }
+  Status execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                 std::vector<SampledToken>* out) override;
+
+  // The last step's logits, [logits_rows, vocab] (tests, golden comparisons).
+  [[nodiscard]] Status last_logits(std::vector<float>* out);
+  const ModelConfig& config() const { return config_; }
+  // Decode graphs on/off (on by default; KILN_CUDA_GRAPHS=0 turns them off).
+  void set_use_graphs(bool on) { use_graphs_ = on; }
+  int32_t num_graphs() const { return int32_t(graphs_.size()); }
+  // Bytes a decode step must stream per token at batch 1: every linear weight and the lm_head.
+  size_t weight_bytes_per_token() const { return weight_bytes_per_token_; }
+  size_t kv_bytes_per_token() const;
+
+  // Measurements in the same process (bench): best streaming-read rate over `bytes` (GB/s), and
+  // the median time of one bf16 GEMM y[M,N] = x[M,K] W[N,K]^T through the same cuBLASLt path.
+  [[nodiscard]] Result<double> bench_read_bandwidth(size_t bytes, int reps);
+  [[nodiscard]] Result<double> bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps);
+
+ private:
+  CudaExecutor() = default;
+  Status init_common(const LoadOptions& opts);
+  Status finish_init(const LoadOptions& opts);
+  Status run_forward(const StepBatch& b, bool* graphed);
+  void clear_graphs();
+
+  ModelConfig config_;
+  ModelWeights dw_;  // Weight::data are device pointers
+  std::vector<void*> allocations_;
+  ExecutorInfo info_;
+  int device_ = 0;
+  void* stream_ = nullptr;  // cudaStream_t
+  std::unique_ptr<Gemm> gemm_;
+  std::unique_ptr<CudaOps> ops_;
+  std::unique_ptr<DeviceKv> kv_;
+  void* kv_base_ = nullptr;
+  size_t weight_bytes_per_token_ = 0;
+  bool use_graphs_ = true;
+  int32_t max_graph_batch_ = 256;
+  std::map<int32_t, void*> graphs_;  // bucket -> cudaGraphExec_t
+  StepBatch pad_;
+  int32_t* d_ids_ = nullptr;
+  int32_t* h_ids_ = nullptr;
+  float* h_logits_ = nullptr;
+  size_t h_logits_rows_ = 0;
+  int32_t last_rows_ = 0;
+};
+
+}  // namespace cuda
+}  // namespace kiln

@@ -1,0 +1,303 @@
+#include "backend/cuda/cuda_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backend/cpu/cpu_ops.h"
+#include "backend/cuda/cuda_util.h"
+#include "core/dtype.h"
+
+namespace kiln::cuda {
+
+CudaOps::CudaOps(const ModelConfig& c, Gemm* gemm, cudaStream_t stream) : c_(c), gemm_(gemm), stream_(stream) {
+  std::vector<float> inv = rope_inv_freq(c);
+  KILN_CHECK(cuda_ok(cudaMalloc(reinterpret_cast<void**>(&inv_freq_), inv.size() * 4), "rope table"));
+  KILN_CHECK(cuda_ok(cudaMemcpy(inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice), "rope table"));
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  target_blocks_ = 4 * sms;
+}
+
+CudaOps::~CudaOps() {
+  for (void* p : bufs_)
+    if (p && p != qkv_ && p != gate_up_) cudaFree(p);
+  cudaFree(qkv_);
+  cudaFree(gate_up_);
+  cudaFree(inv_freq_);
+  cudaFree(partials_);
+  cudaFree(d_meta_);
+  if (h_meta_) cudaFreeHost(h_meta_);
+}
+
+Status CudaOps::reserve(const StepCaps& want) {
+  if (want.tokens <= caps_.tokens && want.seqs <= caps_.seqs && want.logit_rows <= caps_.logit_rows &&
+      want.table_ints <= caps_.table_ints)
+    return Status::ok();
+  StepCaps n;
+  n.tokens = std::max(want.tokens, caps_.tokens);
+  n.seqs = std::max(want.seqs, caps_.seqs);
+  n.logit_rows = std::max(want.logit_rows, caps_.logit_rows);
+  n.table_ints = std::max(want.table_ints, caps_.table_ints);
+  // Free the old set first: growing happens between steps, never inside one.
+  for (void*& p : bufs_) {
+    if (p && p != qkv_ && p != gate_up_) cudaFree(p);
+    p = nullptr;
+  }
+  cudaFree(qkv_);
+  cudaFree(gate_up_);
+  cudaFree(partials_);
+  cudaFree(d_meta_);
+  if (h_meta_) cudaFreeHost(h_meta_);
+  qkv_ = gate_up_ = nullptr;
+  partials_ = nullptr;
+  d_meta_ = h_meta_ = nullptr;
+  reserved_bytes_ = 0;
+
+  const size_t T = size_t(n.tokens), H = size_t(c_.hidden_size), I = size_t(c_.intermediate_size);
+  const size_t qkv_cols = size_t(c_.q_dim() + 2 * c_.kv_dim());
+  auto alloc = [&](void** p, size_t bytes, const char* what) -> Status {
+    KILN_RETURN_IF_ERROR(device_alloc(p, bytes, what));
+    reserved_bytes_ += bytes;
+    return Status::ok();
+  };
+  KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kResidual)], T * H * 4, "activations (residual)"));
+  KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kNormed)], T * H * 2, "activations (normed)"));
+  KILN_RETURN_IF_ERROR(alloc(&qkv_, T * qkv_cols * 2, "activations (qkv)"));
+  KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kAttn)], T * size_t(c_.q_dim()) * 2, "activations (attention)"));
+  KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kProj)], T * H * 2, "activations (proj)"));
+  KILN_RETURN_IF_ERROR(alloc(&gate_up_, T * 2 * I * 2, "activations (gate/up)"));
+  KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kLogitsIn)], size_t(n.logit_rows) * H * 2, "activations (logit rows)"));
+  KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kLogits)], size_t(n.logit_rows) * size_t(c_.vocab_size) * 4, "logits"));
+  bf16_t* q = static_cast<bf16_t*>(qkv_);
+  bufs_[size_t(Buf::kQ)] = q;
+  bufs_[size_t(Buf::kK)] = q + c_.q_dim();
+  bufs_[size_t(Buf::kV)] = q + c_.q_dim() + c_.kv_dim();
+  bf16_t* g = static_cast<bf16_t*>(gate_up_);
+  bufs_[size_t(Buf::kGate)] = g;
+  bufs_[size_t(Buf::kUp)] = g + I;
+  // Decode splits keep (seqs x heads x splits) under 2x the target block count.
+  partial_floats_ = size_t(2) * size_t(target_blocks_ + c_.num_heads) * size_t(c_.head_dim + 2);
+  KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&partials_), partial_floats_ * 4, "attention partials"));
+  meta_ints_ = size_t(4) * T + size_t(4) * size_t(n.seqs) + size_t(n.logit_rows) + 2 * (T / 64 + size_t(n.seqs)) +
+               size_t(n.table_ints) + 64;
+  KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&d_meta_), meta_ints_ * 4, "step metadata"));
+  if (!cuda_ok(cudaMallocHost(reinterpret_cast<void**>(&h_meta_), meta_ints_ * 4), "pinned step metadata"))
+    return Status::error("cudaMallocHost of " + std::to_string(meta_ints_ * 4) + " bytes for step metadata failed");
+  caps_ = n;
+  return Status::ok();
+}
+
+void CudaOps::register_fused(const void* head, int64_t rows, Buf out, std::vector<std::pair<const void*, Buf>> members) {
+  fused_[head] = Fused{head, rows, out, true};
+  for (auto& [m, b] : members) fused_[m] = Fused{head, rows, b, false};
+}
+
+void CudaOps::pack_step(const StepBatch& b) {
+  T_ = b.num_tokens();
+  S_ = b.num_seqs();
+  L_ = int32_t(b.logits_rows.size());
+  const int32_t bs = kv_ ? kv_->block_size : 16;
+  auto align4 = [](size_t x) { return (x + 3) & ~size_t(3); };
+  size_t off = 0;
+  TokenMeta* tok = reinterpret_cast<TokenMeta*>(h_meta_ + off);
+  const size_t tok_off = off;
+  off = align4(off + size_t(4) * size_t(T_));
+  SeqMeta* seq = reinterpret_cast<SeqMeta*>(h_meta_ + off);
+  const size_t seq_off = off;
+  off = align4(off + size_t(4) * size_t(S_));
+  const size_t rows_off = off;
+  std::memcpy(h_meta_ + off, b.logits_rows.data(), size_t(L_) * 4);
+  off = align4(off + size_t(L_));
+  const size_t tiles_off = off;
+  int32_t* tiles = h_meta_ + off;
+  n_prefill_tiles_ = 0;
+  n_decode_seqs_ = 0;
+  for (int32_t s = 0; s < S_; ++s) {
+    const int32_t q0 = b.query_start[size_t(s)], q1 = b.query_start[size_t(s) + 1];
+    seq[s] = SeqMeta{q0, q1 - q0, b.context_lens[size_t(s)], b.max_blocks_per_seq};
+    if (q1 - q0 == 1) ++n_decode_seqs_;
+    else
+      for (int32_t r = 0; r < q1 - q0; r += 64) {
+        tiles[2 * n_prefill_tiles_] = s;
+        tiles[2 * n_prefill_tiles_ + 1] = r;
+        ++n_prefill_tiles_;
+      }
+    const int32_t* table = b.block_table(s);
+    for (int32_t t = q0; t < q1; ++t) {
+      const int32_t pos = b.positions[size_t(t)];
+      const int32_t slot = b.context_lens[size_t(s)] == 0 ? -1 : table[pos / bs] * bs + pos % bs;
+      tok[t] = TokenMeta{b.token_ids[size_t(t)], pos, slot, s};
+    }
+  }
+  off = align4(off + size_t(2) * size_t(n_prefill_tiles_));
+  const size_t tables_off = off;
+  std::memcpy(h_meta_ + off, b.block_tables.data(), b.block_tables.size() * 4);
+  off += b.block_tables.size();
+  KILN_CHECK_MSG(off <= meta_ints_, "step metadata exceeds the reserved capacity");
+  meta_used_ = off;
+  d_tokens_ = reinterpret_cast<const TokenMeta*>(d_meta_ + tok_off);
+  d_seqs_ = reinterpret_cast<const SeqMeta*>(d_meta_ + seq_off);
+  d_rows_ = d_meta_ + rows_off;
+  d_tiles_ = d_meta_ + tiles_off;
+  d_tables_ = d_meta_ + tables_off;
+}
+
+void CudaOps::upload_step() {
+  KILN_CHECK(cuda_ok(cudaMemcpyAsync(d_meta_, h_meta_, meta_used_ * 4, cudaMemcpyHostToDevice, stream_), "step upload"));
+}
+
+void CudaOps::begin_step(const StepBatch& batch) {
+  last_fused_ = {};
+  pack_step(batch);
+  if (!external_upload_) upload_step();
+}
+
+Act CudaOps::buffer(Buf which) { return bufs_[size_t(which)]; }
+
+CudaOps::View CudaOps::view(Act p, int64_t dense_ld) const {
+  const int64_t qkv = c_.q_dim() + 2 * c_.kv_dim(), gu = 2 * int64_t(c_.intermediate_size);
+  if (p == bufs_[size_t(Buf::kQ)] || p == bufs_[size_t(Buf::kK)] || p == bufs_[size_t(Buf::kV)]) return {p, qkv, false};
+  if (p == bufs_[size_t(Buf::kGate)] || p == bufs_[size_t(Buf::kUp)]) return {p, gu, false};
+  if (p == bufs_[size_t(Buf::kResidual)] || p == bufs_[size_t(Buf::kLogits)]) return {p, dense_ld, true};
+  return {p, dense_ld, false};
+}
+
+void CudaOps::embed(const Weight& table, Act out) {
+  last_fused_ = {};
+  View o = view(out, table.cols);
+  KILN_CHECK_MSG(o.f32, "embed writes the f32 residual buffer");
+  launch_embed(static_cast<const bf16_t*>(table.data), d_tokens_, T_, int32_t(table.cols), static_cast<float*>(o.ptr),
+               stream_);
+}
+
+void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
+  last_fused_ = {};
+  View xv = view(x, dim), ov = view(out, dim);
+  launch_rms_norm(xv.ptr, xv.f32, xv.ld, static_cast<const float*>(w.data), int32_t(n), int32_t(dim), eps,
+                  static_cast<bf16_t*>(ov.ptr), ov.ld, stream_);
+}
+
+void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
+  last_fused_ = {};
+  View rv = view(residual, dim), dv = view(delta, dim), ov = view(out, dim);
+  KILN_CHECK_MSG(rv.f32 && rv.ld == dim, "add_rms_norm: the residual is the dense f32 buffer");
+  launch_add_rms_norm(static_cast<float*>(rv.ptr), static_cast<const bf16_t*>(dv.ptr), dv.ld,
+                      static_cast<const float*>(w.data), int32_t(n), int32_t(dim), eps, static_cast<bf16_t*>(ov.ptr),
+                      ov.ld, stream_);
+}
+
+void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act y) {
+  View xv = view(x, w.cols), yv = view(y, w.rows);
+  auto add_bias = [&] {
+    if (bias && !bias->empty())
+      launch_add_bias(yv.ptr, yv.f32, yv.ld, static_cast<const float*>(bias->data), int32_t(n), int32_t(w.rows), stream_);
+  };
+  auto f = fused_.find(w.data);
+  if (f != fused_.end() && y == bufs_[size_t(f->second.out)] && !yv.f32) {
+    const Fused& fu = f->second;
+    if (fu.is_head && yv.ld == fu.rows) {
+      gemm_->linear(xv.ptr, n, xv.ld, w.data, fu.rows, w.cols, yv.ptr, yv.ld, false, stream_);
+      last_fused_ = {fu.head, x, n};
+      add_bias();
+      return;
+    }
+    if (!fu.is_head && last_fused_.head == fu.head && last_fused_.x == x && last_fused_.n == n) {
+      add_bias();  // computed by the head's fused GEMM
+      return;
+    }
+  }
+  last_fused_ = {};
+  gemm_->linear(xv.ptr, n, xv.ld, w.data, w.rows, w.cols, yv.ptr, yv.ld, yv.f32, stream_);
+  add_bias();
+}
+
+void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) {
+  last_fused_ = {};
+  View xv = view(x, heads * head_dim);
+  launch_head_rms_norm(static_cast<bf16_t*>(xv.ptr), xv.ld, int32_t(n), int32_t(heads), int32_t(head_dim),
+                       static_cast<const float*>(w.data), eps, stream_);
+}
+
+void CudaOps::rope(Act q, Act k, const ModelConfig& c) {
+  last_fused_ = {};
+  View qv = view(q, c.q_dim()), kv = view(k, c.kv_dim());
+  launch_rope(static_cast<bf16_t*>(qv.ptr), qv.ld, static_cast<bf16_t*>(kv.ptr), kv.ld, d_tokens_, T_, inv_freq_,
+              c.num_heads, c.num_kv_heads, c.head_dim, c.rope_style == RopeStyle::kInterleaved, stream_);
+}
+
+void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+  last_fused_ = {};
+  View qv = view(q, c.q_dim()), kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim()), ov = view(out, c.q_dim());
+  launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
+                  kv_->k[size_t(layer)], kv_->v[size_t(layer)], c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
+  AttnParams p{};
+  p.q = static_cast<const bf16_t*>(qv.ptr);
+  p.ldq = qv.ld;
+  p.k_cache = kv_->k[size_t(layer)];
+  p.v_cache = kv_->v[size_t(layer)];
+  p.out = static_cast<bf16_t*>(ov.ptr);
+  p.ldo = ov.ld;
+  p.tokens = d_tokens_;
+  p.seqs = d_seqs_;
+  p.block_tables = d_tables_;
+  p.num_seqs = S_;
+  p.n_heads = c.num_heads;
+  p.n_kv = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.block_size = kv_->block_size;
+  p.scale = 1.0f / std::sqrt(float(c.head_dim));
+  p.tiles = d_tiles_;
+  p.num_tiles = n_prefill_tiles_;
+  p.partials = partials_;
+  const int32_t work = std::max(1, S_ * c.num_heads);
+  p.splits = std::clamp((target_blocks_ + work - 1) / work, 1, 32);
+  if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
+  if (n_prefill_tiles_ > 0) launch_prefill_attention(p, stream_);
+}
+
+void CudaOps::silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) {
+  last_fused_ = {};
+  View gv = view(gate, dim), uv = view(up, dim), ov = view(out, dim);
+  launch_silu_mul(static_cast<const bf16_t*>(gv.ptr), gv.ld, static_cast<const bf16_t*>(uv.ptr), uv.ld,
+                  static_cast<bf16_t*>(ov.ptr), ov.ld, int32_t(n), int32_t(dim), stream_);
+}
+
+void CudaOps::gather_logit_rows(Act x, int64_t dim, Act out) {
+  last_fused_ = {};
+  View xv = view(x, dim);
+  launch_gather_rows(static_cast<const bf16_t*>(xv.ptr), xv.ld, d_rows_, L_, int32_t(dim), static_cast<bf16_t*>(out),
+                     stream_);
+}
+
+void CudaOps::write_buffer(Buf b, const float* host, int64_t rows, int64_t cols) {
+  View v = view(bufs_[size_t(b)], cols);
+  if (v.f32) {
+    KILN_CHECK(cuda_ok(cudaMemcpy2D(v.ptr, size_t(v.ld) * 4, host, size_t(cols) * 4, size_t(cols) * 4, size_t(rows),
+                                    cudaMemcpyHostToDevice), "write_buffer"));
+    return;
+  }
+  std::vector<uint16_t> tmp(size_t(rows * cols));
+  for (size_t i = 0; i < tmp.size(); ++i) tmp[i] = f32_to_bf16(host[i]);
+  KILN_CHECK(cuda_ok(cudaMemcpy2D(v.ptr, size_t(v.ld) * 2, tmp.data(), size_t(cols) * 2, size_t(cols) * 2, size_t(rows),
+                                  cudaMemcpyHostToDevice), "write_buffer"));
+}
+
+std::vector<float> CudaOps::read_buffer(Buf b, int64_t rows, int64_t cols) {
+  KILN_CHECK(cuda_ok(cudaStreamSynchronize(stream_), "read_buffer"));
+  View v = view(bufs_[size_t(b)], cols);
+  std::vector<float> out(size_t(rows * cols));
+  if (v.f32) {
+    KILN_CHECK(cuda_ok(cudaMemcpy2D(out.data(), size_t(cols) * 4, v.ptr, size_t(v.ld) * 4, size_t(cols) * 4, size_t(rows),
+                                    cudaMemcpyDeviceToHost), "read_buffer"));
+    return out;
+  }
+  std::vector<uint16_t> tmp(out.size());
+  KILN_CHECK(cuda_ok(cudaMemcpy2D(tmp.data(), size_t(cols) * 2, v.ptr, size_t(v.ld) * 2, size_t(cols) * 2, size_t(rows),
+                                  cudaMemcpyDeviceToHost), "read_buffer"));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_f32(tmp[i]);
+  return out;
+}
+
+}  // namespace kiln::cuda

@@ -1,0 +1,122 @@
+// The Ops interface on one CUDA device: bf16 activations, an f32 residual stream, bf16 weights,
+// f32 norm weights and biases; Weight::data points at device memory (the executor uploads).
+// Every op only enqueues on the stream, so a decode step can be captured in a CUDA graph.
+//
+// q/k/v are column slices of one [T, q_dim + 2 kv_dim] buffer and gate/up of one [T, 2 I] buffer,
+// so when the executor uploaded wq|wk|wv (and w_gate|w_up) back to back, linear() on wq runs one
+// fused GEMM for all three and the wk/wv calls that follow are no-ops (register_fused): decode
+// streams each weight byte once at the GEMM's best rate instead of three small GEMMs.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernels.h"
+#include "model/ops.h"
+
+namespace kiln::cuda {
+
+// Paged KV cache on the device: per layer [num_blocks, n_kv, block_size, head_dim] bf16.
+struct DeviceKv {
+  int32_t num_blocks = 0, block_size = 16;
+  std::vector<bf16_t*> k, v;
+};
+
+struct StepCaps {
+  int32_t tokens = 0, seqs = 0, logit_rows = 0, table_ints = 0;
+};
+
+class CudaOps final : public Ops {
+ public:
+  CudaOps(const ModelConfig& c, Gemm* gemm, cudaStream_t stream);
+  ~CudaOps() override;
+
+  // Activation and metadata buffers for steps up to caps (reallocates when larger; out of memory
+  // is an error naming the sizes).
+  [[nodiscard]] Status reserve(const StepCaps& caps);
+  const StepCaps& caps() const { return caps_; }
+  size_t reserved_bytes() const { return reserved_bytes_; }
+  void set_kv(DeviceKv* kv) { kv_ = kv; }
+  // Fused projections: `head` (wq or w_gate) computes all `rows` output columns into `out`'s slot;
+  // the members (wk, wv or w_up) write nothing of their own. Pointers are device weight data.
+  void register_fused(const void* head, int64_t rows, Buf out, std::vector<std::pair<const void*, Buf>> members);
+
+  // Host side of begin_step: validate-free packing of the metadata into pinned memory.
+  void pack_step(const StepBatch& b);
+  // One host-to-device copy of the packed metadata.
+  void upload_step();
+  // While set, begin_step() only packs (the executor uploads before replaying a graph).
+  void set_external_upload(bool on) { external_upload_ = on; }
+  bool step_is_decode() const { return n_prefill_tiles_ == 0; }
+  int32_t step_tokens() const { return T_; }
+  int32_t step_logit_rows() const { return L_; }
+
+  void begin_step(const StepBatch& batch) override;
+  Act buffer(Buf which) override;
+  void embed(const Weight& table, Act out) override;
+  void rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps, Act out) override;
+  void add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, int64_t dim, float eps, Act out) override;
+  void linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act y) override;
+  void head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) override;
+  void rope(Act q, Act k, const ModelConfig& c) override;
+  void attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) override;
+  void silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) override;
+  void gather_logit_rows(Act x, int64_t dim, Act out) override;
+
+  const float* logits() const { return static_cast<const float*>(bufs_[size_t(Buf::kLogits)]); }  // device [L, V]
+  cudaStream_t stream() const { return stream_; }
+
+  // Tests: copy host f32 [rows, cols] into a buffer (converted to its dtype, at its row stride),
+  // and back.
+  void write_buffer(Buf b, const float* host, int64_t rows, int64_t cols);
+  std::vector<float> read_buffer(Buf b, int64_t rows, int64_t cols);
+
+ private:
+  struct View {
+    void* ptr;
+    int64_t ld;  // 0: dense (the op's own dim)
+    bool f32;
+  };
+  View view(Act p, int64_t dense_ld) const;
+  struct Fused {
+    const void* head;
+    int64_t rows;
+    Buf out;
+    bool is_head;
+  };
+
+  const ModelConfig& c_;
+  Gemm* gemm_;
+  cudaStream_t stream_;
+  DeviceKv* kv_ = nullptr;
+  StepCaps caps_;
+  size_t reserved_bytes_ = 0;
+  void* bufs_[size_t(Buf::kLogits) + 1] = {};
+  void* qkv_ = nullptr;  // [T, q_dim + 2 kv_dim]
+  void* gate_up_ = nullptr;  // [T, 2 I]
+  float* inv_freq_ = nullptr;
+  float* partials_ = nullptr;
+  size_t partial_floats_ = 0;
+  int32_t target_blocks_ = 264;
+  // metadata: pinned host mirror and device copy, same packed layout
+  int32_t* h_meta_ = nullptr;
+  int32_t* d_meta_ = nullptr;
+  size_t meta_ints_ = 0, meta_used_ = 0;
+  const TokenMeta* d_tokens_ = nullptr;
+  const SeqMeta* d_seqs_ = nullptr;
+  const int32_t* d_rows_ = nullptr;
+  const int32_t* d_tiles_ = nullptr;
+  const int32_t* d_tables_ = nullptr;
+  int32_t T_ = 0, S_ = 0, L_ = 0, n_prefill_tiles_ = 0, n_decode_seqs_ = 0;
+  bool external_upload_ = false;
+  std::unordered_map<const void*, Fused> fused_;
+  struct {
+    const void* head = nullptr;
+    const void* x = nullptr;
+    int64_t n = -1;
+  } last_fused_;
+};
+
+}  // namespace kiln::cuda

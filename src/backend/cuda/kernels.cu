@@ -1,0 +1,345 @@
+// Element-wise, normalization, rotary, KV-write, gather and argmax kernels. Each is memory-bound:
+// 16-byte accesses where rows allow it, one block per row for reductions.
+#include <cuda_bf16.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "backend/cuda/kernels.h"
+
+namespace kiln::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ float ld_f(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float ld_f(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();  // red may be reused from a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  for (int i = 0; i < nw; ++i) s += red[i];
+  return s;
+}
+
+__global__ void embed_kernel(const bf16* table, const TokenMeta* tokens, int32_t H, float* out) {
+  const int t = blockIdx.x;
+  const bf16* row = table + int64_t(tokens[t].id) * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) out[int64_t(t) * H + i] = __bfloat162float(row[i]);
+}
+
+// One block per row. The row is read twice (sum of squares, then scale): the second read hits L1/L2.
+template <class TIn>
+__global__ void rms_norm_kernel(const TIn* x, int64_t ldx, const float* w, int32_t dim, float eps, bf16* out,
+                                int64_t ldo) {
+  __shared__ float red[32];
+  const TIn* xr = x + int64_t(blockIdx.x) * ldx;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = ld_f(xr, i);
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const float inv = rsqrtf(ss / float(dim) + eps);
+  bf16* o = out + int64_t(blockIdx.x) * ldo;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __float2bfloat16(w[i] * (ld_f(xr, i) * inv));
+}
+
+__global__ void add_rms_norm_kernel(float* residual, const bf16* delta, int64_t ld_delta, const float* w, int32_t dim,
+                                    float eps, bf16* out, int64_t ldo) {
+  __shared__ float red[32];
+  float* r = residual + int64_t(blockIdx.x) * dim;
+  const bf16* d = delta + int64_t(blockIdx.x) * ld_delta;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = r[i] + __bfloat162float(d[i]);
+    r[i] = v;
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const float inv = rsqrtf(ss / float(dim) + eps);
+  bf16* o = out + int64_t(blockIdx.x) * ldo;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __float2bfloat16(w[i] * (r[i] * inv));
+}
+
+// One warp per (row, head).
+__global__ void head_rms_norm_kernel(bf16* x, int64_t ldx, int32_t n, int32_t heads, int32_t hd, const float* w,
+                                     float eps) {
+  const int64_t gw = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (gw >= int64_t(n) * heads) return;
+  bf16* p = x + (gw / heads) * ldx + (gw % heads) * hd;
+  float ss = 0.0f;
+  for (int i = lane; i < hd; i += 32) {
+    float v = __bfloat162float(p[i]);
+    ss += v * v;
+  }
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const float inv = rsqrtf(ss / float(hd) + eps);
+  for (int i = lane; i < hd; i += 32) p[i] = __float2bfloat16(w[i] * (__bfloat162float(p[i]) * inv));
+}
+
+// One block per token; threads over (head, pair). sincosf (not the fast intrinsics): positions reach
+// 131072 and the angle must match transformers' float32 math.
+__global__ void rope_kernel(bf16* q, int64_t ldq, bf16* k, int64_t ldk, const TokenMeta* tokens, const float* inv_freq,
+                            int32_t n_heads, int32_t n_kv, int32_t hd, bool interleaved) {
+  const int t = blockIdx.x;
+  const float pos = float(tokens[t].pos);
+  const int half = hd / 2;
+  const int total = (n_heads + n_kv) * half;
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int h = idx / half, i = idx % half;
+    bf16* base = h < n_heads ? q + int64_t(t) * ldq + int64_t(h) * hd : k + int64_t(t) * ldk + int64_t(h - n_heads) * hd;
+    float sn, cs;
+    sincosf(pos * inv_freq[i], &sn, &cs);
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float x0 = __bfloat162float(base[a]), x1 = __bfloat162float(base[b]);
+    base[a] = __float2bfloat16(x0 * cs - x1 * sn);
+    base[b] = __float2bfloat16(x1 * cs + x0 * sn);
+  }
+}
+
+// One block per token; 16-byte copies of each head row into its slot.
+__global__ void kv_write_kernel(const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const TokenMeta* tokens,
+                                bf16* kc, bf16* vc, int32_t n_kv, int32_t hd, int32_t bs) {
+  const int t = blockIdx.x;
+  const int32_t slot = tokens[t].slot;
+  if (slot < 0) return;
+  const int64_t block = slot / bs, off = slot % bs;
+  const int vecs = hd / 8;  // hd % 8 == 0 is checked at load
+  for (int idx = threadIdx.x; idx < n_kv * vecs; idx += blockDim.x) {
+    const int h = idx / vecs, c = idx % vecs;
+    const int64_t dst = ((block * n_kv + h) * bs + off) * hd + c * 8;
+    reinterpret_cast<uint4*>(kc + dst)[0] = reinterpret_cast<const uint4*>(k + int64_t(t) * ldk + int64_t(h) * hd + c * 8)[0];
+    reinterpret_cast<uint4*>(vc + dst)[0] = reinterpret_cast<const uint4*>(v + int64_t(t) * ldv + int64_t(h) * hd + c * 8)[0];
+  }
+}
+
+__global__ void silu_mul_kernel(const bf16* gate, int64_t ldg, const bf16* up, int64_t ldu, bf16* out, int64_t ldo,
+                                int32_t dim) {
+  const int64_t r = blockIdx.y;
+  const int vecs = dim / 8;
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < vecs; c += gridDim.x * blockDim.x) {
+    uint4 gr = reinterpret_cast<const uint4*>(gate + r * ldg)[c];
+    uint4 ur = reinterpret_cast<const uint4*>(up + r * ldu)[c];
+    const bf16* g = reinterpret_cast<const bf16*>(&gr);
+    const bf16* u = reinterpret_cast<const bf16*>(&ur);
+    uint4 orr;
+    bf16* o = reinterpret_cast<bf16*>(&orr);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float gv = __bfloat162float(g[j]);
+      o[j] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * __bfloat162float(u[j]));
+    }
+    reinterpret_cast<uint4*>(out + r * ldo)[c] = orr;
+  }
+}
+
+__global__ void gather_rows_kernel(const bf16* x, int64_t ldx, const int32_t* rows, int32_t dim, bf16* out) {
+  const bf16* src = x + int64_t(rows[blockIdx.x]) * ldx;
+  bf16* dst = out + int64_t(blockIdx.x) * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+}
+
+template <class T>
+__global__ void add_bias_kernel(T* y, int64_t ldy, const float* bias, int32_t N) {
+  T* row = y + int64_t(blockIdx.x) * ldy;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    if constexpr (sizeof(T) == 4) row[i] += bias[i];
+    else row[i] = __float2bfloat16(__bfloat162float(row[i]) + bias[i]);
+  }
+}
+
+// First maximum (ties -> lowest id), as std::max_element on the host. NaN never wins.
+__global__ void argmax_kernel(const float* logits, int32_t V, int32_t* ids) {
+  const float* row = logits + int64_t(blockIdx.x) * V;
+  float best = -INFINITY;
+  int32_t arg = INT32_MAX;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    const float v = row[i];
+    if (v > best) {  // per thread, indices ascend: strict > keeps the first
+      best = v;
+      arg = i;
+    }
+  }
+  __shared__ float sv[32];
+  __shared__ int32_t si[32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (ov > best || (ov == best && oi < arg)) {
+      best = ov;
+      arg = oi;
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    sv[warp] = best;
+    si[warp] = arg;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x >> 5); ++w)
+      if (sv[w] > best || (sv[w] == best && si[w] < arg)) {
+        best = sv[w];
+        arg = si[w];
+      }
+    ids[blockIdx.x] = arg == INT32_MAX ? 0 : arg;
+  }
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+__global__ void fill_uniform_bf16_kernel(bf16* p, int64_t n, uint64_t seed, float a) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed ^ mix64(uint64_t(i)));
+    const float u = float(r >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    p[i] = __float2bfloat16((2.0f * u - 1.0f) * a);
+  }
+}
+
+__global__ void fill_f32_kernel(float* p, int64_t n, float v) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) p[i] = v;
+}
+
+__global__ void f32_to_bf16_kernel(const float* in, bf16* out, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16(in[i]);
+}
+
+__global__ void bf16_to_f32_kernel(const bf16* in, float* out, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __bfloat162float(in[i]);
+}
+
+// Four independent 16-byte loads in flight per thread per iteration.
+__global__ void read_bandwidth_kernel(const uint4* p, int64_t n, float* sink) {
+  uint32_t acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    uint4 a = __ldcs(p + i), b = __ldcs(p + i + stride), c = __ldcs(p + i + 2 * stride), d = __ldcs(p + i + 3 * stride);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < n; i += stride) {
+    uint4 a = __ldcs(p + i);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  if (acc == 0x12345678u) sink[0] = float(acc);  // keeps the loads; practically never written
+}
+
+int grid_for(int64_t n, int threads) {
+  int64_t b = (n + threads - 1) / threads;
+  return int(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
+}
+
+int threads_for(int dim) { return dim >= 1024 ? 1024 : dim >= 256 ? 256 : 128; }
+
+}  // namespace
+
+void launch_embed(const bf16_t* table, const TokenMeta* tokens, int32_t T, int32_t H, float* out, cudaStream_t s) {
+  if (T == 0) return;
+  embed_kernel<<<T, 256, 0, s>>>(reinterpret_cast<const bf16*>(table), tokens, H, out);
+}
+
+void launch_rms_norm(const void* x, bool x_f32, int64_t ldx, const float* w, int32_t n, int32_t dim, float eps,
+                     bf16_t* out, int64_t ldo, cudaStream_t s) {
+  if (n == 0) return;
+  const int th = threads_for(dim);
+  if (x_f32)
+    rms_norm_kernel<float><<<n, th, 0, s>>>(static_cast<const float*>(x), ldx, w, dim, eps,
+                                            reinterpret_cast<bf16*>(out), ldo);
+  else
+    rms_norm_kernel<bf16><<<n, th, 0, s>>>(static_cast<const bf16*>(x), ldx, w, dim, eps,
+                                           reinterpret_cast<bf16*>(out), ldo);
+}
+
+void launch_add_rms_norm(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w, int32_t n, int32_t dim,
+                         float eps, bf16_t* out, int64_t ldo, cudaStream_t s) {
+  if (n == 0) return;
+  add_rms_norm_kernel<<<n, threads_for(dim), 0, s>>>(residual, reinterpret_cast<const bf16*>(delta), ld_delta, w, dim,
+                                                     eps, reinterpret_cast<bf16*>(out), ldo);
+}
+
+void launch_head_rms_norm(bf16_t* x, int64_t ldx, int32_t n, int32_t heads, int32_t head_dim, const float* w, float eps,
+                          cudaStream_t s) {
+  const int64_t warps = int64_t(n) * heads;
+  if (warps == 0) return;
+  head_rms_norm_kernel<<<int((warps + 7) / 8), 256, 0, s>>>(reinterpret_cast<bf16*>(x), ldx, n, heads, head_dim, w, eps);
+}
+
+void launch_rope(bf16_t* q, int64_t ldq, bf16_t* k, int64_t ldk, const TokenMeta* tokens, int32_t T, const float* inv_freq,
+                 int32_t n_heads, int32_t n_kv, int32_t head_dim, bool interleaved, cudaStream_t s) {
+  if (T == 0) return;
+  rope_kernel<<<T, 256, 0, s>>>(reinterpret_cast<bf16*>(q), ldq, reinterpret_cast<bf16*>(k), ldk, tokens, inv_freq,
+                                n_heads, n_kv, head_dim, interleaved);
+}
+
+void launch_kv_write(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv, const TokenMeta* tokens, int32_t T,
+                     bf16_t* k_cache, bf16_t* v_cache, int32_t n_kv, int32_t head_dim, int32_t block_size,
+                     cudaStream_t s) {
+  if (T == 0) return;
+  kv_write_kernel<<<T, 128, 0, s>>>(reinterpret_cast<const bf16*>(k), ldk, reinterpret_cast<const bf16*>(v), ldv, tokens,
+                                    reinterpret_cast<bf16*>(k_cache), reinterpret_cast<bf16*>(v_cache), n_kv, head_dim,
+                                    block_size);
+}
+
+void launch_silu_mul(const bf16_t* gate, int64_t ld_gate, const bf16_t* up, int64_t ld_up, bf16_t* out, int64_t ldo,
+                     int32_t n, int32_t dim, cudaStream_t s) {
+  if (n == 0) return;
+  const int vecs = dim / 8;  // dim % 8 == 0 is checked at load
+  dim3 grid((vecs + 255) / 256, n);
+  silu_mul_kernel<<<grid, 256, 0, s>>>(reinterpret_cast<const bf16*>(gate), ld_gate, reinterpret_cast<const bf16*>(up),
+                                       ld_up, reinterpret_cast<bf16*>(out), ldo, dim);
+}
+
+void launch_gather_rows(const bf16_t* x, int64_t ldx, const int32_t* rows, int32_t L, int32_t dim, bf16_t* out,
+                        cudaStream_t s) {
+  if (L == 0) return;
+  gather_rows_kernel<<<L, 256, 0, s>>>(reinterpret_cast<const bf16*>(x), ldx, rows, dim, reinterpret_cast<bf16*>(out));
+}
+
+void launch_add_bias(void* y, bool y_f32, int64_t ldy, const float* bias, int32_t n, int32_t N, cudaStream_t s) {
+  if (n == 0) return;
+  if (y_f32) add_bias_kernel<float><<<n, 256, 0, s>>>(static_cast<float*>(y), ldy, bias, N);
+  else add_bias_kernel<bf16><<<n, 256, 0, s>>>(static_cast<bf16*>(y), ldy, bias, N);
+}
+
+void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cudaStream_t s) {
+  if (L == 0) return;
+  argmax_kernel<<<L, 1024, 0, s>>>(logits, V, ids);
+}
+
+void launch_fill_uniform_bf16(bf16_t* p, int64_t n, uint64_t seed, float a, cudaStream_t s) {
+  fill_uniform_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<bf16*>(p), n, seed, a);
+}
+
+void launch_fill_f32(float* p, int64_t n, float value, cudaStream_t s) {
+  fill_f32_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, n, value);
+}
+
+void launch_f32_to_bf16(const float* in, bf16_t* out, int64_t n, cudaStream_t s) {
+  f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(in, reinterpret_cast<bf16*>(out), n);
+}
+
+void launch_bf16_to_f32(const bf16_t* in, float* out, int64_t n, cudaStream_t s) {
+  bf16_to_f32_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<const bf16*>(in), out, n);
+}
+
+void launch_read_bandwidth(const void* p, int64_t bytes, float* sink, cudaStream_t s) {
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  read_bandwidth_kernel<<<sms * 8, 512, 0, s>>>(static_cast<const uint4*>(p), bytes / 16, sink);
+}
+
+}  // namespace kiln::cuda

@@ -1,0 +1,88 @@
+// Launchers for the CUDA backend's kernels (kernels.cu, attention.cu). Framework-free: raw device
+// pointers plus sizes; every launcher enqueues on `stream` and never synchronizes, so a whole step
+// can be captured in a CUDA graph. bf16 activations, f32 residual stream, f32 norm weights/biases.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace kiln::cuda {
+
+using bf16_t = uint16_t;  // __nv_bfloat16 storage; the .cu files reinterpret
+
+// Per-token step metadata, packed by the host once per step (STYLE.md #7).
+struct TokenMeta {
+  int32_t id;    // token id
+  int32_t pos;   // absolute position in its sequence
+  int32_t slot;  // physical KV slot: block * block_size + pos % block_size; -1 = padding (no write)
+  int32_t seq;   // sequence index in the step
+};
+// Per-sequence step metadata.
+struct SeqMeta {
+  int32_t q_start;       // first token row of the sequence in the step
+  int32_t q_len;         // tokens this step (1 for decode)
+  int32_t ctx_len;       // tokens in the cache after this step (0 = padding sequence)
+  int32_t table_stride;  // columns of the block table rows (the step's max_blocks_per_seq)
+};
+
+struct AttnParams {
+  const bf16_t* q;  // [T, ldq] with head h at column h * head_dim
+  int64_t ldq;
+  const bf16_t* k_cache;  // [num_blocks, n_kv, block_size, head_dim]
+  const bf16_t* v_cache;
+  bf16_t* out;  // [T, ldo]
+  int64_t ldo;
+  const TokenMeta* tokens;
+  const SeqMeta* seqs;
+  const int32_t* block_tables;  // [num_seqs, table_stride]
+  int32_t num_seqs, n_heads, n_kv, head_dim, block_size;
+  float scale;
+  // prefill: tiles of up to 64 query rows, (seq, first row within the sequence) pairs
+  const int32_t* tiles;
+  int32_t num_tiles;
+  // decode: KV split count and the partial-result scratch [num_seqs, n_heads, splits, head_dim + 2]
+  int32_t splits;
+  float* partials;
+};
+
+bool attention_supports_head_dim(int32_t head_dim);
+// Causal attention of every query row over its sequence's cache (any q_len; flash-style tiles,
+// tensor cores through wmma).
+void launch_prefill_attention(const AttnParams& p, cudaStream_t stream);
+// One query row per sequence (q_len == 1 everywhere): split over the KV length, then reduce.
+void launch_decode_attention(const AttnParams& p, cudaStream_t stream);
+
+// out[t] = f32(table[tokens[t].id])                                       table: [V, H] bf16
+void launch_embed(const bf16_t* table, const TokenMeta* tokens, int32_t T, int32_t H, float* out, cudaStream_t s);
+// out = rms_norm(x) * w; x f32 or bf16 rows of stride ldx; out bf16 rows of stride ldo
+void launch_rms_norm(const void* x, bool x_f32, int64_t ldx, const float* w, int32_t n, int32_t dim, float eps,
+                     bf16_t* out, int64_t ldo, cudaStream_t s);
+// residual += delta; out = rms_norm(residual) * w
+void launch_add_rms_norm(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w, int32_t n, int32_t dim,
+                         float eps, bf16_t* out, int64_t ldo, cudaStream_t s);
+// in place over each head of each row
+void launch_head_rms_norm(bf16_t* x, int64_t ldx, int32_t n, int32_t heads, int32_t head_dim, const float* w, float eps,
+                          cudaStream_t s);
+void launch_rope(bf16_t* q, int64_t ldq, bf16_t* k, int64_t ldk, const TokenMeta* tokens, int32_t T, const float* inv_freq,
+                 int32_t n_heads, int32_t n_kv, int32_t head_dim, bool interleaved, cudaStream_t s);
+// k, v rows [T, ld] -> caches at tokens[t].slot ([num_blocks, n_kv, block_size, head_dim])
+void launch_kv_write(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv, const TokenMeta* tokens, int32_t T,
+                     bf16_t* k_cache, bf16_t* v_cache, int32_t n_kv, int32_t head_dim, int32_t block_size, cudaStream_t s);
+void launch_silu_mul(const bf16_t* gate, int64_t ld_gate, const bf16_t* up, int64_t ld_up, bf16_t* out, int64_t ldo,
+                     int32_t n, int32_t dim, cudaStream_t s);
+void launch_gather_rows(const bf16_t* x, int64_t ldx, const int32_t* rows, int32_t L, int32_t dim, bf16_t* out,
+                        cudaStream_t s);
+void launch_add_bias(void* y, bool y_f32, int64_t ldy, const float* bias, int32_t n, int32_t N, cudaStream_t s);
+// ids[r] = argmax(logits[r, :]) (first maximum), r < L                  logits: [L, V] f32
+void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cudaStream_t s);
+
+// Fills for dummy weights generated on the device: uniform in [-a, a] from a counter hash.
+void launch_fill_uniform_bf16(bf16_t* p, int64_t n, uint64_t seed, float a, cudaStream_t s);
+void launch_fill_f32(float* p, int64_t n, float value, cudaStream_t s);
+// Conversions for tests and uploads.
+void launch_f32_to_bf16(const float* in, bf16_t* out, int64_t n, cudaStream_t s);
+void launch_bf16_to_f32(const bf16_t* in, float* out, int64_t n, cudaStream_t s);
+// Read-only streaming kernel: sums n 16-byte words into *sink (roofline for memory-bound steps).
+void launch_read_bandwidth(const void* p, int64_t bytes, float* sink, cudaStream_t s);
+
+}  // namespace kiln::cuda
