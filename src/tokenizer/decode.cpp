@@ -10,8 +10,8 @@
 
 namespace kiln::tok {
 
-DecodeStream::DecodeStream(const TokenizerImpl& t, bool skip_special_tokens)
-    : t_(t), skip_special_(skip_special_tokens), st_(t.decoders.size()) {
+DecodeStream::DecodeStream(const TokenizerImpl& t, bool skip_special_tokens, bool raw)
+    : t_(t), skip_special_(skip_special_tokens), raw_(raw), st_(t.decoders.size()) {
   bool fused = false;
   for (size_t k = 0; k < t.decoders.size(); ++k) {
     st_[k].post_fuse = fused;
@@ -93,6 +93,10 @@ void DecodeStream::sink(const Chunk& c, std::string& out) {
     any_token_ = true;
   }
   text += c.text;
+  if (raw_) {
+    out += text;
+    return;
+  }
   // Final guard: never emit a partial UTF-8 sequence (also repairs invalid bytes that a raw GGUF
   // token may hold).
   tail_ += text;
@@ -113,10 +117,10 @@ void DecodeStream::feed(size_t step, Chunk c, std::string& out) {
   switch (d.kind) {
     case DecKind::kByteLevel: {
       byte_level_unmap(c.text, s.buf);
-      size_t keep = utf8_incomplete_tail(s.buf);
+      size_t keep = raw_ ? 0 : utf8_incomplete_tail(s.buf);
       if (s.buf.size() > keep) {
         std::string_view ready(s.buf.data(), s.buf.size() - keep);
-        Chunk o{utf8_is_valid(ready) ? std::string(ready) : utf8_lossy(ready), !s.flag};
+        Chunk o{raw_ || utf8_is_valid(ready) ? std::string(ready) : utf8_lossy(ready), !s.flag};
         s.buf.erase(0, s.buf.size() - keep);
         s.flag = true;
         feed(step + 1, std::move(o), out);
@@ -222,7 +226,7 @@ void DecodeStream::flush_from(size_t step, std::string& out) {
       if (s.buf.empty()) return;
       std::string run;
       run.swap(s.buf);
-      if (utf8_is_valid(run)) {
+      if (raw_ || utf8_is_valid(run)) {
         feed(step + 1, Chunk{std::move(run), true}, out);
       } else {
         for (size_t k = 0; k < run.size(); ++k) feed(step + 1, Chunk{std::string(kReplacementChar), true}, out);
@@ -231,7 +235,7 @@ void DecodeStream::flush_from(size_t step, std::string& out) {
     }
     case DecKind::kByteLevel: {
       if (s.buf.empty()) return;
-      Chunk o{utf8_lossy(s.buf), !s.flag};
+      Chunk o{raw_ ? s.buf : utf8_lossy(s.buf), !s.flag};
       s.buf.clear();
       s.flag = true;
       feed(step + 1, std::move(o), out);
@@ -293,6 +297,14 @@ namespace kiln {
 
 std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special_tokens) const {
   tok::DecodeStream s(*impl_, skip_special_tokens);
+  std::string out;
+  for (int32_t id : ids) s.push(id, out);
+  s.finish(out);
+  return out;
+}
+
+std::string Tokenizer::decode_bytes(std::span<const int32_t> ids, bool skip_special_tokens) const {
+  tok::DecodeStream s(*impl_, skip_special_tokens, /*raw=*/true);
   std::string out;
   for (int32_t id : ids) s.push(id, out);
   s.finish(out);

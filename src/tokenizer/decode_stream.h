@@ -12,7 +12,8 @@ struct TokenizerImpl;
 
 class DecodeStream {
  public:
-  DecodeStream(const TokenizerImpl& t, bool skip_special_tokens);
+  // raw: no UTF-8 repair and no holding back of incomplete sequences (Tokenizer::decode_bytes).
+  DecodeStream(const TokenizerImpl& t, bool skip_special_tokens, bool raw = false);
   void push(int32_t id, std::string& out);  // appends newly final text
   void finish(std::string& out);            // appends the rest; the stream is then spent
   // Drop text still held (a byte-fallback run, an incomplete UTF-8 tail) without emitting it, but
@@ -36,6 +37,7 @@ class DecodeStream {
 
   const TokenizerImpl& t_;
   bool skip_special_;
+  bool raw_;
   std::vector<StepState> st_;
   std::string tail_;  // incomplete UTF-8 at the very end of the output
   bool any_token_ = false;  // no-decoder join: a token has been output

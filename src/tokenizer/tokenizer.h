@@ -38,6 +38,10 @@ class Tokenizer {
   // UTF-8 becomes U+FFFD (one per byte in a byte-fallback run, one per maximal invalid subpart for
   // byte-level tokens), so the result is always valid UTF-8.
   std::string decode(std::span<const int32_t> ids, bool skip_special_tokens = false) const;
+  // decode() without the UTF-8 repair: the raw bytes the ids stand for (byte-level bytes and
+  // <0xNN> byte-fallback bytes as they are, so one token of a multi-byte character gives its
+  // partial bytes). For logprob token strings ("bytes" in the OpenAI API).
+  std::string decode_bytes(std::span<const int32_t> ids, bool skip_special_tokens = false) const;
 
   int32_t vocab_size() const;
   std::optional<int32_t> token_to_id(std::string_view token) const;
