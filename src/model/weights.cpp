@@ -6,6 +6,7 @@
 #include "core/dtype.h"
 #include "core/file.h"
 #include "formats/safetensors.h"
+#include "model/engine_dir.h"
 
 namespace kiln {
 
@@ -40,8 +41,11 @@ void weight_row_to_f32(const Weight& w, int64_t r, float* dst) {
       }
       return;
     case WeightFormat::kF8E4M3:
-      for (int64_t i = 0; i < n; ++i) dst[i] = fp8e4m3_to_f32(src[i]) * w.scale;
+    {
+      const float s = w.row_scale(r);
+      for (int64_t i = 0; i < n; ++i) dst[i] = fp8e4m3_to_f32(src[i]) * s;
       return;
+    }
     case WeightFormat::kGgml: ggml_dequantize_row(w.ggml_type, src, dst, n); return;
   }
 }
@@ -57,6 +61,15 @@ Weight weight_f32_copy(const Weight& w) {
   out.data = buf->data();
   out.owner = buf;
   out.name = w.name;
+  return out;
+}
+
+Weight Weight::row_slice(int64_t r0, int64_t n) const {
+  KILN_CHECK(r0 >= 0 && n >= 0 && r0 + n <= rows);
+  Weight out = *this;
+  out.rows = n;
+  out.data = row_ptr(r0);
+  if (row_scales) out.row_scales = std::shared_ptr<const float>(row_scales, row_scales.get() + r0);
   return out;
 }
 
@@ -235,6 +248,8 @@ Result<ModelWeights> load_weights_gguf(const GgufFile& g, const ModelConfig& c) 
 Result<std::shared_ptr<Model>> load_model(const std::string& path) {
   auto model = std::make_shared<Model>();
   model->source = path;
+  // A kiln checkpoint or engine (config.json "kiln_format"): fused matrices, see engine_dir.h.
+  if (is_kiln_dir(path)) return load_kiln_dir(path);
   if (is_directory(path)) {
     KILN_ASSIGN_OR_RETURN(model->config, config_from_hf_file(path + "/config.json"));
     KILN_ASSIGN_OR_RETURN(auto ck, SafetensorsCheckpoint::open(path));

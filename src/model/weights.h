@@ -16,6 +16,11 @@ class SafetensorsCheckpoint;
 
 enum class WeightFormat : uint8_t { kF32, kF16, kBF16, kF8E4M3, kGgml };
 
+// How an FP8 weight's activations are quantized before the GEMM. The GPU's FP8 GEMM takes FP8
+// inputs, so the CPU emulates the same: x_q = fp8(x / s_x), y = (x_q . w_q) * s_x * s_w.
+// kNone: weight-only (the row is dequantized, activations stay f32).
+enum class ActQuant : uint8_t { kNone, kStaticTensor, kDynamicTensor, kDynamicToken };
+
 // A matrix [rows, cols] (out_features x in_features for linears; vocab x hidden for embeddings),
 // rows contiguous, or a vector (rows == 1). Empty when data == nullptr.
 struct Weight {
@@ -25,12 +30,21 @@ struct Weight {
   const void* data = nullptr;
   size_t row_bytes = 0;
   float scale = 1.0f;                   // per-tensor dequantization scale (FP8)
+  // FP8 per-output-channel scales [rows]; when set they replace `scale`. An aliasing pointer, so
+  // a row slice of the weight points at its own first scale and keeps the whole array alive.
+  std::shared_ptr<const float> row_scales;
+  ActQuant act_quant = ActQuant::kNone;  // FP8 only
+  float input_scale = 1.0f;              // static activation scale (kStaticTensor)
   std::shared_ptr<const void> owner;    // keeps the mapping or an owned buffer alive
   std::string name;                     // source tensor name, for messages and dumps
 
   bool empty() const { return data == nullptr; }
   const uint8_t* row_ptr(int64_t r) const { return static_cast<const uint8_t*>(data) + size_t(r) * row_bytes; }
   size_t nbytes() const { return size_t(rows) * row_bytes; }
+  float row_scale(int64_t r) const { return row_scales ? row_scales.get()[r] : scale; }
+  // Rows [r0, r0 + n) as a Weight sharing this one's storage (fused qkv / gate_up on disk,
+  // separate projections in memory: rows are contiguous, so a row range is a valid matrix).
+  Weight row_slice(int64_t r0, int64_t n) const;
 };
 
 std::string_view weight_format_name(const Weight& w);
@@ -46,6 +60,11 @@ struct LayerWeights {
   Weight q_norm, k_norm;        // [head_dim] (Qwen3), else empty
   Weight ffn_norm;              // [hidden]
   Weight w_gate, w_up, w_down;  // [inter, hidden] x2, [hidden, inter]
+  // Fused storage (kiln checkpoints): wq/wk/wv and w_gate/w_up are row slices of these. Empty
+  // for HF and GGUF sources. A backend may use the fused matrix directly (one GEMM, not three).
+  Weight wqkv;     // [q_dim + 2 * kv_dim, hidden]
+  Weight w_gate_up;  // [2 * inter, hidden]
+  float k_scale = 1.0f, v_scale = 1.0f;  // FP8 KV cache scales (real = fp8 * scale)
 };
 
 struct ModelWeights {
@@ -53,6 +72,7 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
   Weight final_norm;  // [hidden]
   Weight lm_head;     // [vocab, hidden]; the embedding when tied
+  bool fp8_kv_cache = false;  // the checkpoint asks for an FP8 KV cache (layers' k_scale/v_scale)
   size_t total_bytes() const;
 };
 

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #endif
 
+#include "backend/cpu/cpu_fp8.h"
 #include "backend/cpu/quant_dot.h"
 #include "core/thread_pool.h"
 
@@ -84,6 +85,10 @@ float cpu_dot(const float* a, const float* b, int64_t n) {
 // Rows of W are dequantized in tiles that stay in cache while every activation row passes over
 // them; each y[m, r] is one cpu_dot, so its value does not depend on m's batch or the tiling.
 void cpu_linear(const float* x, int64_t m, const Weight& w, const float* bias, float* y) {
+  if (w.format == WeightFormat::kF8E4M3 && w.act_quant != ActQuant::kNone) {
+    cpu_linear_fp8(x, m, w, bias, y);  // FP8 activations too, as the GPU's FP8 GEMM (cpu_fp8.h)
+    return;
+  }
   const int64_t N = w.rows, K = w.cols;
   constexpr int64_t kTile = 16;
   const int64_t tiles = (N + kTile - 1) / kTile;
