@@ -773,8 +773,13 @@ FILTER(attr) {
   ArgReader a(args, "attr");
   Value name = a.get(0, "name");
   a.finish(1);
-  if (!name.is_string()) return Value::undefined_attr(in, name);
-  return r.getattr(in, name.s);
+  // jinja2's do_attr: the attribute only, never an item of a mapping.
+  std::string n = to_str(name);
+  if (in.is_undefined()) fail_undefined(in);
+  if (in.kind == Kind::kNamespace || in.kind == Kind::kLoop) return r.getattr(in, n);
+  Value m = find_method(in, n);
+  if (!m.is_undefined() || (m.obj && static_cast<UndefInfo*>(m.obj.get())->security)) return m;
+  return Value::undefined_attr(in, Value::string(n));
 }
 
 FILTER(batch) {

@@ -276,15 +276,19 @@ void Renderer::run_for(const Node& n, ValueList items, Scope* s, std::string& ou
   Value loop_value;
   loop_value.kind = Kind::kLoop;
   loop_value.obj = loop;
+  // jinja2 enters the loop body's frame inside the Python for statement: every iteration starts
+  // from fresh locals, so a {% set %} in the body neither survives to the next iteration nor
+  // leaks out (hence namespace()).
   for (size_t k = 0; k < its.size(); ++k) {
     count_iterations(1);
     loop->index0 = k;
+    ls->vars.clear();
     assign(*n.target, its[k], ls);
     ls->set("loop", loop_value);
     Flow f = exec_block(n.body, ls, out);
     if (f == Flow::kBreak) break;
   }
-  if (its.empty()) exec_block(n.orelse, ls, out);
+  if (its.empty()) exec_block(n.orelse, new_scope(s), out);
 }
 
 Renderer::Flow Renderer::exec(const Node& n, Scope* s, std::string& out) {
