@@ -1,5 +1,5 @@
 """A tiny stand-in for `kiln serve` to develop and test web/chat.html without a model: serves the
-page at GET /, lists one model, and fakes the OpenAI chat SSE stream (fast replies, or a slow
+page at GET /, lists one model, and fakes the OpenAI chat answer, plain or as an SSE stream (fast replies, or a slow
 endless one when the last user message contains "long", for the stop button). Records every
 chat request and whether the client hung up, so tests can check what the page sent.
 
@@ -19,8 +19,9 @@ REPLY = "Hello from the stub! The capital of France is Paris."
 
 
 class StubState:
-    def __init__(self, api_key=""):
+    def __init__(self, api_key="", model=MODEL):
         self.api_key = api_key
+        self.model = model
         self.chat_requests = []   # parsed JSON bodies of POST /v1/chat/completions
         self.aborted = threading.Event()  # set when a streamed reply's client went away
         self.lock = threading.Lock()
@@ -67,7 +68,7 @@ def _handler(state):
                 if not self._authorized():
                     return
                 return self._send(200, "application/json", json.dumps(
-                    {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "kiln"}]}))
+                    {"object": "list", "data": [{"id": state.model, "object": "model", "owned_by": "kiln"}]}))
             self._error(404, "no route for GET " + self.path)
 
         def do_POST(self):
@@ -78,9 +79,15 @@ def _handler(state):
                 return
             with state.lock:
                 state.chat_requests.append(body)
-            if body.get("model") != MODEL:
+            if body.get("model") != state.model:
                 return self._error(404, f"The model `{body.get('model')}` does not exist.", "model_not_found")
             last = body["messages"][-1]["content"]
+            if not body.get("stream"):
+                return self._send(200, "application/json", json.dumps({
+                    "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": state.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}}))
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -95,7 +102,7 @@ def _handler(state):
             def chunk(content=None, finish=None):
                 delta = {"content": content} if content is not None else {}
                 return {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": MODEL, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                        "model": state.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
             try:
                 first = chunk("")
@@ -119,9 +126,9 @@ def _handler(state):
     return Handler
 
 
-def start(api_key="", port=0):
+def start(api_key="", port=0, model=MODEL):
     """Starts the stub on 127.0.0.1 in a daemon thread. Returns (server, state, base_url)."""
-    state = StubState(api_key)
+    state = StubState(api_key, model)
     server = ThreadingHTTPServer(("127.0.0.1", port), _handler(state))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -202,3 +202,41 @@ def test_docker_compose_config():
     r = subprocess.run(cmd + ["-f", str(COMPOSE), "config"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "/health" in r.stdout and "nvidia" in r.stdout
+
+
+# --- nginx-kiln.conf (TLS reverse proxy) ----------------------------------------------------------
+
+NGINX_CONF = DEPLOY / "nginx-kiln.conf"
+
+
+def nginx_directives(text):
+    return [re.sub(r"\s+", " ", ln.split("#")[0]).strip().rstrip(";")
+            for ln in text.splitlines() if ln.split("#")[0].strip()]
+
+
+def test_nginx_conf_streams_unbuffered():
+    d = nginx_directives(NGINX_CONF.read_text())
+    for want in ("proxy_buffering off", "proxy_cache off", "proxy_http_version 1.1", 'proxy_set_header Connection ""',
+                 "server 127.0.0.1:8000", "proxy_pass http://kiln", "listen 443 ssl http2"):
+        assert want in d, want
+    timeout = next(x for x in d if x.startswith("proxy_read_timeout"))
+    assert int(timeout.split()[1].rstrip("s")) >= 300
+    # The same file is what the TLS guide shows.
+    assert NGINX_CONF.read_text().strip() in (ROOT / "docs" / "guides" / "tls-proxy.md").read_text()
+
+
+def test_nginx_accepts_the_conf(tmp_path):
+    nginx, openssl = shutil.which("nginx"), shutil.which("openssl")
+    if not nginx or not openssl:
+        pytest.skip("nginx (and openssl) not installed: nginx-kiln.conf checked statically only")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True)
+    conf = NGINX_CONF.read_text()
+    conf = conf.replace("/etc/letsencrypt/live/llm.example.com/fullchain.pem", str(tmp_path / "cert.pem"))
+    conf = conf.replace("/etc/letsencrypt/live/llm.example.com/privkey.pem", str(tmp_path / "key.pem"))
+    main = tmp_path / "nginx.conf"
+    main.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+                    f"http {{\naccess_log off;\n{conf}\n}}\n")
+    r = subprocess.run([nginx, "-t", "-c", str(main), "-p", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
