@@ -1,6 +1,8 @@
 // kiln tokenize TOKENIZER TEXT [--add_special_tokens]   -> [1,2,3]
 // kiln tokenize TOKENIZER --jsonl FILE                   one JSON string per line in, one JSON id
-//                                                        list per line out (FILE '-' = stdin)
+//                                                        list per line out (FILE '-' = stdin); a
+//                                                        line may also be a list of byte values
+//                                                        [104,255] for text that is not UTF-8
 // kiln tokenize TOKENIZER --bench FILE [--repeat N]      encode FILE line by line on one thread,
 //                                                        print {"mb_per_s": ...} (tools/tokenizer_bench.py)
 // kiln detokenize TOKENIZER 1,2,3 [--skip_special_tokens] -> the text, exactly, no newline added
@@ -111,8 +113,20 @@ int run_tokenize(const TokenizeArgs& a) {
   if (!a.jsonl.empty()) {
     Status st = for_each_line(a.jsonl, [&](const std::string& line, size_t no) -> Status {
       json j = json::parse(line, nullptr, false);
-      if (j.is_discarded() || !j.is_string()) return Status::error(a.jsonl + ":" + std::to_string(no) + ": not a JSON string");
-      std::string out = ids_json(t.encode(j.get_ref<const std::string&>(), a.add_special_tokens));
+      std::string where = a.jsonl + ":" + std::to_string(no);
+      std::string text;
+      if (!j.is_discarded() && j.is_string()) {
+        text = j.get<std::string>();
+      } else if (!j.is_discarded() && j.is_array()) {  // raw bytes (JSON strings cannot hold invalid UTF-8)
+        for (const auto& b : j) {
+          if (!b.is_number_integer() || b.get<int64_t>() < 0 || b.get<int64_t>() > 255)
+            return Status::error(where + ": a list must hold byte values 0..255");
+          text += static_cast<char>(b.get<int>());
+        }
+      } else {
+        return Status::error(where + ": not a JSON string or a list of byte values");
+      }
+      std::string out = ids_json(t.encode(text, a.add_special_tokens));
       out += '\n';
       std::fwrite(out.data(), 1, out.size(), stdout);
       return Status::ok();
