@@ -1,0 +1,361 @@
+// kiln bench latency MODEL     one batch: prefill time and decode step time, and on CUDA the
+//                              ceilings measured in the same process (streaming-read bandwidth,
+//                              cuBLASLt BF16 GEMM rate at the model's shapes) and the shares of them.
+// kiln bench throughput MODEL  trtllm-bench style: N synthetic requests of fixed input/output
+//                              lengths through the runtime Engine (continuous batching, ignore_eos),
+//                              output tokens/s over the whole run.
+// With --dummy_weights MODEL is a config.json (or a directory holding one) and the weights are
+// random (generated on the GPU for --device cuda), so 8B-scale speed needs no download.
+// `kiln bench serve` lives in verb_bench.cpp; both attach to one `bench` parent.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/cpu/cpu_executor.h"
+#include "cli/cli.h"
+#include "core/file.h"
+#include "runtime/engine.h"
+#ifdef KILN_HAVE_CUDA
+#include "backend/cuda/cuda_executor.h"
+#endif
+
+namespace kiln::cli {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+struct BenchArgs {
+  std::string model, device = "cuda", output = "text";
+  bool dummy_weights = false;
+  int32_t batch_size = 1, input_len = 128, output_len = 128, reps = 5, num_requests = 256;
+  int32_t max_batch_size = 256, max_num_tokens = 8192, kv_cache_blocks = 0;
+  double kv_cache_memory_fraction = 0.9;
+  int64_t seed = 0;
+};
+
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+Result<ModelConfig> bench_config(const BenchArgs& a) {
+  std::string path = a.model;
+  if (!file_exists(path + "/config.json") && !file_exists(path)) return Status::error(path + ": not found");
+  if (file_exists(path + "/config.json")) path += "/config.json";
+  KILN_ASSIGN_OR_RETURN(ModelConfig c, config_from_hf_file(path));
+  KILN_RETURN_IF_ERROR(validate_config(c, path));
+  return c;
+}
+
+// The executor: dummy or loaded, on a.device. `cuda_ex` is set when it is a CUDA executor.
+Result<std::unique_ptr<ModelExecutor>> make_executor(const BenchArgs& a, const LoadOptions& opts, ModelConfig* cfg,
+                                                     void** cuda_ex) {
+  *cuda_ex = nullptr;
+  const bool cuda = a.device.rfind("cuda", 0) == 0;
+  if (a.dummy_weights) {
+    KILN_ASSIGN_OR_RETURN(*cfg, bench_config(a));
+    if (cuda) {
+#ifdef KILN_HAVE_CUDA
+      KILN_ASSIGN_OR_RETURN(auto ex, cuda::CudaExecutor::create_dummy(*cfg, opts, uint64_t(a.seed)));
+      *cuda_ex = ex.get();
+      std::unique_ptr<ModelExecutor> base = std::move(ex);
+      return base;
+#else
+      return Status::error("this kiln was built without the CUDA backend");
+#endif
+    }
+    std::unique_ptr<ModelExecutor> ex = make_cpu_executor(make_dummy_model(*cfg, WeightFormat::kBF16, uint64_t(a.seed)), opts);
+    return ex;
+  }
+  KILN_ASSIGN_OR_RETURN(auto model, load_model(a.model));
+  *cfg = model->config;
+  if (cuda) {
+#ifdef KILN_HAVE_CUDA
+    KILN_ASSIGN_OR_RETURN(auto ex, cuda::CudaExecutor::create(std::move(model), opts));
+    *cuda_ex = ex.get();
+    std::unique_ptr<ModelExecutor> base = std::move(ex);
+    return base;
+#else
+    return Status::error("this kiln was built without the CUDA backend");
+#endif
+  }
+  std::unique_ptr<ModelExecutor> ex = make_cpu_executor(std::move(model), opts);
+  return ex;
+}
+
+StepBatch batch_step(int32_t B, int32_t q_len, int32_t before, int32_t blocks_per_seq, int32_t vocab, std::mt19937& rng) {
+  StepBatch b;
+  b.clear();
+  b.max_blocks_per_seq = blocks_per_seq;
+  for (int32_t s = 0; s < B; ++s) {
+    for (int32_t i = 0; i < q_len; ++i) {
+      b.token_ids.push_back(int32_t(rng() % uint32_t(vocab)));
+      b.positions.push_back(before + i);
+    }
+    b.query_start.push_back(b.query_start.back() + q_len);
+    b.context_lens.push_back(before + q_len);
+    for (int32_t j = 0; j < blocks_per_seq; ++j) b.block_tables.push_back(s * blocks_per_seq + j);
+    b.logits_rows.push_back(b.query_start.back() - 1);
+  }
+  return b;
+}
+
+int latency(const BenchArgs& a) {
+  if (a.batch_size < 1 || a.input_len < 1 || a.output_len < 1) return fail("bench latency", "sizes must be >= 1");
+  LoadOptions opts;
+  opts.device = a.device;
+  opts.max_seq_len = a.input_len + a.output_len;
+  const int32_t blocks_per_seq = (opts.max_seq_len + opts.block_size - 1) / opts.block_size;
+  opts.kv_cache_blocks = a.kv_cache_blocks > 0 ? a.kv_cache_blocks : a.batch_size * blocks_per_seq + 1;
+  ModelConfig c;
+  void* cuda_ex = nullptr;
+  auto t_load = clock_type::now();
+  auto ex = make_executor(a, opts, &c, &cuda_ex);
+  if (!ex) return fail("bench latency", ex.message());
+  const double load_s = seconds_since(t_load);
+  nlohmann::json j;
+  j["model"] = a.model;
+  j["device"] = (*ex)->info().device;
+  j["batch_size"] = a.batch_size;
+  j["input_len"] = a.input_len;
+  j["output_len"] = a.output_len;
+  j["load_s"] = load_s;
+
+  // Ceilings measured in this process.
+  double bw_gbs = 0.0, gemm_tflops = 0.0, gemm_big_tflops = 0.0;
+  size_t weight_bytes = 0, kv_token_bytes = 0;
+#ifdef KILN_HAVE_CUDA
+  if (cuda_ex) {
+    auto* cx = static_cast<cuda::CudaExecutor*>(cuda_ex);
+    weight_bytes = cx->weight_bytes_per_token();
+    kv_token_bytes = cx->kv_bytes_per_token();
+    auto bw = cx->bench_read_bandwidth(size_t(4) << 30, 10);
+    if (!bw) return fail("bench latency", bw.message());
+    bw_gbs = *bw;
+    // The prefill's GEMMs, as the forward pass issues them (fused qkv and gate_up).
+    const int64_t M = int64_t(a.batch_size) * a.input_len, H = c.hidden_size, I = c.intermediate_size;
+    const int64_t shapes[4][2] = {{c.q_dim() + 2 * c.kv_dim(), H}, {H, c.q_dim()}, {2 * I, H}, {H, I}};
+    double flops = 0, secs = 0;
+    for (auto& s : shapes) {
+      auto t = cx->bench_gemm_seconds(M, s[0], s[1], 20);
+      if (!t) return fail("bench latency", t.message());
+      flops += 2.0 * double(M) * double(s[0]) * double(s[1]);
+      secs += *t;
+      j["gemm_us"][std::to_string(s[0]) + "x" + std::to_string(s[1])] = *t * 1e6;
+    }
+    gemm_tflops = flops / secs / 1e12;
+    auto big = cx->bench_gemm_seconds(8192, 8192, 8192, 10);
+    if (!big) return fail("bench latency", big.message());
+    gemm_big_tflops = 2.0 * 8192.0 * 8192.0 * 8192.0 / *big / 1e12;
+    j["read_bandwidth_gbs"] = bw_gbs;
+    j["gemm_tflops_at_prefill_shapes"] = gemm_tflops;
+    j["gemm_tflops_8192"] = gemm_big_tflops;
+    j["weight_bytes_per_token"] = weight_bytes;
+  }
+#endif
+
+  std::mt19937 rng(uint32_t(a.seed) + 1);
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  std::vector<SeqSampling> ss(size_t(a.batch_size));
+  for (auto& s : ss) s.params = &greedy;
+  std::vector<SampledToken> out;
+  // Prefill: the whole batch's prompts in one step, median of reps (+1 warm-up).
+  std::vector<double> prefill;
+  for (int r = 0; r < a.reps + 1; ++r) {
+    StepBatch b = batch_step(a.batch_size, a.input_len, 0, blocks_per_seq, c.vocab_size, rng);
+    auto t0 = clock_type::now();
+    if (Status st = (*ex)->execute(b, ss, &out); !st) return fail("bench latency", st.message());
+    if (r > 0) prefill.push_back(seconds_since(t0));
+  }
+  // Decode: output_len steps of one token per sequence; the first two (graph capture) not timed.
+  std::vector<double> steps;
+  auto t_dec = clock_type::now();
+  for (int32_t i = 0; i < a.output_len; ++i) {
+    StepBatch b = batch_step(a.batch_size, 1, a.input_len + i, blocks_per_seq, c.vocab_size, rng);
+    auto t0 = clock_type::now();
+    if (Status st = (*ex)->execute(b, ss, &out); !st) return fail("bench latency", st.message());
+    if (i >= 2) steps.push_back(seconds_since(t0));
+    if (i == 1) t_dec = clock_type::now();
+  }
+  const double decode_total = seconds_since(t_dec);
+  const double t_prefill = median(prefill), t_step = median(steps);
+  const double prefill_tps = double(a.batch_size) * a.input_len / t_prefill;
+  const double decode_tps = double(a.batch_size) / t_step;
+  // Model FLOPs of the prefill: linears over every token, lm_head over the last, causal attention.
+  const double S = a.input_len, tokens = double(a.batch_size) * S;
+  const double lin_params = double(weight_bytes) / 2.0 - double(c.vocab_size) * c.hidden_size;
+  const double attn_flops = 4.0 * a.batch_size * c.num_layers * c.num_heads * double(c.head_dim) * S * (S + 1) / 2.0;
+  const double prefill_flops = 2.0 * tokens * lin_params + 2.0 * a.batch_size * double(c.vocab_size) * c.hidden_size + attn_flops;
+  j["prefill_s"] = t_prefill;
+  j["prefill_tokens_per_s"] = prefill_tps;
+  j["decode_step_s_median"] = t_step;
+  j["decode_step_s_mean"] = decode_total / std::max<double>(1, a.output_len - 2);
+  j["decode_tokens_per_s"] = decode_tps;
+  std::printf("device        %s\n", (*ex)->info().device.c_str());
+  std::printf("model         %s  (load %.1f s)\n", a.model.c_str(), load_s);
+  std::printf("prefill       batch %d x %d tokens: %.2f ms  -> %.0f tokens/s\n", a.batch_size, a.input_len,
+              t_prefill * 1e3, prefill_tps);
+  std::printf("decode        batch %d, context %d..%d: median step %.3f ms (mean %.3f) -> %.1f tokens/s\n",
+              a.batch_size, a.input_len, a.input_len + a.output_len, t_step * 1e3,
+              decode_total / std::max<double>(1, a.output_len - 2) * 1e3, decode_tps);
+  if (bw_gbs > 0) {
+    const double roof = double(weight_bytes) / (bw_gbs * 1e9);
+    const double kv_mean = double(a.batch_size) * (a.input_len + a.output_len / 2.0) * double(kv_token_bytes);
+    const double roof_kv = (double(weight_bytes) + kv_mean) / (bw_gbs * 1e9);
+    const double prefill_rate = prefill_flops / t_prefill / 1e12;
+    j["decode_roofline_s"] = roof;
+    j["decode_share_of_roofline"] = roof / t_step;
+    j["decode_share_of_roofline_with_kv"] = roof_kv / t_step;
+    j["prefill_model_tflops"] = prefill_rate;
+    j["prefill_share_of_gemm_rate"] = prefill_rate / gemm_tflops;
+    std::printf("bandwidth     streaming read %.0f GB/s (read-only kernel, 4 GiB)\n", bw_gbs);
+    std::printf("roofline      %.2f GB weights/step -> %.3f ms; decode at %.1f%% of it (%.1f%% counting the KV "
+                "cache read)\n",
+                double(weight_bytes) / 1e9, roof * 1e3, 100.0 * roof / t_step, 100.0 * roof_kv / t_step);
+    std::printf("gemm          cuBLASLt BF16 at the prefill's shapes (M=%lld): %.0f TFLOP/s; 8192^3: %.0f TFLOP/s\n",
+                (long long)(int64_t(a.batch_size) * a.input_len), gemm_tflops, gemm_big_tflops);
+    std::printf("prefill rate  %.0f TFLOP/s of model math = %.1f%% of the GEMM rate\n", prefill_rate,
+                100.0 * prefill_rate / gemm_tflops);
+  }
+  if (a.output == "json") std::printf("%s\n", j.dump().c_str());
+  return 0;
+}
+
+int throughput(const BenchArgs& a) {
+  if (a.num_requests < 1 || a.input_len < 1 || a.output_len < 1) return fail("bench throughput", "sizes must be >= 1");
+  LoadOptions opts;
+  opts.device = a.device;
+  opts.max_seq_len = a.input_len + a.output_len;
+  opts.kv_cache_blocks = a.kv_cache_blocks;
+  opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
+  ModelConfig c;
+  void* cuda_ex = nullptr;
+  auto ex = make_executor(a, opts, &c, &cuda_ex);
+  if (!ex) return fail("bench throughput", ex.message());
+  const std::string device = (*ex)->info().device;
+  const int32_t kv_blocks = (*ex)->info().num_kv_blocks;
+  EngineLimits limits;
+  limits.max_batch_size = a.max_batch_size;
+  limits.max_num_tokens = a.max_num_tokens;
+  limits.max_seq_len = opts.max_seq_len;
+  limits.max_queue = a.num_requests + 1024;
+  limits.enable_prefix_caching = false;  // random prompts share nothing; keep the measurement plain
+  auto engine = Engine::create(std::move(*ex), limits);
+
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t pending = 0, out_tokens = 0, errors = 0;
+  std::string first_error;
+  std::mt19937 rng(uint32_t(a.seed) + 7);
+  auto run_batch = [&](int32_t n, int32_t in_len, auto out_len_of) -> double {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      pending = n;
+      out_tokens = 0;
+    }
+    auto t0 = clock_type::now();
+    for (int32_t i = 0; i < n; ++i) {
+      EngineRequest r;
+      for (int32_t k = 0; k < in_len; ++k) r.prompt.push_back(int32_t(rng() % uint32_t(c.vocab_size)));
+      r.sampling.temperature = 0.0f;
+      r.max_tokens = out_len_of(i);
+      r.ignore_eos = true;
+      r.on_event = [&](const TokenEvent& e) {
+        std::lock_guard<std::mutex> lk(mu);
+        out_tokens += int64_t(e.tokens.size());
+        if (e.finish != FinishReason::kNone) {
+          if (e.finish == FinishReason::kError && errors++ == 0) first_error = e.error;
+          if (--pending == 0) cv.notify_all();
+        }
+      };
+      auto id = engine->submit(std::move(r));
+      if (!id) {
+        std::lock_guard<std::mutex> lk(mu);
+        if (errors++ == 0) first_error = id.message();
+        if (--pending == 0) cv.notify_all();
+      }
+    }
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return pending == 0; });
+    return seconds_since(t0);
+  };
+  // Warm-up: output lengths 1..64 so the running batch sweeps every decode-graph bucket.
+  const int32_t warm = std::min(a.num_requests, a.max_batch_size);
+  run_batch(warm, 16, [&](int32_t i) { return 1 + (i * 64) / std::max(1, warm); });
+  if (errors) return fail("bench throughput", "warm-up: " + first_error);
+  const double secs = run_batch(a.num_requests, a.input_len, [&](int32_t) { return a.output_len; });
+  if (errors) return fail("bench throughput", std::to_string(errors) + " requests failed: " + first_error);
+  const int64_t expect = int64_t(a.num_requests) * a.output_len;
+  EngineStats st = engine->stats();
+  engine->shutdown(false);
+  const double out_tps = double(out_tokens) / secs;
+  const double total_tps = double(out_tokens + int64_t(a.num_requests) * a.input_len) / secs;
+  std::printf("device        %s (%d KV blocks)\n", device.c_str(), kv_blocks);
+  std::printf("workload      %d requests, input %d, output %d (ignore_eos), max_batch_size %d, max_num_tokens %d\n",
+              a.num_requests, a.input_len, a.output_len, a.max_batch_size, a.max_num_tokens);
+  std::printf("throughput    %.1f output tokens/s, %.1f total tokens/s, %.2f requests/s over %.2f s "
+              "(%lld/%lld output tokens, %lld preemptions)\n",
+              out_tps, total_tps, a.num_requests / secs, secs, (long long)out_tokens, (long long)expect,
+              (long long)st.num_preemptions);
+  if (a.output == "json") {
+    nlohmann::json j = {{"device", device},           {"num_requests", a.num_requests}, {"input_len", a.input_len},
+                        {"output_len", a.output_len}, {"seconds", secs},                {"output_tokens_per_s", out_tps},
+                        {"total_tokens_per_s", total_tps}, {"output_tokens", out_tokens}, {"preemptions", st.num_preemptions}};
+    std::printf("%s\n", j.dump().c_str());
+  }
+  return out_tokens == expect ? 0 : fail("bench throughput", "fewer output tokens than asked for");
+}
+
+void common_flags(CLI::App* cmd, BenchArgs& a) {
+  cmd->add_option("MODEL", a.model, "HF dir / .gguf, or with --dummy_weights a config.json (or its dir)")->required();
+  add_switch(*cmd, "dummy_weights", a.dummy_weights, "random weights from MODEL's config (no download)");
+  add_flag(*cmd, "device", a.device, "cuda (default), cuda:N or cpu");
+  add_flag(*cmd, "input_len", a.input_len, "prompt tokens per request");
+  add_flag(*cmd, "output_len", a.output_len, "generated tokens per request");
+  add_flag(*cmd, "kv_cache_blocks", a.kv_cache_blocks, "KV cache blocks (default: sized for the run / memory fraction)");
+  add_flag(*cmd, "seed", a.seed, "seed for dummy weights and prompts");
+  add_flag(*cmd, "output", a.output, "text | json (adds one JSON line)");
+}
+
+}  // namespace
+}  // namespace kiln::cli
+
+KILN_VERB(bench_gpu) {
+  using namespace kiln::cli;
+  CLI::App* bench = nullptr;
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
+    if (sub->get_name() == "bench") bench = sub;
+  if (!bench) {
+    bench = app.add_subcommand("bench", "Benchmarks: latency, throughput, serve");
+    bench->require_subcommand(1);
+  }
+  static BenchArgs lat, thr;
+  auto* l = bench->add_subcommand("latency", "One batch: prefill and decode speed, with the GPU's measured ceilings");
+  common_flags(l, lat);
+  add_flag(*l, "batch_size", lat.batch_size, "sequences in the batch (default 1)");
+  add_flag(*l, "reps", lat.reps, "timed prefill repetitions (default 5)");
+  l->callback([] {
+    if (int rc = latency(lat)) throw CLI::RuntimeError(rc);
+  });
+  auto* t = bench->add_subcommand("throughput", "trtllm-bench style: fixed-length synthetic requests, output tokens/s");
+  common_flags(t, thr);
+  add_flag(*t, "num_requests", thr.num_requests, "requests (default 256)");
+  add_flag(*t, "max_batch_size", thr.max_batch_size, "engine max batch size (default 256)");
+  add_flag(*t, "max_num_tokens", thr.max_num_tokens, "engine token budget per step (default 8192)");
+  add_flag(*t, "kv_cache_memory_fraction", thr.kv_cache_memory_fraction, "of free GPU memory for the KV cache (0.9)");
+  t->callback([] {
+    if (int rc = throughput(thr)) throw CLI::RuntimeError(rc);
+  });
+}
