@@ -35,7 +35,7 @@ int fail(const std::string& verb, const std::string& message) {
 int main(int argc, char** argv) {
   CLI::App app{"kiln: LLM inference engine and OpenAI-compatible server"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", std::string("kiln ") + KILN_VERSION + " (commit " + KILN_GIT_COMMIT + ")");
+  app.set_version_flag("--version", std::string("kiln ") + KILN_VERSION + " (commit " + KILN_GIT_COMMIT + "; " + KILN_CUDA_INFO + ")");
   auto verbs = kiln::cli::registry();
   std::sort(verbs.begin(), verbs.end());
   for (auto& [name, setup] : verbs) setup(app);
