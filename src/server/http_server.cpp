@@ -270,8 +270,9 @@ class Session : public std::enable_shared_from_this<Session> {
       return close();
     }
     if (phase_ == Phase::kHandling) {
-      // Pipelined bytes: keep them for the next request; stop watching past a bound.
-      if (buf_.size() < 65536) start_peek();
+      // The next request (pipelined, or sent the moment our response arrived, before our write
+      // completion ran): keep the bytes for maybe_finish(), which reads on from the buffer. No
+      // new peek, so this response loses disconnect detection by reads; writes still detect it.
       return;
     }
     read_header();

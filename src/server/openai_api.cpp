@@ -3,11 +3,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 
 namespace kiln::server {
 
-using json = nlohmann::json;
+using json = Json;
 
 json ApiError::to_json() const {
   json e = {{"message", message}, {"type", type}, {"param", nullptr}, {"code", nullptr}};
@@ -137,8 +138,9 @@ struct FloatRange {
 };
 
 std::string fmt_num(double d) {
-  json j = d;
-  return j.dump();
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", d);
+  return buf;
 }
 
 MaybeError read_float(const json& o, const char* key, FloatRange r, float* out) {
@@ -320,10 +322,18 @@ MaybeError parse_tools(const json& o, json* tools) {
 
 }  // namespace
 
-// Deepest [ / { nesting outside strings. Copying and dumping a json value recurse, so a body like
-// 8 MiB of "[[[[" must be refused before it becomes one.
-static int json_depth(std::string_view body) {
-  int depth = 0, max_depth = 0;
+// Shape limits checked on the raw text before parsing. Copying and dumping a JSON value recurse,
+// so 8 MiB of "[[[[" must be refused before it becomes one; and an insertion-ordered object finds
+// keys linearly, so members per object are bounded too (a 1024-member object costs ~0.5M string
+// compares; an 8 MiB body of them stays near a second).
+struct JsonShape {
+  int max_depth = 0;
+  int64_t max_members = 0;
+};
+
+static JsonShape json_shape(std::string_view body) {
+  JsonShape shape;
+  std::vector<int64_t> members;  // per open container: commas seen + 1 (objects only; -1 for arrays)
   bool in_string = false, escaped = false;
   for (char c : body) {
     if (in_string) {
@@ -333,19 +343,27 @@ static int json_depth(std::string_view body) {
     } else if (c == '"') {
       in_string = true;
     } else if (c == '[' || c == '{') {
-      max_depth = std::max(max_depth, ++depth);
+      members.push_back(c == '{' ? 1 : -1);
+      shape.max_depth = std::max(shape.max_depth, int(members.size()));
     } else if (c == ']' || c == '}') {
-      --depth;
+      if (!members.empty()) members.pop_back();
+    } else if (c == ',' && !members.empty() && members.back() > 0) {
+      shape.max_members = std::max(shape.max_members, ++members.back());
     }
   }
-  return max_depth;
+  return shape;
 }
 
 std::optional<ApiError> parse_json_body(std::string_view body, json* out) {
   constexpr int kMaxDepth = 64;
-  if (int d = json_depth(body); d > kMaxDepth)
-    return api_bad_request("request body nests JSON " + std::to_string(d) + " levels deep; at most " +
+  constexpr int64_t kMaxMembers = 1024;
+  JsonShape shape = json_shape(body);
+  if (shape.max_depth > kMaxDepth)
+    return api_bad_request("request body nests JSON " + std::to_string(shape.max_depth) + " levels deep; at most " +
                            std::to_string(kMaxDepth) + " are accepted");
+  if (shape.max_members > kMaxMembers)
+    return api_bad_request("request body has a JSON object with " + std::to_string(shape.max_members) +
+                           " members; at most " + std::to_string(kMaxMembers) + " are accepted");
   *out = json::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (out->is_discarded()) {
     // Re-parse with exceptions for the parser's position message.
@@ -584,14 +602,6 @@ json bytes_json(const std::string& s) {
   return b;
 }
 
-// Valid UTF-8 for a token's raw bytes (invalid sequences -> U+FFFD), so strings used as keys or
-// counted as characters agree with what the client sees.
-std::string display_token(const std::string& raw) {
-  json j = raw;
-  std::string quoted = j.dump(-1, ' ', false, json::error_handler_t::replace);
-  return json::parse(quoted).get<std::string>();
-}
-
 json meta_json(const ResponseMeta& meta, const char* object) {
   json j = {{"id", meta.id}, {"object", object}, {"created", meta.created}, {"model", meta.model}};
   if (!meta.system_fingerprint.empty()) j["system_fingerprint"] = meta.system_fingerprint;
@@ -615,14 +625,14 @@ json completion_logprobs_json(const std::vector<LogprobItem>& items, int64_t tex
        text_offset = json::array();
   int64_t offset = text_offset0;
   for (const LogprobItem& it : items) {
-    std::string tok = display_token(it.token);
+    std::string tok = token_display(it.token);
     tokens.push_back(tok);
     token_logprobs.push_back(clamp_logprob(it.logprob));
     // vLLM's shape: the sampled token plus the top alternatives, keyed by their text.
     json top = json::object();
     top[tok] = clamp_logprob(it.logprob);
     for (const auto& [t, lp] : it.top) {
-      std::string k = display_token(t);
+      std::string k = token_display(t);
       if (!top.contains(k)) top[k] = clamp_logprob(lp);
     }
     top_logprobs.push_back(std::move(top));
@@ -638,8 +648,8 @@ json chat_logprobs_json(const std::vector<LogprobItem>& items) {
   for (const LogprobItem& it : items) {
     json top = json::array();
     for (const auto& [t, lp] : it.top)
-      top.push_back({{"token", display_token(t)}, {"logprob", clamp_logprob(lp)}, {"bytes", bytes_json(t)}});
-    content.push_back({{"token", display_token(it.token)},
+      top.push_back({{"token", token_display(t)}, {"logprob", clamp_logprob(lp)}, {"bytes", bytes_json(t)}});
+    content.push_back({{"token", token_display(it.token)},
                        {"logprob", clamp_logprob(it.logprob)},
                        {"bytes", bytes_json(it.token)},
                        {"top_logprobs", std::move(top)}});
@@ -733,6 +743,12 @@ size_t stop_holdback(std::string_view text, const std::vector<std::string>& stop
     hold = std::max(hold, k);
   }
   return hold;
+}
+
+std::string token_display(const std::string& raw) {
+  json j = raw;
+  std::string quoted = j.dump(-1, ' ', false, json::error_handler_t::replace);
+  return json::parse(quoted).get<std::string>();
 }
 
 int64_t utf8_length(std::string_view text) {

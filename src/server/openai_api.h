@@ -17,6 +17,10 @@
 
 namespace kiln::server {
 
+// Insertion-ordered JSON: tools and messages reach the chat template with the client's key order
+// (templates print them with tojson), and responses list fields in OpenAI's order.
+using Json = nlohmann::ordered_json;
+
 // {"error": {"message", "type", "param", "code"}} with the HTTP status it travels with.
 struct ApiError {
   int status = 400;
@@ -24,7 +28,7 @@ struct ApiError {
   std::string type = "invalid_request_error";
   std::string param;  // "" -> null
   std::string code;   // "" -> null
-  nlohmann::json to_json() const;
+  Json to_json() const;
 };
 ApiError api_bad_request(std::string message, std::string param = "");
 ApiError api_not_found(std::string message, std::string code = "");
@@ -64,34 +68,34 @@ struct CompletionRequest {
 
 struct ChatRequest {
   std::string model;
-  nlohmann::json messages;  // validated; "developer" mapped to "system"
-  nlohmann::json tools;     // null if none
+  Json messages;  // validated; "developer" mapped to "system"
+  Json tools;     // null if none
   bool add_generation_prompt = true;
   bool continue_final_message = false;
-  nlohmann::json chat_template_kwargs = nlohmann::json::object();
+  Json chat_template_kwargs = Json::object();
   GenerationOptions gen;
 };
 
 struct TokenizeRequest {
   bool is_chat = false;
   std::string prompt;        // !is_chat
-  nlohmann::json messages;   // is_chat (validated like chat)
-  nlohmann::json tools;
+  Json messages;   // is_chat (validated like chat)
+  Json tools;
   bool add_special_tokens = true;  // default: true for a prompt, false for messages (vLLM)
   bool add_generation_prompt = true;
 };
 
 // Parses a request body: 400 unless it is a JSON object.
-std::optional<ApiError> parse_json_body(std::string_view body, nlohmann::json* out);
-std::optional<ApiError> parse_completion_request(const nlohmann::json& body, const ApiLimits& limits,
+std::optional<ApiError> parse_json_body(std::string_view body, Json* out);
+std::optional<ApiError> parse_completion_request(const Json& body, const ApiLimits& limits,
                                                  CompletionRequest* out);
-std::optional<ApiError> parse_chat_request(const nlohmann::json& body, const ApiLimits& limits, ChatRequest* out);
-std::optional<ApiError> parse_tokenize_request(const nlohmann::json& body, TokenizeRequest* out);
-std::optional<ApiError> parse_detokenize_request(const nlohmann::json& body, const ApiLimits& limits,
+std::optional<ApiError> parse_chat_request(const Json& body, const ApiLimits& limits, ChatRequest* out);
+std::optional<ApiError> parse_tokenize_request(const Json& body, TokenizeRequest* out);
+std::optional<ApiError> parse_detokenize_request(const Json& body, const ApiLimits& limits,
                                                  std::vector<int32_t>* out);
 // Validates an OpenAI messages array (roles, content strings or text parts, tool calls) and
 // returns it normalized for a chat template.
-std::optional<ApiError> validate_messages(const nlohmann::json& messages, nlohmann::json* out);
+std::optional<ApiError> validate_messages(const Json& messages, Json* out);
 
 // The 400 for prompt + max_tokens over the context, as vLLM words it ("... (100 in the messages,
 // 2000 in the completion) ..."); `what` is "messages" or "prompt".
@@ -112,7 +116,7 @@ struct Usage {
   int64_t prompt_tokens = 0;
   int64_t completion_tokens = 0;
   int64_t cached_tokens = 0;
-  nlohmann::json to_json() const;
+  Json to_json() const;
 };
 
 struct ChoiceResult {
@@ -132,31 +136,33 @@ struct ResponseMeta {
 };
 
 // Logprobs in the legacy completions shape {tokens, token_logprobs, top_logprobs, text_offset}.
-nlohmann::json completion_logprobs_json(const std::vector<LogprobItem>& items, int64_t text_offset0);
+Json completion_logprobs_json(const std::vector<LogprobItem>& items, int64_t text_offset0);
 // Logprobs in chat's shape {content: [{token, logprob, bytes, top_logprobs: [...]}]}.
-nlohmann::json chat_logprobs_json(const std::vector<LogprobItem>& items);
+Json chat_logprobs_json(const std::vector<LogprobItem>& items);
 
-nlohmann::json completion_response(const ResponseMeta& meta, const std::vector<ChoiceResult>& choices,
+Json completion_response(const ResponseMeta& meta, const std::vector<ChoiceResult>& choices,
                                    const Usage& usage);
-nlohmann::json chat_response(const ResponseMeta& meta, const std::vector<ChoiceResult>& choices, const Usage& usage);
+Json chat_response(const ResponseMeta& meta, const std::vector<ChoiceResult>& choices, const Usage& usage);
 
 // Streaming chunks. `usage_null` adds "usage": null (OpenAI does so on every chunk when
 // stream_options.include_usage is set).
-nlohmann::json completion_chunk(const ResponseMeta& meta, const ChoiceResult& delta, bool usage_null);
+Json completion_chunk(const ResponseMeta& meta, const ChoiceResult& delta, bool usage_null);
 // role_chunk: the first chunk of a choice ({"role": "assistant", "content": ""}).
-nlohmann::json chat_chunk(const ResponseMeta& meta, const ChoiceResult& delta, bool role_chunk, bool usage_null);
-nlohmann::json usage_chunk(const ResponseMeta& meta, const char* object, const Usage& usage);
+Json chat_chunk(const ResponseMeta& meta, const ChoiceResult& delta, bool role_chunk, bool usage_null);
+Json usage_chunk(const ResponseMeta& meta, const char* object, const Usage& usage);
 
 // JSON text with invalid UTF-8 replaced by U+FFFD (never throws).
-std::string dump_json(const nlohmann::json& j);
+std::string dump_json(const Json& j);
 // "data: {...}\n\n"
-std::string sse_event(const nlohmann::json& j);
+std::string sse_event(const Json& j);
 
 // Text up to the first stop string (and its position), searching from `from` (a byte offset).
 // Returns npos when none occurs.
 size_t find_stop(std::string_view text, const std::vector<std::string>& stops, size_t from, size_t* stop_len);
 // Bytes at the end of `text` that could be the start of a stop string (held back while streaming).
 size_t stop_holdback(std::string_view text, const std::vector<std::string>& stops);
+// A token's raw bytes as valid UTF-8 (invalid sequences -> U+FFFD), as the API shows tokens.
+std::string token_display(const std::string& raw);
 // Number of Unicode code points in UTF-8 text (OpenAI's text_offset counts characters).
 int64_t utf8_length(std::string_view text);
 
