@@ -1,5 +1,6 @@
 #include "build/build.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <mutex>
 
@@ -123,6 +124,7 @@ Result<BuildLimits> resolve_limits(const ModelConfig& c, BuildLimits l) {
     return Status::ok();
   };
   if (l.max_seq_len == 0) l.max_seq_len = c.max_position_embeddings;
+  if (l.max_input_len == 0) l.max_input_len = std::min(1024, l.max_seq_len);
   KILN_RETURN_IF_ERROR(positive("max_batch_size", l.max_batch_size));
   KILN_RETURN_IF_ERROR(positive("max_input_len", l.max_input_len));
   KILN_RETURN_IF_ERROR(positive("max_seq_len", l.max_seq_len));

@@ -17,7 +17,7 @@ namespace kiln {
 
 struct BuildLimits {
   int32_t max_batch_size = 256;
-  int32_t max_input_len = 1024;
+  int32_t max_input_len = 0;    // 0: min(1024, max_seq_len)
   int32_t max_seq_len = 0;       // 0: the model's max_position_embeddings
   int32_t max_num_tokens = 8192;  // tokens per step (prefill chunk budget)
 };
