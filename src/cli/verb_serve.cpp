@@ -1,0 +1,219 @@
+// kiln serve MODEL: the OpenAI-compatible server. The HTTP listener comes up first (GET /health is
+// 503 while the model loads), the model loads on a thread, SIGTERM/SIGINT stop accepting, let
+// in-flight requests finish and exit 0 (a second signal exits at once).
+#include <pthread.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+
+#include "backend/cpu/cpu_executor.h"
+#include "chat/chat_template.h"
+#include "cli/cli.h"
+#include "core/file.h"
+#include "core/log.h"
+#include "runtime/engine.h"
+#include "server/server.h"
+#include "tokenizer/tokenizer.h"
+#ifdef KILN_HAVE_CUDA
+#include "backend/cuda/cuda_executor.h"
+#endif
+
+namespace kiln::cli {
+namespace {
+
+struct ServeArgs {
+  std::string model, tokenizer, host = "127.0.0.1", api_key, served_model_name, chat_template, device = "cpu";
+  int port = 8000;
+  int32_t max_batch_size = 64, max_num_tokens = 2048, max_seq_len = 0, kv_cache_blocks = 0, max_queue = 1024;
+  double kv_cache_memory_fraction = 0.0;  // 0: the backend's default
+  double request_timeout = 30.0, keep_alive_timeout = 30.0, shutdown_timeout = 30.0;
+  int http_threads = 0;
+  int max_n = 16;
+  bool no_prefix_caching = false;
+};
+
+Result<std::unique_ptr<ModelExecutor>> load_executor(const ServeArgs& a) {
+  LoadOptions opts;
+  opts.device = a.device;
+  opts.kv_cache_blocks = a.kv_cache_blocks;
+  if (a.kv_cache_memory_fraction > 0) opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
+  opts.max_seq_len = a.max_seq_len;
+  if (a.device.rfind("cuda", 0) == 0) {
+#ifdef KILN_HAVE_CUDA
+    return load_cuda_executor(a.model, opts);
+#else
+    return Status::error("--device " + a.device + ": this kiln was built without the CUDA backend");
+#endif
+  }
+  if (a.device != "cpu") return Status::error("--device must be cpu, cuda or cuda:N, got '" + a.device + "'");
+  return load_cpu_executor(a.model, opts);
+}
+
+// --chat_template: a file, or the template text itself (as vLLM accepts both).
+Result<std::optional<chat::Template>> load_chat_template(const ServeArgs& a, const Tokenizer& tok) {
+  std::string source, name;
+  if (!a.chat_template.empty()) {
+    if (file_exists(a.chat_template)) {
+      KILN_ASSIGN_OR_RETURN(source, read_file(a.chat_template));
+      name = a.chat_template;
+    } else if (a.chat_template.find("{{") != std::string::npos || a.chat_template.find("{%") != std::string::npos) {
+      source = a.chat_template;
+      name = "--chat_template";
+    } else {
+      return Status::error("--chat_template: " + a.chat_template + " is neither a file nor a template");
+    }
+  } else if (auto t = tok.chat_template("default")) {
+    source = *t;
+    name = "tokenizer chat template";
+  } else {
+    return std::optional<chat::Template>();  // chat completions will answer 400, completions work
+  }
+  auto parsed = chat::Template::parse(source, name);
+  if (!parsed) return Status::error(parsed.message());
+  return std::optional<chat::Template>(std::move(*parsed));
+}
+
+Result<server::Backend> load_backend(const ServeArgs& a) {
+  server::Backend b;
+  std::string tok_path = a.tokenizer.empty() ? a.model : a.tokenizer;
+  auto tok = Tokenizer::load(tok_path);
+  if (!tok) return Status::error("tokenizer: " + tok.message());
+  b.tokenizer = *tok;
+  KILN_ASSIGN_OR_RETURN(b.chat_template, load_chat_template(a, **tok));
+  KILN_ASSIGN_OR_RETURN(auto ex, load_executor(a));
+  EngineLimits lim;
+  lim.max_batch_size = a.max_batch_size;
+  lim.max_num_tokens = a.max_num_tokens;
+  lim.max_seq_len = a.max_seq_len;
+  lim.max_queue = a.max_queue;
+  lim.enable_prefix_caching = !a.no_prefix_caching;
+  b.engine = Engine::create(std::move(ex), lim);
+  return b;
+}
+
+int serve(const ServeArgs& a) {
+  const char* verb = "serve";
+  if (a.port < 0 || a.port > 65535) return fail(verb, "--port must be in [0, 65535]");
+  if (a.max_batch_size < 1 || a.max_num_tokens < 1 || a.max_queue < 1)
+    return fail(verb, "--max_batch_size, --max_num_tokens and --max_queue must be at least 1");
+  if (a.request_timeout <= 0 || a.keep_alive_timeout <= 0) return fail(verb, "timeouts must be positive");
+  if (a.kv_cache_memory_fraction < 0 || a.kv_cache_memory_fraction > 1)
+    return fail(verb, "--kv_cache_memory_fraction must be in (0, 1]");
+  if (a.max_n < 1) return fail(verb, "--max_n must be at least 1");
+
+  // Signals go to sigwait() in this thread only: block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGUSR1);  // the loader thread is done
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  server::ServerOptions o;
+  o.http.host = a.host;
+  o.http.port = uint16_t(a.port);
+  o.http.api_key = a.api_key;
+  o.http.request_timeout_s = a.request_timeout;
+  o.http.keep_alive_timeout_s = a.keep_alive_timeout;
+  o.http.num_threads = a.http_threads > 0 ? a.http_threads
+                                          : std::clamp(int(std::thread::hardware_concurrency()), 2, 4);
+  o.served_model_name = a.served_model_name.empty() ? a.model : a.served_model_name;
+  o.model_path = a.model;
+  o.api.max_n = a.max_n;
+  server::Server srv(o);
+  auto port = srv.start();
+  if (!port) return fail(verb, port.message());
+  std::fprintf(stderr, "kiln serve: listening on http://%s:%u (loading %s)\n", a.host.c_str(), unsigned(*port),
+               a.model.c_str());
+  if (a.host != "127.0.0.1" && a.host != "localhost" && a.host != "::1" && a.api_key.empty())
+    log_warn("serve: listening on " + a.host + " without --api_key: anyone who can reach this port can use it");
+
+  const pthread_t main_thread = pthread_self();
+  std::atomic<bool> loaded{false};
+  Status load_status;
+  std::thread loader([&] {
+    auto t0 = std::chrono::steady_clock::now();
+    auto b = load_backend(a);
+    if (b) {
+      std::string device = b->engine->info().device;
+      int32_t blocks = b->engine->info().num_kv_blocks;
+      srv.set_backend(std::move(*b));
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::fprintf(stderr, "kiln serve: ready: model '%s' on %s, %d KV blocks, loaded in %.1f s\n",
+                   o.served_model_name.c_str(), device.c_str(), blocks, s);
+      loaded = true;
+    } else {
+      load_status = b.status();
+    }
+    pthread_kill(main_thread, SIGUSR1);
+  });
+
+  int sig = 0;
+  for (;;) {
+    sigwait(&signals, &sig);
+    if (sig != SIGUSR1) break;
+    if (!loaded) {  // the load failed
+      loader.join();
+      srv.shutdown(0.0);
+      return fail(verb, load_status.message());
+    }
+  }
+  std::fprintf(stderr, "kiln serve: %s: stopping (in-flight requests finish; a second signal exits now)\n",
+               sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  std::thread([signals] {
+    int again = 0;
+    for (;;) {
+      sigwait(&signals, &again);
+      if (again != SIGUSR1) std::_Exit(1);
+    }
+  }).detach();
+  if (!loaded) {
+    // Still loading: nothing is in flight; do not wait for the load.
+    srv.shutdown(0.0);
+    std::fflush(stderr);
+    std::_Exit(0);
+  }
+  loader.join();
+  srv.shutdown(a.shutdown_timeout);
+  std::fprintf(stderr, "kiln serve: stopped\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kiln::cli
+
+KILN_VERB(serve) {
+  using namespace kiln::cli;
+  static ServeArgs a;
+  auto* cmd = app.add_subcommand("serve", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)");
+  cmd->add_option("MODEL", a.model, "HF model directory or .gguf file")->required()->envname("KILN_MODEL");
+  add_flag(*cmd, "tokenizer", a.tokenizer, "tokenizer dir/file (default: the model's)");
+  add_flag(*cmd, "host", a.host, "address to listen on (default 127.0.0.1; 0.0.0.0 serves other hosts)");
+  add_flag(*cmd, "port", a.port, "port (default 8000)");
+  add_flag(*cmd, "api_key", a.api_key, "require 'Authorization: Bearer KEY' (all routes but /health and /version)");
+  add_flag(*cmd, "served_model_name", a.served_model_name, "model name in the API (default: MODEL as given)");
+  add_flag(*cmd, "max_batch_size", a.max_batch_size, "sequences per engine step (default 64)");
+  add_flag(*cmd, "max_num_tokens", a.max_num_tokens, "tokens per engine step (default 2048)");
+  add_flag(*cmd, "max_seq_len", a.max_seq_len, "prompt + output limit (default: the model's)");
+  auto* blocks = add_flag(*cmd, "kv_cache_blocks", a.kv_cache_blocks, "KV cache blocks (default: from memory)");
+  auto* frac = add_flag(*cmd, "kv_cache_memory_fraction", a.kv_cache_memory_fraction,
+                        "GPU: fraction of free memory for the KV cache (default 0.9)");
+  blocks->excludes(frac);
+  add_flag(*cmd, "chat_template", a.chat_template, "chat template file (default: the tokenizer's)");
+  add_flag(*cmd, "device", a.device, "cpu (default), cuda or cuda:N");
+  add_flag(*cmd, "max_queue", a.max_queue, "waiting requests before 503 (default 1024)");
+  add_flag(*cmd, "max_n", a.max_n, "largest n (choices per request) accepted (default 16)");
+  add_flag(*cmd, "request_timeout", a.request_timeout, "seconds a request's header and body may take to arrive (30)");
+  add_flag(*cmd, "keep_alive_timeout", a.keep_alive_timeout, "seconds an idle keep-alive connection stays open (30)");
+  add_flag(*cmd, "shutdown_timeout", a.shutdown_timeout, "seconds in-flight requests get on SIGTERM (30)");
+  add_flag(*cmd, "http_threads", a.http_threads, "HTTP I/O threads (default: 2-4 by core count)");
+  add_switch(*cmd, "no_prefix_caching", a.no_prefix_caching, "disable the prefix cache");
+  cmd->callback([] {
+    if (int rc = serve(a)) throw CLI::RuntimeError(rc);
+  });
+}
