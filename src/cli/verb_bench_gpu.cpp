@@ -155,6 +155,18 @@ int latency(const BenchArgs& a) {
       j["gemm_us"][std::to_string(s[0]) + "x" + std::to_string(s[1])] = *t * 1e6;
     }
     gemm_tflops = flops / secs / 1e12;
+    // Decode shapes at M = batch: kiln's GEMV (used up to M=4) against cuBLASLt.
+    const int64_t dec[5][2] = {{c.q_dim() + 2 * c.kv_dim(), H}, {H, c.q_dim()}, {2 * I, H}, {H, I}, {c.vocab_size, H}};
+    std::printf("decode GEMMs   M=%d   N x K          kiln us (GB/s)     cuBLASLt us (GB/s)\n", a.batch_size);
+    for (auto& s : dec) {
+      auto ours = cx->bench_gemm_seconds(a.batch_size, s[0], s[1], 50);
+      auto lt = cx->bench_gemm_seconds(a.batch_size, s[0], s[1], 50, /*cublas_only=*/true);
+      if (!ours || !lt) return fail("bench latency", !ours ? ours.message() : lt.message());
+      const double bytes = double(s[0]) * double(s[1]) * 2.0;
+      std::printf("              %6lld x %-6lld   %8.1f (%6.0f)    %8.1f (%6.0f)\n", (long long)s[0], (long long)s[1],
+                  *ours * 1e6, bytes / *ours / 1e9, *lt * 1e6, bytes / *lt / 1e9);
+      j["decode_gemm_us"][std::to_string(s[0]) + "x" + std::to_string(s[1])] = {*ours * 1e6, *lt * 1e6};
+    }
     auto big = cx->bench_gemm_seconds(8192, 8192, 8192, 10);
     if (!big) return fail("bench latency", big.message());
     gemm_big_tflops = 2.0 * 8192.0 * 8192.0 * 8192.0 / *big / 1e12;

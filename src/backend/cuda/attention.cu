@@ -24,13 +24,16 @@ constexpr int kBM = 64, kBN = 64, kWarps = 4;
 
 template <int D>
 struct PrefillSmem {
-  static constexpr int kLdq = D + 8, kLds = kBN + 4, kLdp = kBN + 8, kLdo = D + 4;
+  static constexpr int kLdq = D + 8, kLdp = kBN + 8;
   static constexpr size_t kQ = size_t(kBM) * kLdq * 2, kK = size_t(kBN) * kLdq * 2;
-  static constexpr size_t kS = size_t(kWarps) * 16 * kLds * 4, kP = size_t(kWarps) * 16 * kLdp * 2;
-  static constexpr size_t kO = size_t(kWarps) * 16 * kLdo * 4;
-  static constexpr size_t kBytes = kQ + 2 * kK + kS + kP + kO + kBM * 4;
+  static constexpr size_t kP = size_t(kWarps) * 16 * kLdp * 2;
+  static constexpr size_t kBytes = kQ + 2 * kK + kP + kBM * 4;
 };
 
+// S and O stay in registers as wmma accumulator fragments. Element j of a 16x16 float
+// accumulator held by lane l sits at row l/4 + 8*((j>>1)&1), column 2*(l%4) + (j&1) + 8*(j>>2)
+// (two m16n8 mma tiles; sm_80 and later), so the online-softmax rescale touches registers only:
+// no S or O round trip through shared memory, and 3 blocks per SM instead of 2 at head_dim 128.
 template <int D>
 __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
   using S = PrefillSmem<D>;
@@ -38,10 +41,8 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
   bf16* sQ = reinterpret_cast<bf16*>(smem);
   bf16* sK = reinterpret_cast<bf16*>(smem + S::kQ);
   bf16* sV = reinterpret_cast<bf16*>(smem + S::kQ + S::kK);
-  float* sS = reinterpret_cast<float*>(smem + S::kQ + 2 * S::kK);
-  bf16* sP = reinterpret_cast<bf16*>(smem + S::kQ + 2 * S::kK + S::kS);
-  float* sO = reinterpret_cast<float*>(smem + S::kQ + 2 * S::kK + S::kS + S::kP);
-  int32_t* sPos = reinterpret_cast<int32_t*>(smem + S::kQ + 2 * S::kK + S::kS + S::kP + S::kO);
+  bf16* sP = reinterpret_cast<bf16*>(smem + S::kQ + 2 * S::kK);
+  int32_t* sPos = reinterpret_cast<int32_t*>(smem + S::kQ + 2 * S::kK + S::kP);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int seq = p.tiles[2 * blockIdx.x], q0 = p.tiles[2 * blockIdx.x + 1];
@@ -54,7 +55,6 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
   const bf16* vc = reinterpret_cast<const bf16*>(p.v_cache);
   constexpr int kVecs = D / 8;
 
-  // Q tile and query positions; rows past the sequence are zero and fully masked.
   for (int i = tid; i < kBM * kVecs; i += 128) {
     const int r = i / kVecs, c = i % kVecs;
     uint4 val = make_uint4(0, 0, 0, 0);
@@ -62,22 +62,22 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
     *reinterpret_cast<uint4*>(sQ + r * S::kLdq + c * 8) = val;
   }
   for (int r = tid; r < kBM; r += 128) sPos[r] = r < rows ? p.tokens[sm.q_start + q0 + r].pos : -1;
-  for (int i = tid; i < kWarps * 16 * S::kLdo; i += 128) sO[i] = 0.0f;
   __syncthreads();
   int max_pos = -1;
   for (int r = 0; r < rows; ++r) max_pos = max(max_pos, sPos[r]);
   const int kv_len = min(max_pos + 1, sm.ctx_len);
 
-  // Softmax ownership: lane pair (2r, 2r+1) of warp w owns row w*16 + r, 32 columns each.
-  const int my_row = lane >> 1, col0 = (lane & 1) * 32;
-  const int my_pos = sPos[warp * 16 + my_row];
-  float m_run = -INFINITY, l_run = 0.0f;
-  float* sSw = sS + warp * 16 * S::kLds;
+  const int ra = lane >> 2, cb = (lane & 3) * 2;  // this lane's rows ra, ra + 8 and column base
+  const int pos_a = sPos[warp * 16 + ra], pos_b = sPos[warp * 16 + ra + 8];
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
   bf16* sPw = sP + warp * 16 * S::kLdp;
-  float* sOw = sO + warp * 16 * S::kLdo;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(o[n], 0.0f);
 
   for (int kv0 = 0; kv0 < kv_len; kv0 += kBN) {
     __syncthreads();  // the previous tile's K/V are no longer read
+#pragma unroll 4
     for (int i = tid; i < kBN * kVecs; i += 128) {
       const int r = i / kVecs, c = i % kVecs, j = kv0 + r;
       uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
@@ -91,75 +91,96 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
     }
     __syncthreads();
 
-    // S_w[16, 64] = Q_w[16, D] K^T
+    // S_w[16, 64] = Q_w[16, D] K^T, in registers
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf[kBN / 16];
 #pragma unroll
     for (int n = 0; n < kBN / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
+      wmma::fill_fragment(sf[n], 0.0f);
 #pragma unroll
       for (int k = 0; k < D / 16; ++k) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
         wmma::load_matrix_sync(a, sQ + warp * 16 * S::kLdq + k * 16, S::kLdq);
         wmma::load_matrix_sync(b, sK + n * 16 * S::kLdq + k * 16, S::kLdq);
-        wmma::mma_sync(acc, a, b, acc);
+        wmma::mma_sync(sf[n], a, b, sf[n]);
       }
-      wmma::store_matrix_sync(sSw + n * 16, acc, S::kLds, wmma::mem_row_major);
     }
-    __syncwarp();
-
-    // Online softmax over this row's 32 columns, merged with the partner lane.
-    float sv[32];
-    float mloc = -INFINITY;
+    // Online softmax on the fragments: rows a (j&2 == 0) and b; a row's 4 lanes share lane>>2.
+    float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
-    for (int c = 0; c < 32; ++c) {
-      const int j = kv0 + col0 + c;
-      float s = sSw[my_row * S::kLds + col0 + c] * p.scale;
-      if (j > my_pos || j >= kv_len) s = -INFINITY;
-      sv[c] = s;
-      mloc = fmaxf(mloc, s);
-    }
-    mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, 1));
-    const float m_new = fmaxf(m_run, mloc);
-    const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_run - m_new);
-    float lsum = 0.0f;
+    for (int n = 0; n < kBN / 16; ++n)
 #pragma unroll
-    for (int c = 0; c < 32; ++c) {
-      const float e = m_new == -INFINITY ? 0.0f : __expf(sv[c] - m_new);
-      lsum += e;
-      sPw[my_row * S::kLdp + col0 + c] = __float2bfloat16(e);
+      for (int j = 0; j < 8; ++j) {
+        const int col = kv0 + n * 16 + cb + (j & 1) + 8 * (j >> 2);
+        const bool row_b = (j >> 1) & 1;
+        float s = sf[n].x[j] * p.scale;
+        if (col >= kv_len || col > (row_b ? pos_b : pos_a)) s = -INFINITY;
+        sf[n].x[j] = s;
+        if (row_b) mx_b = fmaxf(mx_b, s);
+        else mx_a = fmaxf(mx_a, s);
+      }
+#pragma unroll
+    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, o2));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, o2));
     }
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-    l_run = l_run * alpha + lsum;
-    m_run = m_new;
-    for (int d = (lane & 1) * (D / 2); d < (lane & 1) * (D / 2) + D / 2; ++d) sOw[my_row * S::kLdo + d] *= alpha;
+    const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+    const float al_a = mn_a == -INFINITY ? 1.0f : __expf(m_a - mn_a);
+    const float al_b = mn_b == -INFINITY ? 1.0f : __expf(m_b - mn_b);
+    float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+    for (int n = 0; n < kBN / 16; ++n)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const bool row_b = (j >> 1) & 1;
+        const float mn = row_b ? mn_b : mn_a;
+        const float e = mn == -INFINITY ? 0.0f : __expf(sf[n].x[j] - mn);
+        if (row_b) sum_b += e;
+        else sum_a += e;
+        sPw[(ra + 8 * row_b) * S::kLdp + n * 16 + cb + (j & 1) + 8 * (j >> 2)] = __float2bfloat16(e);
+      }
+#pragma unroll
+    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+      sum_a += __shfl_xor_sync(0xffffffffu, sum_a, o2);
+      sum_b += __shfl_xor_sync(0xffffffffu, sum_b, o2);
+    }
+    l_a = l_a * al_a + sum_a;
+    l_b = l_b * al_b + sum_b;
+    m_a = mn_a;
+    m_b = mn_b;
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[n].x[j] *= ((j >> 1) & 1) ? al_b : al_a;
     __syncwarp();
 
     // O_w[16, D] += P_w[16, 64] V[64, D]
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, sOw + n * 16, S::kLdo, wmma::mem_row_major);
+    for (int k = 0; k < kBN / 16; ++k) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+      wmma::load_matrix_sync(a, sPw + k * 16, S::kLdp);
 #pragma unroll
-      for (int k = 0; k < kBN / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+      for (int n = 0; n < D / 16; ++n) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
-        wmma::load_matrix_sync(a, sPw + k * 16, S::kLdp);
         wmma::load_matrix_sync(b, sV + k * 16 * S::kLdq + n * 16, S::kLdq);
-        wmma::mma_sync(acc, a, b, acc);
+        wmma::mma_sync(o[n], a, b, o[n]);
       }
-      wmma::store_matrix_sync(sOw + n * 16, acc, S::kLdo, wmma::mem_row_major);
     }
     __syncwarp();
   }
 
-  const int r = warp * 16 + my_row;
-  if (r < rows) {
-    const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
-    bf16* o = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start + q0 + r) * p.ldo + int64_t(head) * D;
-    for (int d = (lane & 1) * (D / 2); d < (lane & 1) * (D / 2) + D / 2; ++d)
-      o[d] = __float2bfloat16(sOw[my_row * S::kLdo + d] * inv);
-  }
+  const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+  bf16* out = reinterpret_cast<bf16*>(p.out);
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const bool row_b = (j >> 1) & 1;
+      const int r = warp * 16 + ra + 8 * row_b;
+      if (r < rows)
+        out[int64_t(sm.q_start + q0 + r) * p.ldo + int64_t(head) * D + n * 16 + cb + (j & 1) + 8 * (j >> 2)] =
+            __float2bfloat16(o[n].x[j] * (row_b ? inv_b : inv_a));
+    }
 }
 
 template <int D>

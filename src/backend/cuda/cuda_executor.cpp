@@ -501,7 +501,7 @@ Result<double> CudaExecutor::bench_read_bandwidth(size_t bytes, int reps) {
   return best;
 }
 
-Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps) {
+Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps, bool cublas_only) {
   cudaSetDevice(device_);
   cudaStream_t s = as_stream(stream_);
   // Several weight copies rotate so a weight never sits in L2 from the previous rep.
@@ -516,6 +516,8 @@ Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K,
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
   std::vector<double> times;
+  const int gemv_m = gemm_->gemv_max_m();
+  if (cublas_only) gemm_->set_gemv_max_m(0);
   for (int r = 0; r < reps + 3; ++r) {
     const void* wr = static_cast<const uint16_t*>(w) + size_t(r % copies) * size_t(N * K);
     cudaEventRecord(e0, s);
@@ -526,6 +528,7 @@ Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K,
     cudaEventElapsedTime(&ms, e0, e1);
     if (r >= 3) times.push_back(double(ms) * 1e-3);
   }
+  gemm_->set_gemv_max_m(gemv_m);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   Status st = cuda_status(cudaGetLastError(), "gemm bench");

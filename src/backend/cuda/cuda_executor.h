@@ -56,7 +56,8 @@ class CudaExecutor final : public ModelExecutor {
   // Measurements in the same process (bench): best streaming-read rate over `bytes` (GB/s), and
   // the median time of one bf16 GEMM y[M,N] = x[M,K] W[N,K]^T through the same cuBLASLt path.
   [[nodiscard]] Result<double> bench_read_bandwidth(size_t bytes, int reps);
-  [[nodiscard]] Result<double> bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps);
+  // cublas_only: bypass kiln's small-M GEMV (to compare the two).
+  [[nodiscard]] Result<double> bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps, bool cublas_only = false);
 
  private:
   CudaExecutor() = default;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 
 #include "backend/cpu/cpu_ops.h"
 #include "backend/cuda/cuda_util.h"
@@ -20,9 +21,12 @@ CudaOps::CudaOps(const ModelConfig& c, Gemm* gemm, cudaStream_t stream) : c_(c),
   target_blocks_ = 4 * sms;
 }
 
+// q/k/v and gate/up are interior pointers of qkv_ and gate_up_: only the owners are freed.
+static bool owns(Buf b) { return b != Buf::kQ && b != Buf::kK && b != Buf::kV && b != Buf::kGate && b != Buf::kUp; }
+
 CudaOps::~CudaOps() {
-  for (void* p : bufs_)
-    if (p && p != qkv_ && p != gate_up_) cudaFree(p);
+  for (size_t i = 0; i < std::size(bufs_); ++i)
+    if (owns(Buf(i))) cudaFree(bufs_[i]);
   cudaFree(qkv_);
   cudaFree(gate_up_);
   cudaFree(inv_freq_);
@@ -41,9 +45,9 @@ Status CudaOps::reserve(const StepCaps& want) {
   n.logit_rows = std::max(want.logit_rows, caps_.logit_rows);
   n.table_ints = std::max(want.table_ints, caps_.table_ints);
   // Free the old set first: growing happens between steps, never inside one.
-  for (void*& p : bufs_) {
-    if (p && p != qkv_ && p != gate_up_) cudaFree(p);
-    p = nullptr;
+  for (size_t i = 0; i < std::size(bufs_); ++i) {
+    if (owns(Buf(i))) cudaFree(bufs_[i]);
+    bufs_[i] = nullptr;
   }
   cudaFree(qkv_);
   cudaFree(gate_up_);

@@ -8,6 +8,8 @@
 
 #include <cublasLt.h>
 
+#include "backend/cuda/kernels.h"
+
 namespace kiln::cuda {
 namespace {
 
@@ -90,6 +92,7 @@ Status Gemm::init(size_t workspace_bytes) {
   const LtApi& api = lt_api();
   if (!api.error.empty()) return Status::error(api.error);
   lib_path_ = api.path;
+  if (const char* g = std::getenv("KILN_GEMV_MAX_M")) gemv_max_m_ = std::atoi(g);
   cublasLtHandle_t h = nullptr;
   if (api.create(&h) != CUBLAS_STATUS_SUCCESS) return Status::error("cublasLtCreate failed (" + api.path + ")");
   handle_ = h;
@@ -133,6 +136,9 @@ const Gemm::Plan& Gemm::plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, i
 void Gemm::linear(const void* x, int64_t n, int64_t ldx, const void* w, int64_t N, int64_t K, void* y, int64_t ldy,
                   bool y_f32, cudaStream_t stream) {
   if (n == 0) return;
+  if (n <= gemv_max_m_ && launch_gemv(static_cast<const bf16_t*>(x), ldx, int32_t(n), static_cast<const bf16_t*>(w),
+                                      int32_t(N), int32_t(K), y, ldy, y_f32, stream))
+    return;
   const Plan& p = plan_for(n, ldx, N, K, ldy, y_f32);
   const float alpha = 1.0f, beta = 0.0f;
   const cublasStatus_t st =

@@ -23,6 +23,9 @@ class Gemm {
               bool y_f32, cudaStream_t stream);
   // Where the library was found, for logs.
   const std::string& library() const { return lib_path_; }
+  // Up to this many rows go to kiln's streaming GEMV instead of cuBLASLt (KILN_GEMV_MAX_M; 0 = never).
+  void set_gemv_max_m(int m) { gemv_max_m_ = m; }
+  int gemv_max_m() const { return gemv_max_m_; }
 
  private:
   struct Plan;
@@ -31,6 +34,7 @@ class Gemm {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::string lib_path_;
+  int gemv_max_m_ = 4;
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, Plan*> plans_;
 };
 

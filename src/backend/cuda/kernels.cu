@@ -237,6 +237,58 @@ __global__ void read_bandwidth_kernel(const uint4* p, int64_t n, float* sink) {
   if (acc == 0x12345678u) sink[0] = float(acc);  // keeps the loads; practically never written
 }
 
+// Small-M GEMM (decode): one warp per output row streams the weight row with 16-byte loads,
+// four in flight per lane; the M activation rows come through L1. cuBLASLt reaches 2.0-2.8 TB/s on
+// Llama-8B's M=1 shapes (docs/PERF_cuda.md); this kernel is the streaming-read loop itself.
+template <int M>
+__global__ void __launch_bounds__(256) gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N,
+                                                   int32_t K, void* y, int64_t ldy, bool y_f32) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (row >= N) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + row * K);
+  const int vecs = K / 8;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  auto fma8 = [&](const uint4& wv, int i) {
+    const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv);
+    float2 wf[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) wf[t] = __bfloat1622float2(wp[t]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (m < n) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * ldx) + i);
+        const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          const float2 xf = __bfloat1622float2(xp[t]);
+          acc[m] = fmaf(wf[t].x, xf.x, fmaf(wf[t].y, xf.y, acc[m]));
+        }
+      }
+    }
+  };
+  int i = lane;
+  for (; i + 96 < vecs; i += 128) {
+    const uint4 w0 = __ldcs(wr + i), w1 = __ldcs(wr + i + 32), w2 = __ldcs(wr + i + 64), w3 = __ldcs(wr + i + 96);
+    fma8(w0, i);
+    fma8(w1, i + 32);
+    fma8(w2, i + 64);
+    fma8(w3, i + 96);
+  }
+  for (; i < vecs; i += 32) fma8(__ldcs(wr + i), i);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float v = acc[m];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0 && m < n) {
+      if (y_f32) static_cast<float*>(y)[m * ldy + row] = v;
+      else static_cast<bf16*>(y)[m * ldy + row] = __float2bfloat16(v);
+    }
+  }
+}
+
 int grid_for(int64_t n, int threads) {
   int64_t b = (n + threads - 1) / threads;
   return int(b < 1 ? 1 : (b > 65535 * 8 ? 65535 * 8 : b));
@@ -340,6 +392,18 @@ void launch_read_bandwidth(const void* p, int64_t bytes, float* sink, cudaStream
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   read_bandwidth_kernel<<<sms * 8, 512, 0, s>>>(static_cast<const uint4*>(p), bytes / 16, sink);
+}
+
+bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
+                 bool y_f32, cudaStream_t s) {
+  if (K % 8 || ldx % 8 || n < 1 || n > 4) return false;
+  const int blocks = (N + 7) / 8;
+  const bf16* xb = reinterpret_cast<const bf16*>(x);
+  const bf16* wb = reinterpret_cast<const bf16*>(w);
+  if (n == 1) gemv_kernel<1><<<blocks, 256, 0, s>>>(xb, ldx, n, wb, N, K, y, ldy, y_f32);
+  else if (n == 2) gemv_kernel<2><<<blocks, 256, 0, s>>>(xb, ldx, n, wb, N, K, y, ldy, y_f32);
+  else gemv_kernel<4><<<blocks, 256, 0, s>>>(xb, ldx, n, wb, N, K, y, ldy, y_f32);
+  return true;
 }
 
 }  // namespace kiln::cuda

@@ -76,6 +76,11 @@ void launch_add_bias(void* y, bool y_f32, int64_t ldy, const float* bias, int32_
 // ids[r] = argmax(logits[r, :]) (first maximum), r < L                  logits: [L, V] f32
 void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cudaStream_t s);
 
+// y[n, N] = x[n, K] W[N, K]^T for n <= 4 (decode). Returns false (nothing launched) for shapes it
+// does not take.
+bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
+                 bool y_f32, cudaStream_t s);
+
 // Fills for dummy weights generated on the device: uniform in [-a, a] from a counter hash.
 void launch_fill_uniform_bf16(bf16_t* p, int64_t n, uint64_t seed, float a, cudaStream_t s);
 void launch_fill_f32(float* p, int64_t n, float value, cudaStream_t s);
