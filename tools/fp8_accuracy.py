@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""FP8 against BF16 on the same weights: perplexity on a fixed text and token-level top-1 agreement.
+
+Converts MODEL (an HF directory or a .gguf) with `kiln convert --dtype bfloat16` and with
+`--use_fp8` (per-tensor, and per-channel with --per-channel), runs `kiln perplexity --output json`
+on each, and prints a markdown table for docs/PERF_fp8.md. Standard library only.
+
+    python3 tools/fp8_accuracy.py --kiln build/kiln --model $KILN_DEFAULT_MODEL [--per-channel]
+"""
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(cmd):
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr}")
+    return p.stdout, time.time() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kiln", default=str(ROOT / "build" / "kiln"))
+    ap.add_argument("--model", default=os.environ.get("KILN_DEFAULT_MODEL"))
+    ap.add_argument("--text", default=str(ROOT / "tools" / "fp8_accuracy.txt"))
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--per-channel", action="store_true", help="also per-channel FP8 scales")
+    ap.add_argument("--source", action="store_true", help="also the unconverted source model")
+    ap.add_argument("--work", default=None, help="directory for the converted checkpoints (default: a temp dir)")
+    a = ap.parse_args()
+    if not a.model:
+        sys.exit("--model (or KILN_DEFAULT_MODEL) is required")
+    work = pathlib.Path(a.work or tempfile.mkdtemp(prefix="kiln_fp8_acc_"))
+    tok = [] if os.path.isdir(a.model) else ["--tokenizer", a.model]
+    variants = [("bf16", ["--dtype", "bfloat16"]), ("fp8 per-tensor", ["--dtype", "bfloat16", "--use_fp8"])]
+    if a.per_channel:
+        variants.append(("fp8 per-channel", ["--dtype", "bfloat16", "--use_fp8", "--fp8_scaling", "per_channel"]))
+    results = {}
+    if a.source:
+        out, secs = run([a.kiln, "perplexity", a.model, "--file", a.text, "--ctx", str(a.ctx), "--batch", str(a.batch),
+                         "--output", "json"] + tok)
+        results["source"] = json.loads(out)
+        results["source"]["wall"] = secs
+    for name, flags in variants:
+        ckpt = work / name.replace(" ", "_")
+        run([a.kiln, "convert", "--model_dir", a.model, "--output_dir", str(ckpt)] + flags)
+        out, secs = run([a.kiln, "perplexity", str(ckpt), "--file", a.text, "--ctx", str(a.ctx), "--batch",
+                         str(a.batch), "--output", "json"] + tok)
+        results[name] = json.loads(out)
+        results[name]["wall"] = secs
+        results[name]["bytes"] = sum(f.stat().st_size for f in ckpt.glob("rank*.safetensors"))
+        print(f"{name}: perplexity {results[name]['perplexity']:.4f} ({secs:.0f} s)", file=sys.stderr)
+    ref = results["bf16"]
+    print(f"Text: `{os.path.relpath(a.text, ROOT)}`, {ref['tokens']} tokens ({ref['scored']} scored), "
+          f"windows of {ref['ctx']}; model `{os.path.basename(a.model)}`.\n")
+    print("| weights | file size | perplexity | vs BF16 | mean NLL | top-1 agreement with BF16 | mean |NLL diff| |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        n = len(r["argmax"])
+        agree = sum(x == y for x, y in zip(r["argmax"], ref["argmax"])) / n
+        dnll = sum(abs(x - y) for x, y in zip(r["nll"], ref["nll"])) / n
+        size = f"{r['bytes'] / 1e6:.0f} MB" if "bytes" in r else "-"
+        delta = 100.0 * (r["perplexity"] / ref["perplexity"] - 1.0)
+        print(f"| {name} | {size} | {r['perplexity']:.4f} | {delta:+.2f}% | {r['mean_nll']:.5f} | "
+              f"{100.0 * agree:.1f}% | {dnll:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
