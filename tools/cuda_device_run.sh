@@ -32,8 +32,8 @@ fi
 if [ "$mode" = throughput ] || [ "$mode" = all ]; then
   cfg=configs/llama-3.1-8b.json
   ( set -x
-    ./build-cuda/kiln bench throughput $cfg --dummy_weights --num_requests 256 --input_len 128 --output_len 128 --output json
-    ./build-cuda/kiln bench throughput $cfg --dummy_weights --num_requests 256 --input_len 1000 --output_len 1000 --output json
+    timeout 240 ./build-cuda/kiln bench throughput $cfg --dummy_weights --num_requests 256 --input_len 128 --output_len 128 --output json
+    timeout 240 ./build-cuda/kiln bench throughput $cfg --dummy_weights --num_requests 256 --input_len 1000 --output_len 1000 --output json
   ) 2>&1 | tee "$out/bench_throughput.txt"
 fi
 exit $rc

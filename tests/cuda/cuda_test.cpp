@@ -472,7 +472,7 @@ TEST(CudaExecutor, HostSamplingMatchesCpuSamplerOnSameLogits) {
   p.top_k = 50;
   p.seed = 1234;
   p.repetition_penalty = 1.1f;
-  std::vector<int32_t> prompt = {5, 6, 7, 8, 9};
+  std::vector<int32_t> prompt = {5, 6, 7, 8, 9}, outputs = {11, 5, 900, 11};
   for (int trial = 0; trial < 5; ++trial) {
     StepBatch b;
     b.clear();
@@ -489,6 +489,7 @@ TEST(CudaExecutor, HostSamplingMatchesCpuSamplerOnSameLogits) {
     s.params = &p;
     s.prompt_ids = prompt.data();
     s.num_prompt = 5;
+    s.output_ids = outputs.data();
     s.num_output = trial;
     std::vector<SampledToken> out;
     ASSERT_TRUE((*gx)->execute(b, {s}, &out).is_ok());
