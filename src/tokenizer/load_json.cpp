@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <climits>
 
 #include "core/file.h"
 #include "tokenizer/load.h"
@@ -298,26 +299,42 @@ Status parse_post_processor(const Ctx& c, const json& o, const std::string& fiel
   return c.err(field + ".type", "'" + type + "' is not supported (TemplateProcessing, ByteLevel, BertProcessing, RobertaProcessing, Sequence are)");
 }
 
-Status parse_model(const Ctx& c, const json& m, TokenizerImpl& t) {
+// model.vocab and model.merges, captured by the SAX pass (they are most of the file; a DOM for
+// them costs more than everything else in loading).
+struct ModelLists {
+  bool have_vocab = false, have_merges = false;
+  std::vector<std::pair<std::string, int64_t>> vocab;
+  std::vector<std::pair<std::string, std::string>> merge_pairs;  // [a, b] entries
+  std::vector<std::string> merge_strings;                        // "a b" entries
+  std::vector<uint8_t> merge_is_pair;                            // entry k: pair (1) or string (0)
+};
+
+Status parse_model(const Ctx& c, const json& m, TokenizerImpl& t, ModelLists* lists) {
   if (!m.is_object()) return c.err("model", "must be an object, not " + type_name(m));
   std::string type;
   if (auto it = m.find("type"); it != m.end() && it->is_string()) type = it->get<std::string>();
   else if (m.contains("merges")) type = "BPE";  // HF accepts an untagged BPE model
   else return c.err("model.type", "is missing");
   if (type != "BPE") return c.err("model.type", "'" + type + "' is not supported (BPE is)");
-  auto vocab = m.find("vocab");
-  if (vocab == m.end() || !vocab->is_object()) return c.err("model.vocab", "must be an object {token: id}");
-  t.model_vocab.reserve(vocab->size());
+  ModelLists dom_lists;
+  if (!lists || !lists->have_vocab) {
+    auto vocab = m.find("vocab");
+    if (vocab == m.end() || !vocab->is_object()) return c.err("model.vocab", "must be an object {token: id}");
+    for (auto it = vocab->begin(); it != vocab->end(); ++it) {
+      if (!it.value().is_number_integer()) return c.err("model.vocab['" + it.key() + "']", "must be an integer id");
+      dom_lists.vocab.emplace_back(it.key(), it.value().get<int64_t>());
+    }
+  }
+  const auto& vocab = lists && lists->have_vocab ? lists->vocab : dom_lists.vocab;
+  t.model_vocab.reserve(vocab.size());
   int64_t max_id = -1;
-  for (auto it = vocab->begin(); it != vocab->end(); ++it) {
-    if (!it.value().is_number_integer()) return c.err("model.vocab['" + it.key() + "']", "must be an integer id");
-    int64_t id = it.value().get<int64_t>();
-    if (id < 0 || id > (1 << 30)) return c.err("model.vocab['" + it.key() + "']", "id " + std::to_string(id) + " is out of range");
-    t.model_vocab.set(it.key(), static_cast<int32_t>(id));
+  for (const auto& [key, id] : vocab) {
+    if (id < 0 || id > (1 << 30)) return c.err("model.vocab['" + key + "']", "id " + std::to_string(id) + " is out of range");
+    t.model_vocab.set(key, static_cast<int32_t>(id));
     max_id = std::max(max_id, id);
   }
   t.id_to_token.assign(static_cast<size_t>(max_id + 1), std::string());
-  for (auto it = vocab->begin(); it != vocab->end(); ++it) t.id_to_token[it.value().get<int64_t>()] = it.key();
+  for (const auto& [key, id] : vocab) t.id_to_token[id] = key;
 
   KILN_ASSIGN_OR_RETURN(t.byte_fallback, get_bool(c, m, "byte_fallback", "model", false));
   KILN_ASSIGN_OR_RETURN(t.fuse_unk, get_bool(c, m, "fuse_unk", "model", false));
@@ -328,29 +345,43 @@ Status parse_model(const Ctx& c, const json& m, TokenizerImpl& t) {
   if (!unk.empty()) t.unk_id = t.model_vocab.find(unk);
   // (dropout is a training-time regularizer; inference ignores it, as HF does with dropout 0)
 
-  auto merges = m.find("merges");
-  if (merges == m.end() || merges->is_null()) return Status::ok();
-  if (!merges->is_array()) return c.err("model.merges", "must be an array");
-  t.merges.reserve(merges->size());
+  if (!lists || !lists->have_merges) {
+    auto merges = m.find("merges");
+    if (merges == m.end() || merges->is_null()) return Status::ok();
+    if (!merges->is_array()) return c.err("model.merges", "must be an array");
+    for (size_t k = 0; k < merges->size(); ++k) {
+      const json& e = (*merges)[k];
+      if (e.is_string()) {
+        dom_lists.merge_strings.push_back(e.get<std::string>());
+        dom_lists.merge_is_pair.push_back(0);
+      } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
+        dom_lists.merge_pairs.emplace_back(e[0].get<std::string>(), e[1].get<std::string>());
+        dom_lists.merge_is_pair.push_back(1);
+      } else {
+        return c.err("model.merges[" + std::to_string(k) + "]", "must be \"a b\" or [\"a\", \"b\"]");
+      }
+    }
+  }
+  const ModelLists& ml = lists && lists->have_merges ? *lists : dom_lists;
+  t.merges.reserve(ml.merge_is_pair.size());
   const size_t prefix_len = t.continuing_subword_prefix.size();
   int32_t rank = 0;
+  size_t next_string = 0, next_pair = 0;
   std::string a, b, merged;
-  for (size_t k = 0; k < merges->size(); ++k) {
-    const json& e = (*merges)[k];
+  for (size_t k = 0; k < ml.merge_is_pair.size(); ++k) {
     std::string f = "model.merges[" + std::to_string(k) + "]";
-    if (e.is_string()) {
-      const std::string& s = e.get_ref<const std::string&>();
+    if (!ml.merge_is_pair[k]) {
+      const std::string& s = ml.merge_strings[next_string++];
       if (s.rfind("#version", 0) == 0) continue;
       size_t sp = s.find(' ');
       if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos)
         return c.err(f, "'" + s + "' must be two tokens separated by one space");
-      a = s.substr(0, sp);
-      b = s.substr(sp + 1);
-    } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
-      a = e[0].get<std::string>();
-      b = e[1].get<std::string>();
+      a.assign(s, 0, sp);
+      b.assign(s, sp + 1, std::string::npos);
     } else {
-      return c.err(f, "must be \"a b\" or [\"a\", \"b\"]");
+      a = ml.merge_pairs[next_pair].first;
+      b = ml.merge_pairs[next_pair].second;
+      ++next_pair;
     }
     int32_t ia = t.model_vocab.find(a), ib = t.model_vocab.find(b);
     if (ia < 0) return c.err(f, "token '" + a + "' is not in model.vocab");
@@ -393,16 +424,141 @@ Status parse_added_tokens(const Ctx& c, const json& root, TokenizerImpl& t) {
 
 }  // namespace
 
+namespace {
+
+// SAX handler: builds the DOM of everything but model.vocab / model.merges, whose entries go
+// straight into ModelLists (Llama 3: 128k vocab entries + 280k merges; the DOM would hold them in a
+// std::map and 400k json nodes). Anything unexpected inside them gives up (`bail`), and the caller
+// re-parses the plain way for the precise error.
+class CaptureSax {
+ public:
+  CaptureSax(json& root, ModelLists& lists) : dom_(root, false), lists_(lists) {}
+  bool bail = false;
+
+  bool null() { return capture_ == kNone ? dom_.null() : fail(); }
+  bool boolean(bool v) { return capture_ == kNone ? dom_.boolean(v) : fail(); }
+  bool number_integer(int64_t v) { return capture_ == kVocab ? vocab_value(v) : capture_ == kNone ? dom_.number_integer(v) : fail(); }
+  bool number_unsigned(uint64_t v) {
+    if (capture_ == kVocab) return v > static_cast<uint64_t>(INT64_MAX) ? fail() : vocab_value(static_cast<int64_t>(v));
+    return capture_ == kNone ? dom_.number_unsigned(v) : fail();
+  }
+  bool number_float(double v, const std::string& s) { return capture_ == kNone ? dom_.number_float(v, s) : fail(); }
+  bool binary(json::binary_t& v) { return capture_ == kNone ? dom_.binary(v) : fail(); }
+  bool string(std::string& v) {
+    if (capture_ == kNone) return dom_.string(v);
+    if (capture_ == kMerges) {
+      lists_.merge_strings.push_back(std::move(v));
+      lists_.merge_is_pair.push_back(0);
+      return true;
+    }
+    if (capture_ == kMergePair && pair_n_ < 2) {
+      (pair_n_++ == 0 ? pair_.first : pair_.second) = std::move(v);
+      return true;
+    }
+    return fail();
+  }
+  bool start_object(std::size_t n) {
+    ++depth_;
+    if (capture_ != kNone) return fail();
+    if (depth_ == 3 && in_model_ && key_ == "vocab") {
+      capture_ = kVocab;
+      lists_.have_vocab = true;
+      return dom_.start_object(0);  // an empty object stands in for it in the DOM
+    }
+    if (depth_ == 2) in_model_ = key_ == "model";
+    return dom_.start_object(n);
+  }
+  bool key(std::string& k) {
+    if (capture_ == kVocab) {
+      vocab_key_ = std::move(k);
+      return true;
+    }
+    if (capture_ != kNone) return fail();
+    if (depth_ <= 2) key_ = k;
+    return dom_.key(k);
+  }
+  bool end_object() {
+    --depth_;
+    if (capture_ == kVocab) capture_ = kNone;
+    else if (capture_ != kNone) return fail();
+    if (depth_ == 1) in_model_ = false;
+    return dom_.end_object();
+  }
+  bool start_array(std::size_t n) {
+    ++depth_;
+    if (capture_ == kMerges) {
+      capture_ = kMergePair;
+      pair_n_ = 0;
+      return true;
+    }
+    if (capture_ != kNone) return fail();
+    if (depth_ == 3 && in_model_ && key_ == "merges") {
+      capture_ = kMerges;
+      lists_.have_merges = true;
+      return dom_.start_array(0);
+    }
+    return dom_.start_array(n);
+  }
+  bool end_array() {
+    --depth_;
+    if (capture_ == kMergePair) {
+      if (pair_n_ != 2) return fail();
+      lists_.merge_pairs.push_back(std::move(pair_));
+      lists_.merge_is_pair.push_back(1);
+      capture_ = kMerges;
+      return true;
+    }
+    if (capture_ == kMerges) capture_ = kNone;
+    else if (capture_ != kNone) return fail();
+    return dom_.end_array();
+  }
+  bool parse_error(std::size_t pos, const std::string& tok, const nlohmann::detail::exception& e) {
+    return dom_.parse_error(pos, tok, e);
+  }
+  bool is_errored() const { return dom_.is_errored(); }
+
+ private:
+  enum Capture { kNone, kVocab, kMerges, kMergePair };
+  bool fail() {
+    bail = true;
+    return false;
+  }
+  bool vocab_value(int64_t v) {
+    lists_.vocab.emplace_back(std::move(vocab_key_), v);
+    return true;
+  }
+  nlohmann::detail::json_sax_dom_parser<json> dom_;
+  ModelLists& lists_;
+  Capture capture_ = kNone;
+  int depth_ = 0;
+  bool in_model_ = false;
+  std::string key_, vocab_key_;
+  std::pair<std::string, std::string> pair_;
+  int pair_n_ = 0;
+};
+
+}  // namespace
+
 Result<std::unique_ptr<TokenizerImpl>> parse_tokenizer_json(std::string_view text, const std::string& file) {
   Ctx c{file};
-  json root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  json root;
+  ModelLists lists;
+  {
+    CaptureSax sax(root, lists);
+    bool ok = json::sax_parse(text.begin(), text.end(), &sax, nlohmann::detail::input_format_t::json, /*strict=*/true);
+    if (!ok || sax.is_errored()) {
+      // Malformed JSON, or an unusual vocab/merges entry: the plain parse gives the precise error.
+      lists = ModelLists();
+      root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+    }
+  }
   if (root.is_discarded()) return Status::error(file + ": not valid JSON");
   if (!root.is_object()) return Status::error(file + ": must hold a JSON object");
   auto t = std::make_unique<TokenizerImpl>();
   t->source = file;
   auto model = root.find("model");
   if (model == root.end()) return c.err("model", "is missing");
-  KILN_RETURN_IF_ERROR(parse_model(c, *model, *t));
+  KILN_RETURN_IF_ERROR(parse_model(c, *model, *t, &lists));
   KILN_RETURN_IF_ERROR(parse_added_tokens(c, root, *t));
   if (auto it = root.find("normalizer"); it != root.end())
     KILN_RETURN_IF_ERROR(parse_normalizer(c, *it, "normalizer", t->normalizers));
