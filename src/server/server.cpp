@@ -108,7 +108,7 @@ struct Server::Impl {
   Json model_card(const BackendState& be) const {
     return Json{{"id", opt.served_model_name}, {"object", "model"},      {"created", created},
                 {"owned_by", "kiln"},          {"root", opt.model_path}, {"parent", nullptr},
-                {"max_model_len", be.max_model_len}};
+                {"max_model_len", be.max_model_len}, {"vocab_size", be.limits.vocab_size}};
   }
 
   void add_routes();
