@@ -423,13 +423,17 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
     if (id < 0 || id >= info_.vocab_size)
       return Status::error("token id " + std::to_string(id) + " is outside the vocabulary (" +
                            std::to_string(info_.vocab_size) + ")");
-  for (int32_t b : batch.block_tables)
-    if (b < 0 || b >= info_.num_kv_blocks) return Status::error("internal: KV block id " + std::to_string(b) + " out of range");
-  for (int32_t s = 0; s < S; ++s)
-    if (int64_t(batch.context_lens[size_t(s)]) > int64_t(batch.max_blocks_per_seq) * info_.block_size ||
-        batch.context_lens[size_t(s)] > info_.max_seq_len)
-      return Status::error("internal: sequence " + std::to_string(s) + " context " +
-                           std::to_string(batch.context_lens[size_t(s)]) + " exceeds its block table");
+  for (int32_t s = 0; s < S; ++s) {
+    const int32_t ctx = batch.context_lens[size_t(s)];
+    if (int64_t(ctx) > int64_t(batch.max_blocks_per_seq) * info_.block_size || ctx > info_.max_seq_len)
+      return Status::error("internal: sequence " + std::to_string(s) + " context " + std::to_string(ctx) +
+                           " exceeds its block table");
+    // Only the blocks the context covers are read; the runtime pads the rest of a row with -1.
+    const int32_t* table = batch.block_table(s);
+    for (int32_t j = 0; j < (ctx + info_.block_size - 1) / info_.block_size; ++j)
+      if (table[j] < 0 || table[j] >= info_.num_kv_blocks)
+        return Status::error("internal: KV block id " + std::to_string(table[j]) + " out of range");
+  }
   for (int32_t r : batch.logits_rows)
     if (r < 0 || r >= T) return Status::error("internal: logits row out of range");
 

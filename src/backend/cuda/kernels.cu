@@ -270,15 +270,6 @@ __global__ void __launch_bounds__(256) gemv_kernel(const bf16* x, int64_t ldx, i
     }
   };
   int i = lane;
-  // Eight loads in flight per lane (K=4096: the whole row in two rounds): 4 -> 8 took the
-  // 6144x4096 and 4096x4096 shapes from 2.0 / 1.7 TB/s towards the streaming rate.
-  for (; i + 224 < vecs; i += 256) {
-    uint4 wv[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) wv[u] = __ldcs(wr + i + 32 * u);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) fma8(wv[u], i + 32 * u);
-  }
   for (; i + 96 < vecs; i += 128) {
     const uint4 w0 = __ldcs(wr + i), w1 = __ldcs(wr + i + 32), w2 = __ldcs(wr + i + 64), w3 = __ldcs(wr + i + 96);
     fma8(w0, i);
