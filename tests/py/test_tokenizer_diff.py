@@ -47,6 +47,15 @@ def tok_paths(assets, tmp_path_factory):
     return paths
 
 
+_HF = {}
+
+
+def hf_tokenizer(tok_paths, name):
+    if name not in _HF:
+        _HF[name] = tokenizers.Tokenizer.from_file(str(tok_paths[name]))
+    return _HF[name]
+
+
 def kiln_jsonl(kiln_bin, tmp_path, verb, path, lines, *flags):
     inp = tmp_path / f"in-{verb}.jsonl"
     inp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
@@ -68,7 +77,7 @@ def seed_of(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_encode_matches_hf(name, tok_paths, kiln_bin, tmp_path):
-    hf = tokenizers.Tokenizer.from_file(str(tok_paths[name]))
+    hf = hf_tokenizer(tok_paths, name)
     strings = tokenizer_corpus.gen_strings(seed_of(name), N_STRINGS)
     for special in (False, True):
         want = [e.ids for e in hf.encode_batch(strings, add_special_tokens=special)]
@@ -106,7 +115,7 @@ def id_sequences(hf, name, strings):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_decode_matches_hf(name, tok_paths, kiln_bin, tmp_path):
-    hf = tokenizers.Tokenizer.from_file(str(tok_paths[name]))
+    hf = hf_tokenizer(tok_paths, name)
     strings = tokenizer_corpus.gen_strings(seed_of(name) + 2, N_STRINGS // 2)
     seqs = id_sequences(hf, name, strings)
     for skip in (False, True):
@@ -125,7 +134,7 @@ def test_decode_matches_hf(name, tok_paths, kiln_bin, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_incremental_decode_concatenates_to_full_decode(name, tok_paths, kiln_bin, tmp_path):
-    hf = tokenizers.Tokenizer.from_file(str(tok_paths[name]))
+    hf = hf_tokenizer(tok_paths, name)
     strings = tokenizer_corpus.gen_strings(seed_of(name) + 3, N_STRINGS // 4)
     seqs = id_sequences(hf, name, strings)
     want = hf.decode_batch(seqs, skip_special_tokens=True)
@@ -136,7 +145,7 @@ def test_incremental_decode_concatenates_to_full_decode(name, tok_paths, kiln_bi
 
 @pytest.mark.parametrize("name", ["llama-3.1", "qwen3", "mistral-7b"])
 def test_invalid_utf8_input_is_replaced(name, tok_paths, kiln_bin, tmp_path):
-    hf = tokenizers.Tokenizer.from_file(str(tok_paths[name]))
+    hf = hf_tokenizer(tok_paths, name)
     raw = tokenizer_corpus.gen_invalid_bytes(seed_of(name) + 4, 200)
     want = [hf.encode(b.decode("utf-8", errors="replace"), add_special_tokens=False).ids for b in raw]
     got = kiln_jsonl(kiln_bin, tmp_path, "tokenize", tok_paths[name], [list(b) for b in raw])
