@@ -48,6 +48,10 @@ void Regex::find_all(std::string_view text, std::vector<Match>& out) const {
   size_t pos = 0;
   while (pos <= text.size()) {
     int rc = pcre2_match(code, subject, text.size(), pos, PCRE2_NO_UTF_CHECK, md, nullptr);
+    // The JIT runs on a 32 KiB stack; a pattern that backtracks deeply on a huge input can exhaust
+    // it. The interpreter keeps its backtracking on the heap, so retry the match there.
+    if (rc == PCRE2_ERROR_JIT_STACKLIMIT)
+      rc = pcre2_match(code, subject, text.size(), pos, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, md, nullptr);
     if (rc < 0) break;  // PCRE2_ERROR_NOMATCH, or a resource limit (treated as no further match)
     PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     size_t s = ov[0], e = ov[1];
