@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -273,6 +274,33 @@ TEST(TokenizerStream, PrefixGivesContext) {
   std::vector<int32_t> all = prompt;
   all.insert(all.end(), gen.begin(), gen.end());
   EXPECT_EQ(mistral->decode(prompt, true) + text, mistral->decode(all, true));
+}
+
+// One Tokenizer is shared by the server's threads: encode/decode are const and thread-safe (the
+// word cache is locked, regex match data is per thread).
+TEST(TokenizerThreads, ConcurrentEncodeMatchesSerial) {
+  KILN_REQUIRE_ASSETS();
+  auto t = shared_tokenizer(assets_dir() + "/tokenizers/qwen3");
+  ASSERT_TRUE(t);
+  std::vector<std::string> texts;
+  for (int k = 0; k < 200; ++k)
+    texts.push_back("line " + std::to_string(k) + ": h\u00e9llo w\u00f6rld " + std::string(k % 7, ' ') + "\xE4\xBD\xA0\xE5\xA5\xBD " +
+                    std::to_string(k * 7919));
+  std::vector<std::vector<int32_t>> serial;
+  for (const auto& s : texts) serial.push_back(t->encode(s, true));
+  std::vector<int> bad(4, 0);
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 4; ++w)
+    threads.emplace_back([&, w] {
+      for (int round = 0; round < 5; ++round)
+        for (size_t k = 0; k < texts.size(); ++k) {
+          size_t i = (k * 31 + static_cast<size_t>(w) * 17 + static_cast<size_t>(round)) % texts.size();
+          if (t->encode(texts[i], true) != serial[i]) ++bad[w];
+          if (t->decode(serial[i], true) != t->decode(serial[i], true)) ++bad[w];
+        }
+    });
+  for (auto& th : threads) th.join();
+  for (int w = 0; w < 4; ++w) EXPECT_EQ(bad[w], 0) << "thread " << w;
 }
 
 }  // namespace
