@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <filesystem>
 
 #include "core/file.h"
 #include "tokenizer/load.h"
@@ -694,8 +695,10 @@ Status apply_hf_configs(TokenizerImpl& t, const std::string& dir) {
     add_unique(t.eos_ids, id);
   }
   if (pad) {
-    KILN_ASSIGN_OR_RETURN(int32_t id, resolve(cfg_file, "pad_token", *pad));
-    t.pad_id = id;
+    // transformers would add a missing pad token to the vocab; the model cannot produce it, so
+    // there is simply no pad id (not worth refusing the whole tokenizer).
+    int32_t id = t.token_id(*pad);
+    if (id >= 0) t.pad_id = id;
   }
   // add_bos_token / add_eos_token rebuild the post-processor as transformers' update_post_processor
   // does: [bos] $A [eos].
@@ -713,6 +716,28 @@ Status apply_hf_configs(TokenizerImpl& t, const std::string& dir) {
     if (add_eos) {
       if (t.eos_ids.empty()) return c.err("add_eos_token", "is true but there is no eos_token");
       t.post_suffix.push_back(t.eos_ids[0]);
+    }
+  }
+
+  // Newer transformers save the template beside the config: chat_template.jinja (it wins over the
+  // config's) and additional_chat_templates/NAME.jinja; processors use chat_template.json.
+  if (std::string p = dir + sep + "chat_template.jinja"; file_exists(p)) {
+    KILN_ASSIGN_OR_RETURN(t.chat_templates["default"], read_file(p));
+  } else if (json ct; !t.chat_templates.count("default")) {
+    KILN_ASSIGN_OR_RETURN(bool has_ct, read_json("chat_template.json", ct));
+    if (has_ct) {
+      auto it = ct.find("chat_template");
+      if (it == ct.end() || !it->is_string()) return Status::error(dir + sep + "chat_template.json: chat_template must be a string");
+      t.chat_templates["default"] = it->get<std::string>();
+    }
+  }
+  if (std::string extra = dir + sep + "additional_chat_templates"; is_directory(extra)) {
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(extra, ec)) {
+      std::string name = e.path().filename().string();
+      if (name.size() <= 6 || name.compare(name.size() - 6, 6, ".jinja") != 0) continue;
+      KILN_ASSIGN_OR_RETURN(std::string tpl, read_file(e.path().string()));
+      t.chat_templates[name.substr(0, name.size() - 6)] = std::move(tpl);
     }
   }
 

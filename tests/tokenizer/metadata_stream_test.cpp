@@ -122,6 +122,15 @@ TEST(TokenizerMetadata, ConfigFiles) {
   EXPECT_EQ(ids_str(t.encode("a", true)), "[1,5,2]");  // add_bos_token / add_eos_token rebuild the template
   EXPECT_EQ(t.chat_template(), "D");
   EXPECT_EQ(t.chat_template("tool_use"), "T");
+  // chat_template.jinja wins over the config's; additional_chat_templates/NAME.jinja add names
+  std::ofstream(dir / "chat_template.jinja") << "J";
+  fs::create_directories(dir / "additional_chat_templates");
+  std::ofstream(dir / "additional_chat_templates" / "rag.jinja") << "R";
+  auto r2 = Tokenizer::load(dir.string());
+  ASSERT_TRUE(r2.is_ok()) << r2.message();
+  EXPECT_EQ((*r2)->chat_template(), "J");
+  EXPECT_EQ((*r2)->chat_template("rag"), "R");
+  EXPECT_EQ((*r2)->chat_template("tool_use"), "T");
   // errors name the file and the field
   write("tokenizer_config.json", {{"eos_token", "<nope>"}});
   auto bad = Tokenizer::load(dir.string());
