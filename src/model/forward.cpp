@@ -4,7 +4,7 @@ namespace kiln {
 
 void forward(const ModelConfig& c, const ModelWeights& w, Ops& ops, const StepBatch& batch) {
   ops.begin_step(batch);
-  const int64_t T = batch.num_tokens(), H = c.hidden_size, I = c.intermediate_size;
+  const int64_t T = batch.num_tokens(), H = c.hidden_size;
   Act x = ops.buffer(Buf::kResidual);  // [T, H] the residual stream
   Act h = ops.buffer(Buf::kNormed);    // [T, H]
   Act q = ops.buffer(Buf::kQ);         // [T, q_dim]
@@ -30,9 +30,7 @@ void forward(const ModelConfig& c, const ModelWeights& w, Ops& ops, const StepBa
     ops.attention(i, q, k, v, c, attn);
     ops.linear(attn, T, l.wo, nullptr, proj);
     ops.add_rms_norm(x, proj, l.ffn_norm, T, H, c.rms_norm_eps, h);
-    ops.linear(h, T, l.w_gate, nullptr, gate);
-    ops.linear(h, T, l.w_up, nullptr, up);
-    ops.silu_mul(gate, up, T, I, gate);
+    ops.linear_gate_up_silu(h, T, l, gate, up);
     ops.linear(gate, T, l.w_down, nullptr, proj);
     const Weight& next_norm = i + 1 < c.num_layers ? w.layers[size_t(i) + 1].attn_norm : w.final_norm;
     ops.add_rms_norm(x, proj, next_norm, T, H, c.rms_norm_eps, h);

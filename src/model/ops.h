@@ -40,6 +40,13 @@ class Ops {
   virtual void attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) = 0;
   // out = silu(gate) * up                                                  [n, dim]
   virtual void silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) = 0;
+  // gate = silu(x @ w_gate^T) * (x @ w_up^T); `up` is scratch.     x: [n, hidden], gate, up: [n, inter]
+  // A backend may fuse the two GEMMs and the activation (CUDA decode: one GEMV, no silu kernel).
+  virtual void linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act gate, Act up) {
+    linear(x, n, l.w_gate, nullptr, gate);
+    linear(x, n, l.w_up, nullptr, up);
+    silu_mul(gate, up, n, l.w_gate.rows, gate);
+  }
   // out[i, :] = x[step.logits_rows[i], :]                                  x: [T, dim]
   virtual void gather_logit_rows(Act x, int64_t dim, Act out) = 0;
 };

@@ -290,6 +290,23 @@ TEST_P(CudaOpsGrid, MatchesCpu) {
     cpu.silu_mul(cpu.buffer(Buf::kGate), cpu.buffer(Buf::kUp), T, I, cpu.buffer(Buf::kGate));
     gpu.silu_mul(gpu.buffer(Buf::kGate), gpu.buffer(Buf::kUp), T, I, gpu.buffer(Buf::kGate));
     EXPECT_CLOSE(gpu.read_buffer(Buf::kGate, T, I), cpu_buf(cpu, Buf::kGate, size_t(T * I)), 8e-3, tag + "silu_mul");
+    // gate/up GEMMs + silu fused (decode steps take the one-GEMV path); [gate; up] stored as one matrix
+    {
+      TestWeight gu(2 * I, H, rng, 0.05f);
+      LayerWeights lh, ld;
+      lh.w_gate = gu.host.row_slice(0, I);
+      lh.w_up = gu.host.row_slice(I, I);
+      ld.w_gate = gu.dev.row_slice(0, I);
+      ld.w_up = gu.dev.row_slice(I, I);
+      gpu.register_fused(ld.w_gate.data, 2 * I, Buf::kGate, {{ld.w_up.data, Buf::kUp}});
+      auto xn = random_vec(size_t(T * H), rng);
+      set_cpu_buf(cpu, Buf::kNormed, xn);
+      gpu.write_buffer(Buf::kNormed, xn.data(), T, H);
+      cpu.linear_gate_up_silu(cpu.buffer(Buf::kNormed), T, lh, cpu.buffer(Buf::kGate), cpu.buffer(Buf::kUp));
+      gpu.linear_gate_up_silu(gpu.buffer(Buf::kNormed), T, ld, gpu.buffer(Buf::kGate), gpu.buffer(Buf::kUp));
+      EXPECT_CLOSE(gpu.read_buffer(Buf::kGate, T, I), cpu_buf(cpu, Buf::kGate, size_t(T * I)), 1e-2,
+                   tag + "linear_gate_up_silu");
+    }
     // gather + lm_head into f32 logits
     cpu.gather_logit_rows(cpu.buffer(Buf::kNormed), H, cpu.buffer(Buf::kLogitsIn));
     gpu.gather_logit_rows(gpu.buffer(Buf::kNormed), H, gpu.buffer(Buf::kLogitsIn));
@@ -309,6 +326,74 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaOpsGrid,
                          ::testing::Values(OpsCase{4, 2, 16, 64, 160, 16}, OpsCase{4, 4, 32, 64, 96, 8},
                                            OpsCase{16, 8, 32, 256, 512, 16}, OpsCase{8, 2, 64, 512, 256, 16},
                                            OpsCase{8, 2, 128, 1024, 512, 16}, OpsCase{32, 8, 128, 4096, 256, 32}));
+
+// The decode GEMV over every variant it picks (rows split over 1, 2 or 4 warps, K remainders, n up to
+// 4 with a strided x, bf16 and f32 outputs, the silu pair mode) against a float64 reference.
+TEST(CudaKernels, GemvMatchesReference) {
+  REQUIRE_GPU();
+  std::mt19937 rng(77);
+  cudaStream_t s;
+  cudaStreamCreate(&s);
+  struct Shape {
+    int N, K;
+  };
+  for (Shape sh : {Shape{1, 8}, Shape{7, 64}, Shape{300, 4096}, Shape{300, 2056}, Shape{4096, 1032}, Shape{6144, 4096},
+                   Shape{13000, 264}}) {
+    for (int n : {1, 2, 3, 4}) {
+      for (bool silu : {false, true}) {
+        const int N = sh.N, K = sh.K, ldx = K + 8, rows = silu ? 2 * N : N;
+        auto x = random_vec(size_t(n) * ldx, rng);
+        auto w = random_vec(size_t(rows) * K, rng, 0.05f);
+        std::vector<double> ref(size_t(n) * N);
+        for (int m = 0; m < n; ++m)
+          for (int r = 0; r < N; ++r) {
+            double a = 0, b = 0;
+            for (int k = 0; k < K; ++k) a += double(x[size_t(m) * ldx + k]) * w[size_t(r) * K + k];
+            if (silu) {
+              for (int k = 0; k < K; ++k) b += double(x[size_t(m) * ldx + k]) * w[size_t(N + r) * K + k];
+              a = a / (1.0 + std::exp(-a)) * b;
+            }
+            ref[size_t(m) * N + r] = a;
+          }
+        std::vector<uint16_t> xb(x.size()), wb(w.size());
+        for (size_t i = 0; i < x.size(); ++i) xb[i] = f32_to_bf16(x[i]);
+        for (size_t i = 0; i < w.size(); ++i) wb[i] = f32_to_bf16(w[i]);
+        void *dx = nullptr, *dw = nullptr, *dy = nullptr;
+        cudaMalloc(&dx, xb.size() * 2);
+        cudaMalloc(&dw, wb.size() * 2);
+        cudaMalloc(&dy, size_t(n) * N * 4);
+        cudaMemcpy(dx, xb.data(), xb.size() * 2, cudaMemcpyHostToDevice);
+        cudaMemcpy(dw, wb.data(), wb.size() * 2, cudaMemcpyHostToDevice);
+        for (bool f32 : {false, true}) {
+          if (silu && f32) continue;
+          cudaMemset(dy, 0xff, size_t(n) * N * 4);  // NaN poison: every output must be written
+          bool ok = silu ? cuda::launch_gemv_silu(static_cast<cuda::bf16_t*>(dx), ldx, n,
+                                                  static_cast<cuda::bf16_t*>(dw), N, K, static_cast<cuda::bf16_t*>(dy),
+                                                  N, s)
+                         : cuda::launch_gemv(static_cast<cuda::bf16_t*>(dx), ldx, n, static_cast<cuda::bf16_t*>(dw), N,
+                                             K, dy, N, f32, s);
+          ASSERT_TRUE(ok);
+          ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+          std::vector<float> got(size_t(n) * N), rf(ref.begin(), ref.end());
+          if (f32) {
+            cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost);
+          } else {
+            std::vector<uint16_t> gb(got.size());
+            cudaMemcpy(gb.data(), dy, gb.size() * 2, cudaMemcpyDeviceToHost);
+            for (size_t i = 0; i < gb.size(); ++i) got[i] = bf16_to_f32(gb[i]);
+          }
+          Err e = compare(got, rf);
+          EXPECT_LE(e.rel, f32 ? 1e-5 : 6e-3) << "N " << N << " K " << K << " n " << n << " silu " << silu
+                                              << " f32 " << f32 << " worst at " << e.worst;
+        }
+        cudaFree(dx);
+        cudaFree(dw);
+        cudaFree(dy);
+      }
+    }
+  }
+  cudaStreamDestroy(s);
+}
 
 TEST(CudaKernels, ArgmaxMatchesHostWithTies) {
   REQUIRE_GPU();

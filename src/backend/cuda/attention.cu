@@ -3,9 +3,11 @@
 //  - prefill (any q_len): one block per (64-row query tile, q head); K/V tiles of 64 tokens are
 //    gathered from the pages into shared memory; S = QK^T and O += PV on tensor cores (wmma,
 //    bf16 in, f32 accumulate); online softmax in f32 per row.
-//  - decode (q_len == 1 everywhere): one block per (sequence, q head, KV split); each group of
-//    head_dim/8 lanes streams one token's 16-byte K/V slices at a time; splits are merged by a
-//    second kernel (flash-decoding), so batch 1 still fills the GPU.
+//  - decode (q_len == 1 everywhere): one block per (sequence, KV head, KV split) computing all the
+//    query heads of the KV head's group, so each K/V byte is read once, not once per query head
+//    (4x fewer bytes for Llama-3-8B's GQA); each group of head_dim/8 lanes streams two tokens'
+//    16-byte K/V slices at a time; splits are merged by a second kernel (flash-decoding), so
+//    batch 1 still fills the GPU.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -13,6 +15,7 @@
 #include <cstdint>
 
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/launch.cuh"
 
 namespace kiln::cuda {
 namespace {
@@ -43,6 +46,8 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
   bf16* sV = reinterpret_cast<bf16*>(smem + S::kQ + S::kK);
   bf16* sP = reinterpret_cast<bf16*>(smem + S::kQ + 2 * S::kK);
   int32_t* sPos = reinterpret_cast<int32_t*>(smem + S::kQ + 2 * S::kK + S::kP);
+  pdl_trigger();
+  pdl_wait();
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int seq = p.tiles[2 * blockIdx.x], q0 = p.tiles[2 * blockIdx.x + 1];
@@ -183,12 +188,15 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
     }
 }
 
-template <int D>
+// G query heads per block (the GQA group when it is 1, 2, 4 or 8; else 1 and one block per query head).
+template <int D, int G>
 __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   constexpr int kTpt = D / 8, kGroups = 128 / kTpt;
-  __shared__ float red[kGroups][D + 2];
-  const int seq = blockIdx.x, head = blockIdx.y, split = blockIdx.z;
-  const int kvh = head / (p.n_heads / p.n_kv);
+  __shared__ float red[kGroups][G][D + 2];
+  pdl_trigger();
+  pdl_wait();
+  const int seq = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
+  const int kvh = head0 / (p.n_heads / p.n_kv);
   const SeqMeta sm = p.seqs[seq];
   if (sm.q_len != 1) return;  // a prefill sequence of a mixed step: the prefill kernel's
   const int tid = threadIdx.x, g = tid / kTpt, li = tid % kTpt;
@@ -199,70 +207,86 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   const bf16* kc = reinterpret_cast<const bf16*>(p.k_cache);
   const bf16* vc = reinterpret_cast<const bf16*>(p.v_cache);
 
-  float qf[8], acc[8];
-  {
+  float qf[G][8], acc[G][8], m[G], l[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
     const uint4 qr = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq +
-                                                     int64_t(head) * D + li * 8);
+                                                     int64_t(head0 + h) * D + li * 8);
     const bf16* qb = reinterpret_cast<const bf16*>(&qr);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      qf[i] = __bfloat162float(qb[i]) * p.scale;
-      acc[i] = 0.0f;
+      qf[h][i] = __bfloat162float(qb[i]) * p.scale;
+      acc[h][i] = 0.0f;
     }
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
   }
-  float m = -INFINITY, l = 0.0f;
-  // Every lane runs the same number of iterations (the shuffles below need the whole warp).
-  for (int jb = j0; jb < j1; jb += kGroups) {
-    const int j = jb + g;
-    const bool valid = j < j1;
-    uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
-    if (valid) {
-      const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + li * 8;
-      kr = *reinterpret_cast<const uint4*>(kc + base);
-      vr = *reinterpret_cast<const uint4*>(vc + base);
-    }
+  auto load = [&](int j, uint4* kr, uint4* vr) {
+    const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + li * 8;
+    *kr = *reinterpret_cast<const uint4*>(kc + base);
+    *vr = *reinterpret_cast<const uint4*>(vc + base);
+  };
+  // All lanes run every step (the shuffles need the whole warp); `valid` gates the update.
+  auto step = [&](const uint4& kr, const uint4& vr, bool valid) {
     const bf16* kb = reinterpret_cast<const bf16*>(&kr);
     const bf16* vb = reinterpret_cast<const bf16*>(&vr);
-    float s = 0.0f;
+    float kf[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) s += qf[i] * __bfloat162float(kb[i]);
+    for (int i = 0; i < 8; ++i) kf[i] = __bfloat162float(kb[i]);
 #pragma unroll
-    for (int o = kTpt / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, kTpt);
-    if (!valid) continue;
-    const float m_new = fmaxf(m, s);
-    const float alpha = __expf(m - m_new);  // m == -inf: 0
-    const float e = __expf(s - m_new);
-    l = l * alpha + e;
+    for (int h = 0; h < G; ++h) {
+      float s = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = acc[i] * alpha + e * __bfloat162float(vb[i]);
-    m = m_new;
+      for (int i = 0; i < 8; ++i) s += qf[h][i] * kf[i];
+#pragma unroll
+      for (int o = kTpt / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, kTpt);
+      if (valid) {
+        const float m_new = fmaxf(m[h], s);
+        const float alpha = __expf(m[h] - m_new);  // m == -inf: 0
+        const float e = __expf(s - m_new);
+        l[h] = l[h] * alpha + e;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[h][i] = acc[h][i] * alpha + e * __bfloat162float(vb[i]);
+        m[h] = m_new;
+      }
+    }
+  };
+  for (int jb = j0; jb < j1; jb += 2 * kGroups) {
+    const int ja = jb + g, jc = ja + kGroups;
+    const bool va = ja < j1, vc2 = jc < j1;
+    uint4 ka = make_uint4(0, 0, 0, 0), wa = ka, kc2 = ka, wc = ka;
+    if (va) load(ja, &ka, &wa);
+    if (vc2) load(jc, &kc2, &wc);
+    step(ka, wa, va);
+    step(kc2, wc, vc2);
   }
-  // Merge the groups.
-  if (li == 0) {
-    red[g][D] = m;
-    red[g][D + 1] = l;
-  }
+  // Merge the token groups, then (splits > 1) write partials for the reduce kernel.
 #pragma unroll
-  for (int i = 0; i < 8; ++i) red[g][li * 8 + i] = acc[i];
+  for (int h = 0; h < G; ++h) {
+    if (li == 0) {
+      red[g][h][D] = m[h];
+      red[g][h][D + 1] = l[h];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) red[g][h][li * 8 + i] = acc[h][i];
+  }
   __syncthreads();
-  float M = -INFINITY;
-  for (int gg = 0; gg < kGroups; ++gg) M = fmaxf(M, red[gg][D]);
-  for (int d = tid; d < D + 1; d += 128) {
-    float sum = 0.0f;
+  for (int idx = tid; idx < G * (D + 1); idx += 128) {
+    const int h = idx / (D + 1), d = idx % (D + 1);
+    float M = -INFINITY;
+    for (int gg = 0; gg < kGroups; ++gg) M = fmaxf(M, red[gg][h][D]);
+    float sum = 0.0f, L = 0.0f;
     for (int gg = 0; gg < kGroups; ++gg) {
-      const float w = red[gg][D] == -INFINITY ? 0.0f : __expf(red[gg][D] - M);
-      sum += (d < D ? red[gg][d] : red[gg][D + 1]) * w;
+      const float w = red[gg][h][D] == -INFINITY ? 0.0f : __expf(red[gg][h][D] - M);
+      sum += (d < D ? red[gg][h][d] : red[gg][h][D + 1]) * w;
+      L += red[gg][h][D + 1] * w;
     }
     if (p.splits == 1) {
-      if (d < D) {
-        float L = 0.0f;
-        for (int gg = 0; gg < kGroups; ++gg)
-          L += red[gg][D] == -INFINITY ? 0.0f : red[gg][D + 1] * __expf(red[gg][D] - M);
-        reinterpret_cast<bf16*>(p.out)[int64_t(sm.q_start) * p.ldo + int64_t(head) * D + d] =
+      if (d < D)
+        reinterpret_cast<bf16*>(p.out)[int64_t(sm.q_start) * p.ldo + int64_t(head0 + h) * D + d] =
             __float2bfloat16(L > 0.0f ? sum / L : 0.0f);
-      }
     } else {
-      float* part = p.partials + ((int64_t(seq) * p.n_heads + head) * p.splits + split) * (D + 2);
+      float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
       part[d] = sum;  // d == D: the merged l
       if (d == 0) part[D + 1] = M;
     }
@@ -271,6 +295,8 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
 
 template <int D>
 __global__ void decode_reduce_kernel(AttnParams p) {
+  pdl_trigger();
+  pdl_wait();
   const int seq = blockIdx.x, head = blockIdx.y;
   const SeqMeta sm = p.seqs[seq];
   if (sm.q_len != 1) return;
@@ -297,18 +323,28 @@ void prefill_launch(const AttnParams& p, cudaStream_t s) {
     cudaFuncSetAttribute(prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PrefillSmem<D>::kBytes));
     configured = true;
   }
-  dim3 grid(p.num_tiles, p.n_heads);
-  prefill_kernel<D><<<grid, 128, PrefillSmem<D>::kBytes, s>>>(p);
+  launch_pdl(prefill_kernel<D>, dim3(p.num_tiles, p.n_heads), dim3(128), PrefillSmem<D>::kBytes, s, p);
 }
 
 template <int D>
 void decode_launch(const AttnParams& p, cudaStream_t s) {
-  dim3 grid(p.num_seqs, p.n_heads, p.splits);
-  decode_kernel<D><<<grid, 128, 0, s>>>(p);
-  if (p.splits > 1) decode_reduce_kernel<D><<<dim3(p.num_seqs, p.n_heads), D, 0, s>>>(p);
+  const int G = decode_heads_per_block(p.n_heads, p.n_kv);
+  const dim3 grid(p.num_seqs, p.n_heads / G, p.splits);
+  switch (G) {
+    case 1: launch_pdl(decode_kernel<D, 1>, grid, dim3(128), 0, s, p); break;
+    case 2: launch_pdl(decode_kernel<D, 2>, grid, dim3(128), 0, s, p); break;
+    case 4: launch_pdl(decode_kernel<D, 4>, grid, dim3(128), 0, s, p); break;
+    default: launch_pdl(decode_kernel<D, 8>, grid, dim3(128), 0, s, p); break;
+  }
+  if (p.splits > 1) launch_pdl(decode_reduce_kernel<D>, dim3(p.num_seqs, p.n_heads), dim3(D), 0, s, p);
 }
 
 }  // namespace
+
+int32_t decode_heads_per_block(int32_t n_heads, int32_t n_kv) {
+  const int32_t g = n_kv > 0 ? n_heads / n_kv : 1;
+  return g == 1 || g == 2 || g == 4 || g == 8 ? g : 1;
+}
 
 bool attention_supports_head_dim(int32_t d) { return d == 16 || d == 32 || d == 64 || d == 128; }
 

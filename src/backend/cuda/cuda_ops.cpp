@@ -82,7 +82,9 @@ Status CudaOps::reserve(const StepCaps& want) {
   bufs_[size_t(Buf::kGate)] = g;
   bufs_[size_t(Buf::kUp)] = g + I;
   // Decode splits keep (seqs x heads x splits) under 2x the target block count.
-  partial_floats_ = size_t(2) * size_t(target_blocks_ + c_.num_heads) * size_t(c_.head_dim + 2);
+  // (work units x splits < 2 target when split; each unit covers G query heads' partials)
+  partial_floats_ = size_t(2) * size_t(target_blocks_ + c_.num_heads) *
+                    size_t(decode_heads_per_block(c_.num_heads, c_.num_kv_heads)) * size_t(c_.head_dim + 2);
   KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&partials_), partial_floats_ * 4, "attention partials"));
   meta_ints_ = size_t(4) * T + size_t(4) * size_t(n.seqs) + size_t(n.logit_rows) + 2 * (T / 64 + size_t(n.seqs)) +
                size_t(n.table_ints) + 64;
@@ -217,6 +219,22 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
   add_bias();
 }
 
+void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act gate, Act up) {
+  const int64_t I = l.w_gate.rows;
+  auto f = fused_.find(l.w_gate.data);
+  // Decode: one GEMV over [gate; up] with silu(gate) * up in its epilogue (no silu_mul kernel).
+  if (n <= gemm_->gemv_max_m() && f != fused_.end() && f->second.is_head && f->second.rows == 2 * I &&
+      gate == bufs_[size_t(Buf::kGate)]) {
+    View xv = view(x, l.w_gate.cols), gv = view(gate, I);
+    if (launch_gemv_silu(static_cast<const bf16_t*>(xv.ptr), xv.ld, int32_t(n), static_cast<const bf16_t*>(l.w_gate.data),
+                         int32_t(I), int32_t(l.w_gate.cols), static_cast<bf16_t*>(gv.ptr), gv.ld, stream_)) {
+      last_fused_ = {};
+      return;
+    }
+  }
+  Ops::linear_gate_up_silu(x, n, l, gate, up);
+}
+
 void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) {
   last_fused_ = {};
   View xv = view(x, heads * head_dim);
@@ -255,7 +273,7 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
   p.tiles = d_tiles_;
   p.num_tiles = n_prefill_tiles_;
   p.partials = partials_;
-  const int32_t work = std::max(1, S_ * c.num_heads);
+  const int32_t work = std::max(1, S_ * c.num_heads / decode_heads_per_block(c.num_heads, c.num_kv_heads));
   p.splits = std::clamp((target_blocks_ + work - 1) / work, 1, 32);
   if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
   if (n_prefill_tiles_ > 0) launch_prefill_attention(p, stream_);

@@ -59,6 +59,7 @@ class CudaOps final : public Ops {
   void rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps, Act out) override;
   void add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, int64_t dim, float eps, Act out) override;
   void linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act y) override;
+  void linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act gate, Act up) override;
   void head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) override;
   void rope(Act q, Act k, const ModelConfig& c) override;
   void attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) override;

@@ -4,8 +4,11 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/launch.cuh"
 
 namespace kiln::cuda {
 namespace {
@@ -27,6 +30,8 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 __global__ void embed_kernel(const bf16* table, const TokenMeta* tokens, int32_t H, float* out) {
+  pdl_trigger();
+  pdl_wait();
   const int t = blockIdx.x;
   const bf16* row = table + int64_t(tokens[t].id) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x) out[int64_t(t) * H + i] = __bfloat162float(row[i]);
@@ -36,6 +41,8 @@ __global__ void embed_kernel(const bf16* table, const TokenMeta* tokens, int32_t
 template <class TIn>
 __global__ void rms_norm_kernel(const TIn* x, int64_t ldx, const float* w, int32_t dim, float eps, bf16* out,
                                 int64_t ldo) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float red[32];
   const TIn* xr = x + int64_t(blockIdx.x) * ldx;
   float ss = 0.0f;
@@ -51,6 +58,8 @@ __global__ void rms_norm_kernel(const TIn* x, int64_t ldx, const float* w, int32
 
 __global__ void add_rms_norm_kernel(float* residual, const bf16* delta, int64_t ld_delta, const float* w, int32_t dim,
                                     float eps, bf16* out, int64_t ldo) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float red[32];
   float* r = residual + int64_t(blockIdx.x) * dim;
   const bf16* d = delta + int64_t(blockIdx.x) * ld_delta;
@@ -69,6 +78,8 @@ __global__ void add_rms_norm_kernel(float* residual, const bf16* delta, int64_t 
 // One warp per (row, head).
 __global__ void head_rms_norm_kernel(bf16* x, int64_t ldx, int32_t n, int32_t heads, int32_t hd, const float* w,
                                      float eps) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t gw = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (gw >= int64_t(n) * heads) return;
@@ -87,6 +98,8 @@ __global__ void head_rms_norm_kernel(bf16* x, int64_t ldx, int32_t n, int32_t he
 // 131072 and the angle must match transformers' float32 math.
 __global__ void rope_kernel(bf16* q, int64_t ldq, bf16* k, int64_t ldk, const TokenMeta* tokens, const float* inv_freq,
                             int32_t n_heads, int32_t n_kv, int32_t hd, bool interleaved) {
+  pdl_trigger();
+  pdl_wait();
   const int t = blockIdx.x;
   const float pos = float(tokens[t].pos);
   const int half = hd / 2;
@@ -106,6 +119,8 @@ __global__ void rope_kernel(bf16* q, int64_t ldq, bf16* k, int64_t ldk, const To
 // One block per token; 16-byte copies of each head row into its slot.
 __global__ void kv_write_kernel(const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const TokenMeta* tokens,
                                 bf16* kc, bf16* vc, int32_t n_kv, int32_t hd, int32_t bs) {
+  pdl_trigger();
+  pdl_wait();
   const int t = blockIdx.x;
   const int32_t slot = tokens[t].slot;
   if (slot < 0) return;
@@ -121,6 +136,8 @@ __global__ void kv_write_kernel(const bf16* k, int64_t ldk, const bf16* v, int64
 
 __global__ void silu_mul_kernel(const bf16* gate, int64_t ldg, const bf16* up, int64_t ldu, bf16* out, int64_t ldo,
                                 int32_t dim) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t r = blockIdx.y;
   const int vecs = dim / 8;
   for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < vecs; c += gridDim.x * blockDim.x) {
@@ -140,6 +157,8 @@ __global__ void silu_mul_kernel(const bf16* gate, int64_t ldg, const bf16* up, i
 }
 
 __global__ void gather_rows_kernel(const bf16* x, int64_t ldx, const int32_t* rows, int32_t dim, bf16* out) {
+  pdl_trigger();
+  pdl_wait();
   const bf16* src = x + int64_t(rows[blockIdx.x]) * ldx;
   bf16* dst = out + int64_t(blockIdx.x) * dim;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
@@ -147,6 +166,8 @@ __global__ void gather_rows_kernel(const bf16* x, int64_t ldx, const int32_t* ro
 
 template <class T>
 __global__ void add_bias_kernel(T* y, int64_t ldy, const float* bias, int32_t N) {
+  pdl_trigger();
+  pdl_wait();
   T* row = y + int64_t(blockIdx.x) * ldy;
   for (int i = threadIdx.x; i < N; i += blockDim.x) {
     if constexpr (sizeof(T) == 4) row[i] += bias[i];
@@ -156,6 +177,8 @@ __global__ void add_bias_kernel(T* y, int64_t ldy, const float* bias, int32_t N)
 
 // First maximum (ties -> lowest id), as std::max_element on the host. NaN never wins.
 __global__ void argmax_kernel(const float* logits, int32_t V, int32_t* ids) {
+  pdl_trigger();
+  pdl_wait();
   const float* row = logits + int64_t(blockIdx.x) * V;
   float best = -INFINITY;
   int32_t arg = INT32_MAX;
@@ -237,56 +260,140 @@ __global__ void read_bandwidth_kernel(const uint4* p, int64_t n, float* sink) {
   if (acc == 0x12345678u) sink[0] = float(acc);  // keeps the loads; practically never written
 }
 
-// Small-M GEMM (decode): one warp per output row streams the weight row with 16-byte loads,
-// four in flight per lane; the M activation rows come through L1. cuBLASLt reaches 2.0-2.8 TB/s on
-// Llama-8B's M=1 shapes (docs/PERF_cuda.md); this kernel is the streaming-read loop itself.
-template <int M>
+// Small-M GEMM (decode): warps stream weight rows with 16-byte loads, four in flight per lane; the
+// M activation rows come through L1. kSplit warps share a row (each a contiguous K range, summed
+// through shared memory) so that small-N shapes (o: 4096 rows) still put ~2 waves of warps on the
+// chip: with one warp per row, o and qkv ran at 1.65-1.85 TB/s against 2.8-3.1 for the large shapes
+// (docs/PERF_cuda.md). kSilu: the weight is [gate; up] (pair_off rows apart) and each warp computes
+// both rows of output i and writes silu(gate) * up, so decode needs no separate silu_mul kernel.
+// The first weight loads are issued before pdl_wait(): they overlap the previous kernel's tail.
+template <int M, int kSplit, bool kSilu>
 __global__ void __launch_bounds__(256) gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N,
-                                                   int32_t K, void* y, int64_t ldy, bool y_f32) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  if (row >= N) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + row * K);
-  const int vecs = K / 8;
-  float acc[M];
+                                                   int32_t K, int64_t pair_off, void* y, int64_t ldy, bool y_f32) {
+  constexpr int kRows = 8 / kSplit, kR = kSilu ? 2 : 1;
+  __shared__ float red[8][kR][M];
+  pdl_trigger();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % kSplit;
+  const int64_t row = int64_t(blockIdx.x) * kRows + warp / kSplit;
+  const bool active = row < N;
+  const int vecs = K / 8, per = (vecs + kSplit - 1) / kSplit;
+  const int v0 = part * per, v1 = min(vecs, v0 + per);
+  const uint4* wr[kR];
+  wr[0] = reinterpret_cast<const uint4*>(w + (active ? row : 0) * K);
+  if (kSilu) wr[kR - 1] = wr[0] + pair_off * (K / 8);
+  float acc[kR][M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  auto fma8 = [&](const uint4& wv, int i) {
-    const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv);
-    float2 wf[4];
+  for (int r = 0; r < kR; ++r)
 #pragma unroll
-    for (int t = 0; t < 4; ++t) wf[t] = __bfloat1622float2(wp[t]);
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+  auto fma8 = [&](const uint4 (&wv)[kR], int i) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       if (m < n) {
         const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * ldx) + i);
         const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          const float2 xf = __bfloat1622float2(xp[t]);
-          acc[m] = fmaf(wf[t].x, xf.x, fmaf(wf[t].y, xf.y, acc[m]));
+        for (int r = 0; r < kR; ++r) {
+          const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv[r]);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            const float2 xf = __bfloat1622float2(xp[t]), wf = __bfloat1622float2(wp[t]);
+            acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
+          }
         }
       }
     }
   };
-  int i = lane;
-  for (; i + 96 < vecs; i += 128) {
-    const uint4 w0 = __ldcs(wr + i), w1 = __ldcs(wr + i + 32), w2 = __ldcs(wr + i + 64), w3 = __ldcs(wr + i + 96);
-    fma8(w0, i);
-    fma8(w1, i + 32);
-    fma8(w2, i + 64);
-    fma8(w3, i + 96);
+  int i = v0 + lane;
+  uint4 b0[kR], b1[kR], b2[kR], b3[kR];
+  bool full = active && i + 96 < v1;
+  if (full)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      b0[r] = __ldcs(wr[r] + i);
+      b1[r] = __ldcs(wr[r] + i + 32);
+      b2[r] = __ldcs(wr[r] + i + 64);
+      b3[r] = __ldcs(wr[r] + i + 96);
+    }
+  pdl_wait();  // x is the previous kernel's output
+  while (full) {
+    fma8(b0, i);
+    fma8(b1, i + 32);
+    fma8(b2, i + 64);
+    fma8(b3, i + 96);
+    i += 128;
+    full = i + 96 < v1;
+    if (full)
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        b0[r] = __ldcs(wr[r] + i);
+        b1[r] = __ldcs(wr[r] + i + 32);
+        b2[r] = __ldcs(wr[r] + i + 64);
+        b3[r] = __ldcs(wr[r] + i + 96);
+      }
   }
-  for (; i < vecs; i += 32) fma8(__ldcs(wr + i), i);
+  for (; active && i < v1; i += 32) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) b0[r] = __ldcs(wr[r] + i);
+    fma8(b0, i);
+  }
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = acc[r][m];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      acc[r][m] = v;
+      if (kSplit > 1 && lane == 0) red[warp][r][m] = v;
+    }
+  if (kSplit > 1) {
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float v = 0.0f;
+#pragma unroll
+        for (int q = 0; q < kSplit; ++q) v += red[warp + q][r][m];
+        acc[r][m] = v;
+      }
+  }
+  if (lane != 0 || !active) return;
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    float v = acc[m];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0 && m < n) {
-      if (y_f32) static_cast<float*>(y)[m * ldy + row] = v;
-      else static_cast<bf16*>(y)[m * ldy + row] = __float2bfloat16(v);
-    }
+    if (m >= n) break;
+    float v = acc[0][m];
+    if (kSilu) v = v / (1.0f + __expf(-v)) * acc[kR - 1][m];
+    if (y_f32) static_cast<float*>(y)[m * ldy + row] = v;
+    else static_cast<bf16*>(y)[m * ldy + row] = __float2bfloat16(v);
   }
+}
+
+template <int M, bool kSilu>
+void gemv_launch(int split, const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K, int64_t pair_off,
+                 void* y, int64_t ldy, bool y_f32, cudaStream_t s) {
+  const dim3 grid((N * split + 7) / 8);
+  if (split == 1) launch_pdl(gemv_kernel<M, 1, kSilu>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32);
+  else if (split == 2) launch_pdl(gemv_kernel<M, 2, kSilu>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32);
+  else launch_pdl(gemv_kernel<M, 4, kSilu>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32);
+}
+
+template <bool kSilu>
+bool gemv_dispatch(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, int64_t pair_off,
+                   void* y, int64_t ldy, bool y_f32, cudaStream_t s) {
+  if (K % 8 || ldx % 8 || n < 1 || n > 4 || N < 1) return false;
+  // Enough warps for ~1.5 waves of 8-warp blocks (132 SMs x 8), while each warp keeps >= 64
+  // 16-byte vectors of K; pair mode already streams two rows per warp.
+  int split = 1;
+  if (!kSilu)
+    while (split < 4 && int64_t(N) * split < 12288 && K / 8 / (split * 2) >= 64) split *= 2;
+  const bf16* xb = reinterpret_cast<const bf16*>(x);
+  const bf16* wb = reinterpret_cast<const bf16*>(w);
+  if (n == 1) gemv_launch<1, kSilu>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, s);
+  else if (n == 2) gemv_launch<2, kSilu>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, s);
+  else gemv_launch<4, kSilu>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, s);
+  return true;
 }
 
 int grid_for(int64_t n, int threads) {
@@ -300,7 +407,7 @@ int threads_for(int dim) { return dim >= 1024 ? 1024 : dim >= 256 ? 256 : 128; }
 
 void launch_embed(const bf16_t* table, const TokenMeta* tokens, int32_t T, int32_t H, float* out, cudaStream_t s) {
   if (T == 0) return;
-  embed_kernel<<<T, 256, 0, s>>>(reinterpret_cast<const bf16*>(table), tokens, H, out);
+  launch_pdl(embed_kernel, dim3(T), dim3(256), 0, s, reinterpret_cast<const bf16*>(table), tokens, H, out);
 }
 
 void launch_rms_norm(const void* x, bool x_f32, int64_t ldx, const float* w, int32_t n, int32_t dim, float eps,
@@ -308,17 +415,17 @@ void launch_rms_norm(const void* x, bool x_f32, int64_t ldx, const float* w, int
   if (n == 0) return;
   const int th = threads_for(dim);
   if (x_f32)
-    rms_norm_kernel<float><<<n, th, 0, s>>>(static_cast<const float*>(x), ldx, w, dim, eps,
+    launch_pdl(rms_norm_kernel<float>, dim3(n), dim3(th), 0, s, static_cast<const float*>(x), ldx, w, dim, eps,
                                             reinterpret_cast<bf16*>(out), ldo);
   else
-    rms_norm_kernel<bf16><<<n, th, 0, s>>>(static_cast<const bf16*>(x), ldx, w, dim, eps,
+    launch_pdl(rms_norm_kernel<bf16>, dim3(n), dim3(th), 0, s, static_cast<const bf16*>(x), ldx, w, dim, eps,
                                            reinterpret_cast<bf16*>(out), ldo);
 }
 
 void launch_add_rms_norm(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w, int32_t n, int32_t dim,
                          float eps, bf16_t* out, int64_t ldo, cudaStream_t s) {
   if (n == 0) return;
-  add_rms_norm_kernel<<<n, threads_for(dim), 0, s>>>(residual, reinterpret_cast<const bf16*>(delta), ld_delta, w, dim,
+  launch_pdl(add_rms_norm_kernel, dim3(n), dim3(threads_for(dim)), 0, s, residual, reinterpret_cast<const bf16*>(delta), ld_delta, w, dim,
                                                      eps, reinterpret_cast<bf16*>(out), ldo);
 }
 
@@ -326,13 +433,13 @@ void launch_head_rms_norm(bf16_t* x, int64_t ldx, int32_t n, int32_t heads, int3
                           cudaStream_t s) {
   const int64_t warps = int64_t(n) * heads;
   if (warps == 0) return;
-  head_rms_norm_kernel<<<int((warps + 7) / 8), 256, 0, s>>>(reinterpret_cast<bf16*>(x), ldx, n, heads, head_dim, w, eps);
+  launch_pdl(head_rms_norm_kernel, dim3(int((warps + 7) / 8)), dim3(256), 0, s, reinterpret_cast<bf16*>(x), ldx, n, heads, head_dim, w, eps);
 }
 
 void launch_rope(bf16_t* q, int64_t ldq, bf16_t* k, int64_t ldk, const TokenMeta* tokens, int32_t T, const float* inv_freq,
                  int32_t n_heads, int32_t n_kv, int32_t head_dim, bool interleaved, cudaStream_t s) {
   if (T == 0) return;
-  rope_kernel<<<T, 256, 0, s>>>(reinterpret_cast<bf16*>(q), ldq, reinterpret_cast<bf16*>(k), ldk, tokens, inv_freq,
+  launch_pdl(rope_kernel, dim3(T), dim3(256), 0, s, reinterpret_cast<bf16*>(q), ldq, reinterpret_cast<bf16*>(k), ldk, tokens, inv_freq,
                                 n_heads, n_kv, head_dim, interleaved);
 }
 
@@ -340,7 +447,7 @@ void launch_kv_write(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv,
                      bf16_t* k_cache, bf16_t* v_cache, int32_t n_kv, int32_t head_dim, int32_t block_size,
                      cudaStream_t s) {
   if (T == 0) return;
-  kv_write_kernel<<<T, 128, 0, s>>>(reinterpret_cast<const bf16*>(k), ldk, reinterpret_cast<const bf16*>(v), ldv, tokens,
+  launch_pdl(kv_write_kernel, dim3(T), dim3(128), 0, s, reinterpret_cast<const bf16*>(k), ldk, reinterpret_cast<const bf16*>(v), ldv, tokens,
                                     reinterpret_cast<bf16*>(k_cache), reinterpret_cast<bf16*>(v_cache), n_kv, head_dim,
                                     block_size);
 }
@@ -350,25 +457,25 @@ void launch_silu_mul(const bf16_t* gate, int64_t ld_gate, const bf16_t* up, int6
   if (n == 0) return;
   const int vecs = dim / 8;  // dim % 8 == 0 is checked at load
   dim3 grid((vecs + 255) / 256, n);
-  silu_mul_kernel<<<grid, 256, 0, s>>>(reinterpret_cast<const bf16*>(gate), ld_gate, reinterpret_cast<const bf16*>(up),
+  launch_pdl(silu_mul_kernel, dim3(grid), dim3(256), 0, s, reinterpret_cast<const bf16*>(gate), ld_gate, reinterpret_cast<const bf16*>(up),
                                        ld_up, reinterpret_cast<bf16*>(out), ldo, dim);
 }
 
 void launch_gather_rows(const bf16_t* x, int64_t ldx, const int32_t* rows, int32_t L, int32_t dim, bf16_t* out,
                         cudaStream_t s) {
   if (L == 0) return;
-  gather_rows_kernel<<<L, 256, 0, s>>>(reinterpret_cast<const bf16*>(x), ldx, rows, dim, reinterpret_cast<bf16*>(out));
+  launch_pdl(gather_rows_kernel, dim3(L), dim3(256), 0, s, reinterpret_cast<const bf16*>(x), ldx, rows, dim, reinterpret_cast<bf16*>(out));
 }
 
 void launch_add_bias(void* y, bool y_f32, int64_t ldy, const float* bias, int32_t n, int32_t N, cudaStream_t s) {
   if (n == 0) return;
-  if (y_f32) add_bias_kernel<float><<<n, 256, 0, s>>>(static_cast<float*>(y), ldy, bias, N);
-  else add_bias_kernel<bf16><<<n, 256, 0, s>>>(static_cast<bf16*>(y), ldy, bias, N);
+  if (y_f32) launch_pdl(add_bias_kernel<float>, dim3(n), dim3(256), 0, s, static_cast<float*>(y), ldy, bias, N);
+  else launch_pdl(add_bias_kernel<bf16>, dim3(n), dim3(256), 0, s, static_cast<bf16*>(y), ldy, bias, N);
 }
 
 void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cudaStream_t s) {
   if (L == 0) return;
-  argmax_kernel<<<L, 1024, 0, s>>>(logits, V, ids);
+  launch_pdl(argmax_kernel, dim3(L), dim3(1024), 0, s, logits, V, ids);
 }
 
 void launch_fill_uniform_bf16(bf16_t* p, int64_t n, uint64_t seed, float a, cudaStream_t s) {
@@ -396,14 +503,24 @@ void launch_read_bandwidth(const void* p, int64_t bytes, float* sink, cudaStream
 
 bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
                  bool y_f32, cudaStream_t s) {
-  if (K % 8 || ldx % 8 || n < 1 || n > 4) return false;
-  const int blocks = (N + 7) / 8;
-  const bf16* xb = reinterpret_cast<const bf16*>(x);
-  const bf16* wb = reinterpret_cast<const bf16*>(w);
-  if (n == 1) gemv_kernel<1><<<blocks, 256, 0, s>>>(xb, ldx, n, wb, N, K, y, ldy, y_f32);
-  else if (n == 2) gemv_kernel<2><<<blocks, 256, 0, s>>>(xb, ldx, n, wb, N, K, y, ldy, y_f32);
-  else gemv_kernel<4><<<blocks, 256, 0, s>>>(xb, ldx, n, wb, N, K, y, ldy, y_f32);
-  return true;
+  return gemv_dispatch<false>(x, ldx, n, w, N, K, 0, y, ldy, y_f32, s);
+}
+
+bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w_gate_up, int32_t I, int32_t K,
+                      bf16_t* y, int64_t ldy, cudaStream_t s) {
+  return gemv_dispatch<true>(x, ldx, n, w_gate_up, I, K, I, y, ldy, false, s);
+}
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_PDL");
+    if (e && std::string(e) == "0") return false;
+    int dev = 0, major = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    return major >= 9;
+  }();
+  return on;
 }
 
 }  // namespace kiln::cuda

@@ -41,11 +41,14 @@ struct AttnParams {
   const int32_t* tiles;
   int32_t num_tiles;
   // decode: KV split count and the partial-result scratch [num_seqs, n_heads, splits, head_dim + 2]
+  // (blocks: num_seqs x n_heads / decode_heads_per_block x splits)
   int32_t splits;
   float* partials;
 };
 
 bool attention_supports_head_dim(int32_t head_dim);
+// Query heads one decode-attention block computes from one read of their KV head's cache.
+int32_t decode_heads_per_block(int32_t n_heads, int32_t n_kv);
 // Causal attention of every query row over its sequence's cache (any q_len; flash-style tiles,
 // tensor cores through wmma).
 void launch_prefill_attention(const AttnParams& p, cudaStream_t stream);
@@ -80,6 +83,10 @@ void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cuda
 // does not take.
 bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
                  bool y_f32, cudaStream_t s);
+// y[n, I] = silu(x W_gate^T) * (x W_up^T) for n <= 4, w_gate_up: [2 I, K] (gate rows, then up rows).
+// Returns false (nothing launched) for shapes it does not take.
+bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w_gate_up, int32_t I, int32_t K,
+                      bf16_t* y, int64_t ldy, cudaStream_t s);
 
 // Fills for dummy weights generated on the device: uniform in [-a, a] from a counter hash.
 void launch_fill_uniform_bf16(bf16_t* p, int64_t n, uint64_t seed, float a, cudaStream_t s);

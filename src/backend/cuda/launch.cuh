@@ -1,0 +1,46 @@
+// Kernel launches with programmatic dependent launch (PDL, sm_90+). A decode step is ~350 small
+// dependent kernels; without PDL each boundary costs the next kernel's launch plus its ramp (the
+// first weight bytes arrive ~1 us after its blocks start). With PDL the next kernel's blocks are
+// scheduled while the previous kernel's last wave drains, load what does not depend on it (weights),
+// and only then wait for it. Rules every kernel launched this way follows:
+//  - pdl_trigger() at the top (lets the next kernel be scheduled once all our blocks are resident);
+//  - pdl_wait() before the first read of anything an earlier kernel wrote, and before any write.
+// On older GPUs (or KILN_PDL=0) the attribute is left off and both calls compile to nothing or no-ops.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace kiln::cuda {
+
+// Whether launches carry the PDL attribute (set once per process from the device and KILN_PDL).
+bool pdl_enabled();
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+template <typename... KArgs, typename... Args>
+inline void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace kiln::cuda
