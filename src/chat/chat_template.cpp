@@ -41,10 +41,12 @@ Result<Template> Template::parse(std::string source, std::string name) {
 const std::string& Template::name() const { return impl_->name; }
 const std::string& Template::source() const { return impl_->source; }
 
-static Result<std::string> render_value(const detail::TemplateImpl& impl, const jinja::Value& ctx,
+template <class J>
+static Result<std::string> render_value(const detail::TemplateImpl& impl, const J& context,
                                         const RenderLimits& limits) {
-  if (!ctx.is_dict()) return Status::error(impl.name + ": render context must be a JSON object");
+  if (!context.is_object()) return Status::error(impl.name + ": render context must be a JSON object");
   try {
+    jinja::Value ctx = jinja::from_json(context);
     jinja::Renderer r(ctx, limits);
     return r.render(impl.body);
   } catch (const jinja::Error& e) {
@@ -55,15 +57,15 @@ static Result<std::string> render_value(const detail::TemplateImpl& impl, const 
 }
 
 Result<std::string> Template::render(const nlohmann::json& context) const {
-  return render_value(*impl_, jinja::from_json(context), RenderLimits());
+  return render_value(*impl_, context, RenderLimits());
 }
 
 Result<std::string> Template::render(const nlohmann::json& context, const RenderLimits& limits) const {
-  return render_value(*impl_, jinja::from_json(context), limits);
+  return render_value(*impl_, context, limits);
 }
 
 Result<std::string> Template::render(const nlohmann::ordered_json& context, const RenderLimits& limits) const {
-  return render_value(*impl_, jinja::from_json(context), limits);
+  return render_value(*impl_, context, limits);
 }
 
 Result<nlohmann::ordered_json> normalize_messages(const nlohmann::ordered_json& messages) {

@@ -36,6 +36,9 @@ struct RenderLimits {
   size_t max_output_bytes = 16u << 20;   // 16 MiB of rendered text (incl. set-block captures)
   int max_depth = 64;                    // macro/call/filter recursion
   size_t max_loop_iterations = 1u << 20; // total iterations over one render
+  // Bytes of strings plus list/dict elements built over one render: bounds the time quadratic
+  // templates (appending to a growing string in a loop) can take.
+  size_t max_work = size_t(256) << 20;
 };
 
 class Template {

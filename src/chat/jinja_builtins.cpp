@@ -441,8 +441,8 @@ std::string format_number(const Value& v, Spec sp) {
     if (!type) {
       if (sp.precision < 0) body = float_repr(d);
       else {
-        char buf[512];
-        std::snprintf(buf, sizeof(buf), "%.*g", sp.precision == 0 ? 1 : sp.precision, d);
+        char buf[1024];
+        std::snprintf(buf, sizeof(buf), "%.*g", std::min(sp.precision == 0 ? 1 : sp.precision, 300), d);
         body = buf;
       }
     } else {
@@ -450,7 +450,7 @@ std::string format_number(const Value& v, Spec sp) {
       char fmt[16];
       char t = type == '%' ? 'f' : type;
       std::snprintf(fmt, sizeof(fmt), "%%%s.*%c", sp.alt ? "#" : "", t);
-      char buf[512];
+      char buf[1024];
       std::snprintf(buf, sizeof(buf), fmt, std::min(prec, 300), type == '%' ? d * 100 : d);
       body = buf;
       if (type == '%') body += '%';
@@ -501,11 +501,11 @@ std::string format_spec(const Value& v, const std::string& spec) {
   if (i < spec.size() && (spec[i] == '+' || spec[i] == '-' || spec[i] == ' ')) sp.sign = spec[i++];
   if (i < spec.size() && spec[i] == '#') { sp.alt = true; ++i; }
   if (i < spec.size() && spec[i] == '0') { sp.zero = true; ++i; }
-  while (i < spec.size() && spec[i] >= '0' && spec[i] <= '9') sp.width = (sp.width < 0 ? 0 : sp.width * 10) + (spec[i++] - '0');
+  while (i < spec.size() && spec[i] >= '0' && spec[i] <= '9') sp.width = std::min(1000000, (sp.width < 0 ? 0 : sp.width * 10) + (spec[i++] - '0'));
   if (i < spec.size() && spec[i] == '.') {
     ++i;
     sp.precision = 0;
-    while (i < spec.size() && spec[i] >= '0' && spec[i] <= '9') sp.precision = sp.precision * 10 + (spec[i++] - '0');
+    while (i < spec.size() && spec[i] >= '0' && spec[i] <= '9') sp.precision = std::min(1000000, sp.precision * 10 + (spec[i++] - '0'));
   }
   if (i < spec.size()) sp.type = spec[i++];
   if (i != spec.size()) fail("ValueError: Invalid format specifier '" + spec + "'");
@@ -583,8 +583,9 @@ std::string str_format(Renderer& r, const std::string& fmt, CallArgs& args) {
     }
     if (conv == 'r' || conv == 'a') v = Value::string(to_repr(v));
     else if (conv == 's') v = Value::string(to_str(v));
-    out += format_spec(v, spec);
-    r.check_size(out.size());
+    std::string piece = format_spec(v, spec);
+    out += piece;
+    r.check_output(out.size(), piece.size());
   }
   return out;
 }
@@ -633,13 +634,13 @@ Value python_mod_format(const std::string& fmt, const Value& args) {
       else if (f == '0') sp.zero = true;
       else break;
     }
-    if (i < fmt.size() && fmt[i] == '*') { sp.width = static_cast<int>(need_int(take(), "* wants int")); ++i; }
-    else while (i < fmt.size() && fmt[i] >= '0' && fmt[i] <= '9') sp.width = (sp.width < 0 ? 0 : sp.width * 10) + (fmt[i++] - '0');
+    if (i < fmt.size() && fmt[i] == '*') { sp.width = static_cast<int>(std::clamp<int64_t>(need_int(take(), "* wants int"), -1000000, 1000000)); ++i; }
+    else while (i < fmt.size() && fmt[i] >= '0' && fmt[i] <= '9') sp.width = std::min(1000000, (sp.width < 0 ? 0 : sp.width * 10) + (fmt[i++] - '0'));
     if (i < fmt.size() && fmt[i] == '.') {
       ++i;
       sp.precision = 0;
-      if (i < fmt.size() && fmt[i] == '*') { sp.precision = static_cast<int>(need_int(take(), "* wants int")); ++i; }
-      else while (i < fmt.size() && fmt[i] >= '0' && fmt[i] <= '9') sp.precision = sp.precision * 10 + (fmt[i++] - '0');
+      if (i < fmt.size() && fmt[i] == '*') { sp.precision = static_cast<int>(std::clamp<int64_t>(need_int(take(), "* wants int"), 0, 1000000)); ++i; }
+      else while (i < fmt.size() && fmt[i] >= '0' && fmt[i] <= '9') sp.precision = std::min(1000000, sp.precision * 10 + (fmt[i++] - '0'));
     }
     while (i < fmt.size() && (fmt[i] == 'l' || fmt[i] == 'h' || fmt[i] == 'L')) ++i;
     if (i >= fmt.size()) fail("ValueError: incomplete format");
@@ -1010,8 +1011,9 @@ FILTER(join) {
   for (auto& item : iterate(in)) {
     if (!firstv) out += sep;
     firstv = false;
+    size_t before = out.size();
     out += to_str(attribute.is_none() ? item : get_attr_path(r, item, attribute));
-    r.check_size(out.size());
+    r.check_output(out.size(), out.size() - before + sep.size());
   }
   return Value::string(std::move(out));
 }
@@ -1187,7 +1189,7 @@ FILTER(round) {
     if (!std::isfinite(x)) return Value::real(x);
     if (precision > 300) return Value::real(x);
     if (precision >= 0) {
-      char buf[512];
+      char buf[1024];
       std::snprintf(buf, sizeof(buf), "%.*f", static_cast<int>(precision), x);
       return Value::real(std::strtod(buf, nullptr));
     }
@@ -1654,7 +1656,7 @@ Value str_method(Renderer& r, const std::string& s, const std::string& m, CallAr
       if (!first) out += s;
       first = false;
       out += item.s;
-      r.check_size(out.size());
+      r.check_output(out.size(), item.s.size() + s.size());
     }
     return Value::string(std::move(out));
   }
@@ -1855,8 +1857,9 @@ Value global_dict(Renderer&, const Value&, CallArgs& args, int) {
   return Value::make_dict(std::move(d));
 }
 
-Value global_namespace(Renderer&, const Value&, CallArgs& args, int) {
+Value global_namespace(Renderer& r, const Value&, CallArgs& args, int) {
   auto ns = std::make_shared<NamespaceObj>();
+  r.track_namespace(ns);
   fill_dict(ns->attrs, args, "namespace");
   Value v;
   v.kind = Kind::kNamespace;

@@ -189,6 +189,16 @@ Value loop_attr(const std::shared_ptr<LoopObj>& loop, const std::string& name) {
 
 Renderer::Renderer(const Value& context, const RenderLimits& limits) : context_(context), limits_(limits) {
   add_globals(globals_);
+  budget_.limit = limits.max_work;
+}
+
+Renderer::~Renderer() {
+  // Break reference cycles through namespaces ({% set ns.me = ns %}) so everything is freed,
+  // one level at a time (no deep recursive destruction).
+  for (auto& ns : namespaces_) {
+    std::vector<std::pair<Value, Value>> items;
+    items.swap(ns->attrs.items);
+  }
 }
 
 Scope* Renderer::new_scope(Scope* parent) {
@@ -197,8 +207,15 @@ Scope* Renderer::new_scope(Scope* parent) {
   return &scopes_.back();
 }
 
-void Renderer::check_size(size_t bytes) const {
+void Renderer::check_size(size_t bytes) {
+  charge(bytes);
   if (bytes > limits_.max_output_bytes)
+    fail("MemoryError: rendered text exceeds the limit of " + std::to_string(limits_.max_output_bytes) + " bytes");
+}
+
+void Renderer::check_output(size_t total, size_t appended) {
+  charge(appended);
+  if (total > limits_.max_output_bytes)
     fail("MemoryError: rendered text exceeds the limit of " + std::to_string(limits_.max_output_bytes) + " bytes");
 }
 
@@ -209,6 +226,10 @@ void Renderer::count_iterations(size_t n) {
 }
 
 std::string Renderer::render(const std::vector<NodePtr>& body) {
+  struct BudgetScope {
+    explicit BudgetScope(WorkBudget* b) { set_work_budget(b); }
+    ~BudgetScope() { set_work_budget(nullptr); }
+  } budget_scope(&budget_);
   Scope* root = new_scope(nullptr);
   std::string out;
   exec_block(body, root, out);
@@ -297,13 +318,14 @@ Renderer::Flow Renderer::exec(const Node& n, Scope* s, std::string& out) {
     switch (n.kind) {
       case NodeKind::kData:
         out += n.name;
-        check_size(out.size());
+        check_output(out.size(), n.name.size());
         return Flow::kNormal;
       case NodeKind::kOutput: {
         Value v = eval(*n.a, s);
+        size_t before = out.size();
         if (v.kind == Kind::kString) out += v.s;
         else out += to_str(v);
-        check_size(out.size());
+        check_output(out.size(), out.size() - before);
         return Flow::kNormal;
       }
       case NodeKind::kIf:
@@ -345,8 +367,9 @@ Renderer::Flow Renderer::exec(const Node& n, Scope* s, std::string& out) {
           build_args(**it, s, args);
           v = apply_filter((*it)->name, v, args, (*it)->line);
         }
+        size_t before = out.size();
         out += to_str(v);
-        check_size(out.size());
+        check_output(out.size(), out.size() - before);
         return Flow::kNormal;
       }
       case NodeKind::kMacro: {
@@ -375,8 +398,9 @@ Renderer::Flow Renderer::exec(const Node& n, Scope* s, std::string& out) {
         build_args(call, s, args);
         args.kw.emplace_back("caller", caller);
         Value v = call_value(callee, args, call.line);
+        size_t before = out.size();
         out += to_str(v);
-        check_size(out.size());
+        check_output(out.size(), out.size() - before);
         return Flow::kNormal;
       }
       case NodeKind::kWith: {
@@ -390,7 +414,7 @@ Renderer::Flow Renderer::exec(const Node& n, Scope* s, std::string& out) {
         std::string body;
         exec_block(n.body, new_scope(s), body);
         out += body;
-        check_size(out.size());
+        check_output(out.size(), body.size());
         return Flow::kNormal;
       }
       case NodeKind::kBreak: return Flow::kBreak;
@@ -760,9 +784,10 @@ Value Renderer::eval(const Node& n, Scope* s) {
         std::string r;
         for (const auto& c : n.children) {
           Value v = eval(*c, s);
+          size_t before = r.size();
           if (v.is_string()) r += v.s;
           else r += to_str(v);
-          check_size(r.size());
+          check_output(r.size(), r.size() - before);
         }
         return Value::string(std::move(r));
       }

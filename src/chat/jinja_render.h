@@ -57,6 +57,7 @@ struct Scope {
 class Renderer {
  public:
   Renderer(const Value& context, const RenderLimits& limits);
+  ~Renderer();
   std::string render(const std::vector<NodePtr>& body);
 
   // Used by builtins.
@@ -65,7 +66,12 @@ class Renderer {
   bool apply_test(const std::string& name, const Value& input, CallArgs& args, int line);
   Value getattr(const Value& obj, const std::string& name);
   Value getitem(const Value& obj, const Value& key);
-  void check_size(size_t bytes) const;
+  // A string of `bytes` was built: charge it and check the output limit.
+  void check_size(size_t bytes);
+  // Namespaces can reference themselves; the renderer empties them all when it ends.
+  void track_namespace(std::shared_ptr<NamespaceObj> ns) { namespaces_.push_back(std::move(ns)); }
+  // The text being built reached `total` bytes after appending `appended`.
+  void check_output(size_t total, size_t appended);
   void count_iterations(size_t n);
   const RenderLimits& limits() const { return limits_; }
 
@@ -93,6 +99,8 @@ class Renderer {
   size_t iterations_ = 0;
   int eval_depth_ = 0;
   size_t out_bytes_hint_ = 0;
+  WorkBudget budget_;
+  std::vector<std::shared_ptr<NamespaceObj>> namespaces_;
 };
 
 // Builtins (jinja_builtins.cpp).

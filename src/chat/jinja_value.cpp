@@ -10,6 +10,34 @@ namespace kiln::chat::jinja {
 
 void fail(std::string message, int line) { throw Error{std::move(message), line}; }
 
+namespace {
+thread_local WorkBudget* t_budget = nullptr;
+thread_local int t_depth = 0;
+thread_local std::vector<const Object*> t_repr_stack;  // namespaces being printed
+constexpr int kMaxRecursion = 300;
+}  // namespace
+
+void set_work_budget(WorkBudget* budget) { t_budget = budget; }
+
+void charge(size_t units) {
+  if (!t_budget) return;
+  t_budget->used += units;
+  if (t_budget->used > t_budget->limit)
+    fail("MemoryError: the template did more than " + std::to_string(t_budget->limit) + " units of work");
+}
+
+RecursionGuard::RecursionGuard() {
+  if (++t_depth > kMaxRecursion) {
+    --t_depth;
+    fail("RecursionError: maximum recursion depth exceeded");
+  }
+}
+RecursionGuard::~RecursionGuard() { --t_depth; }
+
+static uint16_t child_nest(const Value& v) {
+  return (v.kind == Kind::kList || v.kind == Kind::kDict) ? v.nest : 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // UTF-8. Invalid bytes decode to U+DC80+byte (Python's surrogateescape) and encode back to the
 // byte, so arbitrary template bytes survive slicing and case mapping unchanged.
@@ -182,6 +210,11 @@ Value Value::make_list(ValueList items, bool tuple) {
   Value v;
   v.kind = Kind::kList;
   v.flag = tuple;
+  uint16_t nest = 0;
+  for (const auto& e : items) nest = std::max(nest, child_nest(e));
+  if (nest + 1 > kMaxNest) fail("RecursionError: containers nested deeper than " + std::to_string(kMaxNest));
+  v.nest = static_cast<uint16_t>(nest + 1);
+  charge(items.size() * 16);
   v.list = std::make_shared<const ValueList>(std::move(items));
   return v;
 }
@@ -189,6 +222,11 @@ Value Value::make_list(ValueList items, bool tuple) {
 Value Value::make_dict(DictData d) {
   Value v;
   v.kind = Kind::kDict;
+  uint16_t nest = 0;
+  for (const auto& kv : d.items) nest = std::max({nest, child_nest(kv.first), child_nest(kv.second)});
+  if (nest + 1 > kMaxNest) fail("RecursionError: containers nested deeper than " + std::to_string(kMaxNest));
+  v.nest = static_cast<uint16_t>(nest + 1);
+  charge(d.items.size() * 32);
   v.dict = std::make_shared<const DictData>(std::move(d));
   return v;
 }
@@ -365,6 +403,7 @@ static std::string str_repr(const std::string& s) {
 }
 
 std::string to_repr(const Value& v) {
+  RecursionGuard guard;
   switch (v.kind) {
     case Kind::kUndefined: return "Undefined";
     case Kind::kNone: return "None";
@@ -397,8 +436,24 @@ std::string to_repr(const Value& v) {
       return "<" + type_name(v) + " object>";
     case Kind::kCallable: return "<function>";
     case Kind::kNamespace: {
+      // Python's dict repr prints a dict it is already printing as {...}.
       auto* ns = static_cast<const NamespaceObj*>(v.obj.get());
-      return "<Namespace " + to_repr(Value::make_dict(ns->attrs)) + ">";
+      if (std::find(t_repr_stack.begin(), t_repr_stack.end(), ns) != t_repr_stack.end()) return "<Namespace {...}>";
+      t_repr_stack.push_back(ns);
+      std::string out = "<Namespace {";
+      try {
+        bool first = true;
+        for (const auto& kv : ns->attrs.items) {
+          if (!first) out += ", ";
+          first = false;
+          out += to_repr(kv.first) + ": " + to_repr(kv.second);
+        }
+      } catch (...) {
+        t_repr_stack.pop_back();
+        throw;
+      }
+      t_repr_stack.pop_back();
+      return out + "}>";
     }
     case Kind::kLoop: return "<LoopContext>";
   }
@@ -414,6 +469,7 @@ std::string to_str(const Value& v) {
 }
 
 bool equal(const Value& a, const Value& b) {
+  RecursionGuard guard;
   if (a.is_number() && b.is_number()) {
     if (a.kind == Kind::kFloat || b.kind == Kind::kFloat) return a.as_double() == b.as_double();
     return a.as_int() == b.as_int();
@@ -446,6 +502,7 @@ bool equal(const Value& a, const Value& b) {
 }
 
 bool less(const Value& a, const Value& b, const char* op) {
+  RecursionGuard guard;
   if (a.is_undefined()) fail_undefined(a);
   if (b.is_undefined()) fail_undefined(b);
   if (a.is_number() && b.is_number()) {
@@ -476,6 +533,8 @@ size_t py_len(const Value& v) {
 }
 
 ValueList iterate(const Value& v) {
+  if (v.kind == Kind::kList) charge(v.list->size() * 16);
+  if (v.kind == Kind::kString) charge(v.s.size() * 16);
   switch (v.kind) {
     case Kind::kUndefined: return {};
     case Kind::kList: return *v.list;
@@ -506,6 +565,7 @@ ValueList iterate(const Value& v) {
 
 template <class J>
 static Value from_json_impl(const J& j) {
+  RecursionGuard guard;
   switch (j.type()) {
     case nlohmann::json::value_t::null: return Value::none();
     case nlohmann::json::value_t::boolean: return Value::boolean(j.template get<bool>());
@@ -588,6 +648,7 @@ static std::string json_float(double d) {
 }
 
 static void json_dump(std::string& out, const Value& v, const JsonOptions& o, int level) {
+  RecursionGuard guard;
   auto newline = [&](int lvl) {
     out += '\n';
     for (int k = 0; k < lvl; ++k) out += o.indent;

@@ -56,6 +56,7 @@ struct UndefInfo : Object {
 struct Value {
   Kind kind = Kind::kUndefined;
   bool flag = false;  // kBool: the value; kList: is a tuple
+  uint16_t nest = 0;  // kList/kDict: nesting depth of containers (bounded, see kMaxNest)
   int64_t i = 0;
   double f = 0;
   std::string s;
@@ -101,6 +102,25 @@ struct IteratorObj : Object {
 
 struct NamespaceObj : Object {
   DictData attrs;
+};
+
+// Containers nest at most this deep: deeper values would overflow the stack of the recursive
+// printers (and of the destructors).
+constexpr int kMaxNest = 256;
+
+// Work accounting for one render on this thread (set by the renderer): every string built and
+// every container element copied is charged; past the limit the render fails.
+struct WorkBudget {
+  size_t used = 0;
+  size_t limit = 0;
+};
+void set_work_budget(WorkBudget* budget);
+void charge(size_t units);
+
+// Guards recursion of the value printers/comparators (Python raises RecursionError too).
+struct RecursionGuard {
+  RecursionGuard();
+  ~RecursionGuard();
 };
 
 // Python's type name as in error messages ("str", "int", "dict", "NoneType", ...).
