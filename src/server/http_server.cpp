@@ -242,7 +242,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
-  enum class Phase { kIdle, kReading, kHandling, kClosed };
+  enum class Phase { kIdle, kReading, kHandling, kLingering, kClosed };
 
   // --- reading -------------------------------------------------------------------------------
   void wait_for_data(bool first) {
@@ -264,6 +264,11 @@ class Session : public std::enable_shared_from_this<Session> {
     peek_pending_ = false;
     if (!ec) buf_.commit(n);
     if (phase_ == Phase::kClosed) return;
+    if (phase_ == Phase::kLingering) {
+      buf_.consume(buf_.size());
+      if (ec) return close();
+      return start_peek();
+    }
     if (ec) {
       // EOF, reset, or the idle/write timer cancelled us: the client is gone or too slow.
       if (phase_ == Phase::kHandling) return client_gone();
@@ -391,7 +396,7 @@ class Session : public std::enable_shared_from_this<Session> {
     responding_ = false;
     on_disconnect_ = nullptr;
     srv_->request_done();
-    if (!keep_alive_ || srv_->draining) return close();
+    if (!keep_alive_ || srv_->draining) return linger_then_close();
     phase_ = Phase::kIdle;
     if (peek_pending_) {
       arm_timer(srv_->opt.keep_alive_timeout_s);  // the pending peek now waits for the next request
@@ -401,6 +406,19 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // --- teardown ------------------------------------------------------------------------------
+  // Closing a socket with unread input sends RST, which can destroy the response still in flight
+  // to the client (a 413 sent while the body is still arriving). So: FIN our side, discard what
+  // the client still sends for up to a second, then close.
+  void linger_then_close() {
+    error_code ec;
+    socket_.shutdown(tcp::socket::shutdown_send, ec);
+    if (ec) return close();
+    phase_ = Phase::kLingering;
+    buf_.consume(buf_.size());
+    arm_timer(1.0);
+    if (!peek_pending_) start_peek();
+  }
+
   void client_gone() {
     if (responding_ && !response_finished_) gone_seq_ = seq_;
     close();

@@ -338,6 +338,7 @@ class Job : public std::enable_shared_from_this<Job> {
   }
 
   void stream_delta(Choice& c) {
+    c.sent = std::min(c.sent, c.text.size());  // holdback keeps sent <= any stop's start; stay safe anyway
     size_t end = c.text.size();
     if (!c.done && !gen.stop.empty()) end -= std::min(end, stop_holdback(c.text, gen.stop));
     end = std::max(end, c.sent);
