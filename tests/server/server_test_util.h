@@ -243,6 +243,10 @@ class Conn {
     }
     return true;
   }
+  // Half-close: the server sees EOF after what was sent.
+  void finish_sending() {
+    if (fd_ >= 0) ::shutdown(fd_, SHUT_WR);
+  }
   // Reads one response; for a chunked body, on_chunk (if set) sees each chunk as it arrives.
   HttpResponse read_response(const std::function<void(const std::string&)>& on_chunk = nullptr) {
     HttpResponse r;
