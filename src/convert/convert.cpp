@@ -6,6 +6,9 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <set>
+
+#include <fnmatch.h>
 
 #include <nlohmann/json.hpp>
 
@@ -41,6 +44,30 @@ Result<ActQuant> parse_fp8_activations(const std::string& s) {
   if (s == "dynamic_per_token") return ActQuant::kDynamicToken;
   if (s == "dynamic_per_tensor") return ActQuant::kDynamicTensor;
   return Status::error("--fp8_activations '" + s + "' is not one of dynamic_per_token, dynamic_per_tensor");
+}
+
+Result<std::vector<std::string>> parse_fp8_exclude(const std::string& s) {
+  std::vector<std::string> out;
+  size_t i = 0;
+  while (i <= s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    std::string item = s.substr(i, j - i);
+    const size_t a = item.find_first_not_of(" \t"), b = item.find_last_not_of(" \t");
+    item = a == std::string::npos ? std::string() : item.substr(a, b - a + 1);
+    if (item.empty())
+      return Status::error("--fp8_exclude '" + s + "': empty pattern (expected comma-separated module patterns, e.g. "
+                           "lm_head,model.layers.0.*,*down_proj)");
+    out.push_back(item);
+    i = j + 1;
+  }
+  return out;
+}
+
+bool module_excluded(const std::string& module, const std::vector<std::string>& patterns) {
+  for (const auto& p : patterns)
+    if (::fnmatch(p.c_str(), module.c_str(), 0) == 0) return true;
+  return false;
 }
 
 float Fp8Matrix::value(int64_t r, int64_t c) const {
@@ -255,7 +282,20 @@ struct SourceQuant {
   bool fp8 = false;      // pre-quantized FP8 weights
   bool fp8_kv = false;   // the source asks for an FP8 KV cache
   std::string producer;  // "modelopt", "fp8"
+  std::vector<std::string> exclude;  // exclude_modules (ModelOpt), modules_to_not_convert (HF fp8)
 };
+
+// A list of module-name patterns at node[key], if any.
+Status read_exclude_list(const json& node, const char* key, const std::string& where, std::vector<std::string>* out) {
+  auto it = node.find(key);
+  if (it == node.end() || it->is_null()) return Status::ok();
+  if (!it->is_array()) return Status::error(where + ": " + key + " must be a list of module names");
+  for (const auto& e : *it) {
+    if (!e.is_string()) return Status::error(where + ": " + key + " must be a list of module names, has " + e.dump());
+    out->push_back(e.get<std::string>());
+  }
+  return Status::ok();
+}
 
 Result<json> read_json_file(const std::string& path) {
   KILN_ASSIGN_OR_RETURN(std::string text, read_file(path));
@@ -285,7 +325,10 @@ Result<SourceQuant> detect_source_quant(const std::string& dir) {
   if (file_exists(hqc)) {
     KILN_ASSIGN_OR_RETURN(json j, read_json_file(hqc));
     const json& node = j.contains("quantization") ? j["quantization"] : j;
-    if (node.is_object()) KILN_RETURN_IF_ERROR(algo_check(node, hqc));
+    if (node.is_object()) {
+      KILN_RETURN_IF_ERROR(algo_check(node, hqc));
+      KILN_RETURN_IF_ERROR(read_exclude_list(node, "exclude_modules", hqc, &q.exclude));
+    }
     q.producer = "modelopt";
   }
   KILN_ASSIGN_OR_RETURN(json cfg, read_json_file(dir + "/config.json"));
@@ -294,12 +337,14 @@ Result<SourceQuant> detect_source_quant(const std::string& dir) {
     const std::string method = qc->value("quant_method", std::string());
     if (method == "modelopt") {
       KILN_RETURN_IF_ERROR(algo_check(*qc, where));
+      KILN_RETURN_IF_ERROR(read_exclude_list(*qc, "exclude_modules", where, &q.exclude));
       q.producer = "modelopt";
     } else if (method == "fp8") {
       if (qc->contains("weight_block_size") && !(*qc)["weight_block_size"].is_null())
         return Status::error(where + ": block-wise FP8 (weight_block_size) is not supported (per-tensor or per-channel)");
       q.fp8 = true;
       q.producer = "fp8";
+      KILN_RETURN_IF_ERROR(read_exclude_list(*qc, "modules_to_not_convert", where, &q.exclude));
     } else if (!method.empty()) {
       return Status::error(where + ": quant_method '" + method + "' is not supported (modelopt FP8, fp8)");
     }
@@ -411,11 +456,26 @@ Result<ConvertResult> convert_checkpoint(const ConvertOptions& opts) {
 
   Converter cv{opts, c, dtype_of(dtype_name_s), opts.fp8_scaling, tp, &res};
 
-  // Calibrated activation scales (ModelOpt input_scale): static activations only if every FP8
-  // linear has one.
-  bool all_input_scales = res.fp8 && ck;
-  auto input_scale = [&](const std::string& prefix) -> float {
-    const SafeTensor* t = ck ? ck->find(prefix + ".input_scale") : nullptr;
+  // Linears kept in `dtype`: ModelOpt's exclude_modules of the source plus --fp8_exclude.
+  std::vector<std::string> exclude = sq.exclude;
+  exclude.insert(exclude.end(), opts.fp8_exclude.begin(), opts.fp8_exclude.end());
+
+  // Calibrated activation scales (ModelOpt input_scale, or --calib_file's amax): static
+  // activations only if every FP8 linear has one.
+  const bool calibrated = res.fp8 && !opts.input_amax.empty();
+  bool all_input_scales = res.fp8 && (ck || calibrated);
+  std::vector<std::string> uncalibrated;
+  auto input_scale = [&](const std::string& module) -> float {
+    if (calibrated) {
+      auto it = opts.input_amax.find(module);
+      if (it == opts.input_amax.end() || !(it->second >= 0.0f)) {
+        uncalibrated.push_back(module);
+        all_input_scales = false;
+        return 0.0f;
+      }
+      return fp8_scale_for_amax(it->second);
+    }
+    const SafeTensor* t = ck ? ck->find(module + ".input_scale") : nullptr;
     if (!t || t->numel() != 1) {
       all_input_scales = false;
       return 0.0f;
@@ -423,7 +483,8 @@ Result<ConvertResult> convert_checkpoint(const ConvertOptions& opts) {
     return load_as_f32(t->data, t->dtype, 0);
   };
 
-  // The logical matrices of each layer, in file order.
+  // The logical matrices of each layer, in file order. A fused group is FP8 only if none of its
+  // parts (nor its fused name) is excluded; a pre-quantized source's unquantized linears stay so.
   struct LayerPlan {
     Logical qkv, o, gate_up, down;
   };
@@ -431,19 +492,39 @@ Result<ConvertResult> convert_checkpoint(const ConvertOptions& opts) {
   for (int32_t i = 0; i < c.num_layers; ++i) {
     const LayerWeights& l = W.layers[size_t(i)];
     const std::string p = "model.layers." + std::to_string(i) + ".";
+    const std::string hp = p + "self_attn.", mp = p + "mlp.";
     LayerPlan& lp = plans[size_t(i)];
-    lp.qkv = {p + "self_attn.qkv_proj", {&l.wq, &l.wk, &l.wv}, Split::kRows, res.fp8, {}};
-    lp.o = {p + "self_attn.o_proj", {&l.wo}, Split::kCols, res.fp8, {}};
-    lp.gate_up = {p + "mlp.gate_up_proj", {&l.w_gate, &l.w_up}, Split::kRows, res.fp8, {}};
-    lp.down = {p + "mlp.down_proj", {&l.w_down}, Split::kCols, res.fp8, {}};
-    if (res.fp8 && ck) {
-      const std::string hp = p + "self_attn.", mp = p + "mlp.";
-      lp.qkv.input_scales = {input_scale(hp + "q_proj"), input_scale(hp + "k_proj"), input_scale(hp + "v_proj")};
-      lp.o.input_scales = {input_scale(hp + "o_proj")};
-      lp.gate_up.input_scales = {input_scale(mp + "gate_proj"), input_scale(mp + "up_proj")};
-      lp.down.input_scales = {input_scale(mp + "down_proj")};
+    lp.qkv = {hp + "qkv_proj", {&l.wq, &l.wk, &l.wv}, Split::kRows, false, {}};
+    lp.o = {hp + "o_proj", {&l.wo}, Split::kCols, false, {}};
+    lp.gate_up = {mp + "gate_up_proj", {&l.w_gate, &l.w_up}, Split::kRows, false, {}};
+    lp.down = {mp + "down_proj", {&l.w_down}, Split::kCols, false, {}};
+    const std::pair<Logical*, std::vector<std::string>> groups[] = {
+        {&lp.qkv, {hp + "q_proj", hp + "k_proj", hp + "v_proj"}},
+        {&lp.o, {hp + "o_proj"}},
+        {&lp.gate_up, {mp + "gate_proj", mp + "up_proj"}},
+        {&lp.down, {mp + "down_proj"}}};
+    for (const auto& [L, modules] : groups) {
+      bool excluded = module_excluded(L->prefix, exclude), any_fp8 = false;
+      for (const auto& m : modules) excluded = excluded || module_excluded(m, exclude);
+      int64_t params = 0;
+      for (const Weight* w : L->parts) {
+        any_fp8 = any_fp8 || w->format == WeightFormat::kF8E4M3;
+        params += w->rows * w->cols;
+      }
+      L->fp8 = res.fp8 && !excluded && (opts.use_fp8 || any_fp8);
+      (L->fp8 ? res.fp8_linear_params : res.dtype_linear_params) += params;
+      if (res.fp8 && !L->fp8) res.excluded_linears.push_back(L->prefix);
+      if (L->fp8 && (ck || calibrated))
+        for (const auto& m : modules) L->input_scales.push_back(input_scale(m));
     }
   }
+  if (!uncalibrated.empty())
+    return Status::error("--calib_file: no calibrated activation amax for " + uncalibrated[0] +
+                         (uncalibrated.size() > 1 ? " (and " + std::to_string(uncalibrated.size() - 1) + " more)" : ""));
+  if (res.fp8 && !res.excluded_linears.empty())
+    log_info("convert: " + std::to_string(res.excluded_linears.size()) + " linears kept in " + dtype_name_s +
+             " by exclude_modules (" + std::to_string(res.dtype_linear_params) + " of " +
+             std::to_string(res.dtype_linear_params + res.fp8_linear_params) + " linear weights)");
   if (!all_input_scales)
     for (auto& lp : plans)
       for (Logical* L : {&lp.qkv, &lp.o, &lp.gate_up, &lp.down}) L->input_scales.clear();
@@ -557,7 +638,14 @@ Result<ConvertResult> convert_checkpoint(const ConvertOptions& opts) {
     q["weight_scaling"] = opts.fp8_scaling == Fp8Scaling::kPerTensor ? "per_tensor" : "per_channel";
     q["activation_scaling"] = std::string(act_quant_name(act));
     q["source"] = sq.fp8 ? (sq.producer.empty() ? std::string("fp8") : sq.producer) : std::string("kiln");
-    q["excluded_modules"] = {"model.embed_tokens", "lm_head"};
+    // ModelOpt's field: the patterns (embed_tokens and lm_head always, then the source's and
+    // --fp8_exclude's); excluded_linears is what they resolved to, after the fused-group rule.
+    json ex = json::array({"model.embed_tokens", "lm_head"});
+    for (const auto& e : exclude)
+      if (std::find(ex.begin(), ex.end(), json(e)) == ex.end()) ex.push_back(e);
+    q["exclude_modules"] = ex;
+    q["excluded_linears"] = res.excluded_linears;
+    if (calibrated) q["activation_calibration"] = "max";
   }
   if (fp8_kv) {
     q["kv_cache_scales"] = kv_found ? "calibrated" : "unit";

@@ -4,6 +4,7 @@
 // FP8 KV-cache scales, one safetensors file per tensor-parallel rank, tokenizer files copied.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,15 @@ struct ConvertOptions {
   // request's logits independent of its batch (the CPU backend's invariant); per tensor is what a
   // plain cuBLASLt FP8 GEMM with one scale does.
   ActQuant fp8_activations = ActQuant::kDynamicToken;
+  // ModelOpt's exclude_modules: fnmatch patterns over HF module names ("lm_head",
+  // "model.layers.0.*", "*down_proj"); matching linears stay in `dtype`. A fused group (qkv,
+  // gate_up) with any part matched is excluded whole: one matrix has one format. Added to the
+  // patterns a pre-quantized source lists; embed_tokens and lm_head are always excluded.
+  std::vector<std::string> fp8_exclude;
+  // Calibrated max |x| at the input of each linear, by HF module name (q_proj, ..., down_proj;
+  // backend/cpu/cpu_fp8.h fp8_calibrate): with --use_fp8, every FP8 linear gets a static
+  // input_scale = amax / 448, as ModelOpt's max calibration writes. Empty: dynamic activations.
+  std::map<std::string, float> input_amax;
 };
 
 struct ConvertResult {
@@ -34,6 +44,8 @@ struct ConvertResult {
   bool fp8 = false;
   std::string dtype;          // resolved dtype of non-FP8 matrices
   int32_t requantized_shards = 0;  // FP8 shards rescaled to a fused tensor's max scale
+  std::vector<std::string> excluded_linears;  // fused linears kept in dtype by exclude patterns
+  int64_t fp8_linear_params = 0, dtype_linear_params = 0;  // decoder linears by stored format
   size_t bytes_written = 0;
   std::vector<std::string> files;  // written, relative to output_dir
 };
@@ -44,6 +56,10 @@ Result<ConvertResult> convert_checkpoint(const ConvertOptions& opts);
 Result<std::string> parse_convert_dtype(const std::string& s);
 Result<Fp8Scaling> parse_fp8_scaling(const std::string& s);
 Result<ActQuant> parse_fp8_activations(const std::string& s);
+// "lm_head, model.layers.0.*" -> {"lm_head", "model.layers.0.*"}; an empty item is an error.
+Result<std::vector<std::string>> parse_fp8_exclude(const std::string& s);
+// fnmatch semantics as Python's fnmatch.fnmatchcase ('*' also crosses '.'), as ModelOpt matches.
+bool module_excluded(const std::string& module, const std::vector<std::string>& patterns);
 
 // --- Building blocks, public for tests ------------------------------------------------------
 // An FP8 matrix: codes [rows, cols] and one scale (per tensor) or `rows` scales (per channel).
