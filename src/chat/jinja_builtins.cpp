@@ -69,6 +69,12 @@ Value security_undefined(const Value& obj, const std::string& attr) {
   return v;
 }
 
+// sorted(reverse=...) takes an int-like value only.
+bool need_flag(const Value& v) {
+  if (v.kind == Kind::kBool || v.kind == Kind::kInt) return v.as_int() != 0;
+  fail("TypeError: '" + type_name(v) + "' object cannot be interpreted as an integer");
+}
+
 int64_t need_int(const Value& v, const char* what) {
   if (v.kind == Kind::kInt || v.kind == Kind::kBool) return v.as_int();
   if (v.is_undefined()) fail_undefined(v);
@@ -90,7 +96,7 @@ bool is_ascii(const std::string& s) {
 // Python str.strip/lstrip/rstrip.
 std::string py_strip(const std::string& s, const Value& chars, bool left, bool right) {
   std::vector<char32_t> set;
-  bool ws = chars.is_none() || chars.is_undefined();
+  bool ws = chars.is_none();
   if (!ws) {
     if (!chars.is_string()) fail("TypeError: strip arg must be None or str");
     set = utf8_decode(chars.s);
@@ -138,7 +144,8 @@ std::string py_replace(const std::string& s, const std::string& old, const std::
 
 ValueList py_split(const std::string& s, const Value& sep, int64_t maxsplit) {
   ValueList out;
-  if (sep.is_none() || sep.is_undefined()) {
+  if (!sep.is_none() && !sep.is_string()) fail("TypeError: must be str or None, not " + type_name(sep));
+  if (sep.is_none()) {
     auto cps = utf8_decode(s);
     size_t i = 0, n = cps.size();
     int64_t splits = 0;
@@ -177,7 +184,8 @@ ValueList py_split(const std::string& s, const Value& sep, int64_t maxsplit) {
 ValueList py_rsplit(const std::string& s, const Value& sep, int64_t maxsplit) {
   if (maxsplit < 0) return py_split(s, sep, maxsplit);
   ValueList out;
-  if (sep.is_none() || sep.is_undefined()) {
+  if (!sep.is_none() && !sep.is_string()) fail("TypeError: must be str or None, not " + type_name(sep));
+  if (sep.is_none()) {
     auto cps = utf8_decode(s);
     int64_t i = static_cast<int64_t>(cps.size());
     int64_t splits = 0;
@@ -609,6 +617,10 @@ Value python_mod_format(const std::string& fmt, const Value& args) {
     char c = fmt[i];
     if (c != '%') { out += c; continue; }
     if (++i >= fmt.size()) fail("ValueError: incomplete format");
+    if (fmt[i] == '%') {
+      out += '%';
+      continue;
+    }
     Value v;
     bool have_v = false;
     if (fmt[i] == '(') {
@@ -646,7 +658,7 @@ Value python_mod_format(const std::string& fmt, const Value& args) {
     if (i >= fmt.size()) fail("ValueError: incomplete format");
     if (sp.width > 10000) fail("ValueError: width too big");
     char t = fmt[i];
-    if (t == '%') { out += '%'; continue; }
+    if (t == '%') fail("ValueError: unsupported format character '%' (0x25)");
     if (!have_v) v = take();
     if (sp.zero && sp.align == '>') { sp.fill = '0'; sp.align = '='; }
     switch (t) {
@@ -840,7 +852,7 @@ FILTER(dictsort) {
   ArgReader a(args, "dictsort");
   bool cs = truthy(a.get(0, "case_sensitive", Value::boolean(false)));
   Value by = a.get(1, "by", Value::string("key"));
-  bool reverse = truthy(a.get(2, "reverse", Value::boolean(false)));
+  bool reverse = need_flag(a.get(2, "reverse", Value::boolean(false)));
   a.finish(3);
   size_t pos;
   if (by.is_string() && by.s == "key") pos = 0;
@@ -967,8 +979,8 @@ FILTER(int) {
     if (std::fabs(in.f) >= 9.2e18) fail("OverflowError: integer too large");
     return Value::integer(static_cast<int64_t>(std::trunc(in.f)));
   }
-  if (in.is_string()) {
-    int64_t b = need_int(base, "int");
+  if (in.is_string() && (base.kind == Kind::kInt || base.kind == Kind::kBool)) {
+    int64_t b = base.as_int();
     if (b == 10) {
       int64_t v;
       if (parse_py_int(in.s, v)) return Value::integer(v);
@@ -977,8 +989,10 @@ FILTER(int) {
       char* end = nullptr;
       errno = 0;
       long long v = std::strtoll(s.c_str(), &end, static_cast<int>(b));
-      if (!s.empty() && end && *end == 0 && errno == 0) return Value::integer(v);
+      if (b >= 2 && b <= 36 && !s.empty() && end && *end == 0 && errno == 0) return Value::integer(v);
     }
+  }
+  if (in.is_string()) {
     double d;
     if (parse_py_float(in.s, d)) {
       if (std::isnan(d)) return def;
@@ -1210,7 +1224,7 @@ FILTER(safe) {
 
 FILTER(sort) {
   ArgReader a(args, "sort");
-  bool reverse = truthy(a.get(0, "reverse", Value::boolean(false)));
+  bool reverse = need_flag(a.get(0, "reverse", Value::boolean(false)));
   bool cs = truthy(a.get(1, "case_sensitive", Value::boolean(false)));
   Value attribute = a.get(2, "attribute", Value::none());
   a.finish(3);
@@ -1227,10 +1241,9 @@ FILTER(sort) {
       Value k = get_attr_path(r, item, at);
       key.push_back(cs ? k : lower_if_str(k));
     }
-    keyed.emplace_back(key.size() == 1 && attrs.size() == 1 && !(attribute.is_string() && attribute.s.find(',') != std::string::npos)
-                           ? key[0]
-                           : Value::make_list(std::move(key)),
-                       item);
+    // jinja2's make_multi_attrgetter: the key is always a list, so equal (even undefined)
+    // keys compare by == and never reach <.
+    keyed.emplace_back(Value::make_list(std::move(key)), item);
   }
   py_sort(keyed, reverse);
   ValueList out;
@@ -1471,6 +1484,7 @@ TEST(le) { Value o = one_arg(args, "le"); return less(in, o, "<=") || equal(in, 
 TEST(ge) { Value o = one_arg(args, "ge"); return less(o, in, ">=") || equal(in, o); }
 TEST(in) {
   ArgReader a(args, "in");
+  if (!a.has(0, "seq")) fail("TypeError: test_in() missing 1 required positional argument: 'seq'");
   Value seq = a.get(0, "seq");
   a.finish(1);
   switch (seq.kind) {
@@ -1838,6 +1852,7 @@ void fill_dict(DictData& d, CallArgs& args, const char* fname) {
   if (args.pos.size() > 1) fail(std::string("TypeError: ") + fname + " expected at most 1 argument");
   if (!args.pos.empty()) {
     const Value& src = args.pos[0];
+    if (src.is_undefined()) fail_undefined(src);  // dict() looks up .keys on it
     if (src.is_dict()) {
       for (auto& kv : src.entries().items) d.set(kv.first, kv.second);
     } else {

@@ -186,6 +186,7 @@ class Lexer {
         continue;
       }
       pos_ = p + 2 + (sign ? 1 : 0);
+      if (kind == '#' && pos_ >= n) break;  // "{#" ending the source: jinja2's lexer just stops
       if (kind == '#') lex_comment();
       else lex_tag(kind == '{');
     }
@@ -390,6 +391,11 @@ class Lexer {
         digits(k);
         is_float = true;
       }
+    }
+    if (!is_float && s_[i] == '0') {
+      // jinja2's integer_re: a decimal literal starting with 0 is only zeros ("01" lexes as 0, 1).
+      k = i + 1;
+      while (k < n && (s_[k] == '0' || (s_[k] == '_' && k + 1 < n && s_[k + 1] == '0'))) ++k;
     }
     std::string lit;
     for (size_t q = i; q < k; ++q)
@@ -769,12 +775,11 @@ class Parser {
     return target;
   }
 
+  // jinja2 3.1 passes extra_end_rules to test_any() as one tuple argument, so they never match:
+  // only the closing tokens end a tuple (`{% for in in xs %}` names its variable `in`).
   bool is_tuple_end(const std::vector<const char*>& extra_end) const {
-    if (cur().type == Tok::kVarEnd || cur().type == Tok::kBlockEnd || is_op(")")) return true;
-    if (cur().type == Tok::kName)
-      for (const char* e : extra_end)
-        if (cur().text == e) return true;
-    return false;
+    (void)extra_end;
+    return cur().type == Tok::kVarEnd || cur().type == Tok::kBlockEnd || is_op(")");
   }
 
   NodePtr parse_tuple(bool simplified, bool with_condexpr, const std::vector<const char*>& extra_end,
@@ -1166,7 +1171,6 @@ class Parser {
       int line = cur().line;
       std::string name = expect_any_name();
       while (skip_op(".")) name += "." + expect_any_name();
-      if (!filter_exists(name)) fail("TemplateAssertionError: No filter named '" + name + "'.", line);
       auto n = node(NodeKind::kFilter, line);
       n->name = name;
       n->a = std::move(base);
@@ -1183,7 +1187,6 @@ class Parser {
     bool negated = skip_name("not");
     std::string name = expect_any_name();
     while (skip_op(".")) name += "." + expect_any_name();
-    if (!test_exists(name)) fail("TemplateAssertionError: No test named '" + name + "'.", line);
     auto n = node(NodeKind::kTest, line);
     n->name = name;
     n->a = std::move(base);
@@ -1227,13 +1230,79 @@ std::string normalize_source(const std::string& src) {
   return out;
 }
 
+// jinja2's code generator rejects unknown filters and tests at compile time, except inside
+// "soft" frames (the blocks and conditions of {% if %}, inline if-expressions), where the error
+// waits until the filter is called. Frames of loops, macros, call/set/filter blocks are not soft.
+void check_names(const Node* n, bool soft) {
+  if (!n) return;
+  auto all = [&](const std::vector<NodePtr>& v, bool sf) {
+    for (const auto& c : v) check_names(c.get(), sf);
+  };
+  switch (n->kind) {
+    case NodeKind::kFilter:
+    case NodeKind::kTest:
+      if (!soft && !(n->kind == NodeKind::kFilter ? filter_exists(n->name) : test_exists(n->name)))
+        fail(std::string("TemplateAssertionError: No ") + (n->kind == NodeKind::kFilter ? "filter" : "test") +
+                 " named '" + n->name + "'.",
+             n->line);
+      break;
+    case NodeKind::kIf:
+      check_names(n->a.get(), true);
+      all(n->body, true);
+      all(n->orelse, true);
+      return;
+    case NodeKind::kCondExpr:
+      check_names(n->a.get(), true);
+      check_names(n->b.get(), true);
+      check_names(n->c.get(), true);
+      return;
+    case NodeKind::kFor:
+      check_names(n->target.get(), soft);
+      check_names(n->a.get(), soft);
+      check_names(n->b.get(), false);
+      all(n->body, false);
+      all(n->orelse, false);
+      return;
+    case NodeKind::kMacro:
+    case NodeKind::kSetBlock:
+    case NodeKind::kFilterBlock:
+    case NodeKind::kGeneration:
+      for (const auto& c : n->children) check_names(c->a.get(), false);
+      check_names(n->a.get(), false);
+      all(n->body, false);
+      return;
+    case NodeKind::kCallBlock:
+      for (const auto& c : n->children) check_names(c->a.get(), false);
+      check_names(n->a.get(), soft);
+      all(n->body, false);
+      return;
+    case NodeKind::kWith:
+      for (const auto& c : n->children) check_names(c->a.get(), soft);
+      all(n->body, false);
+      return;
+    default: break;
+  }
+  check_names(n->a.get(), soft);
+  check_names(n->b.get(), soft);
+  check_names(n->c.get(), soft);
+  check_names(n->target.get(), soft);
+  check_names(n->dyn_args.get(), soft);
+  check_names(n->dyn_kwargs.get(), soft);
+  all(n->children, soft);
+  for (const auto& kv : n->kwargs) check_names(kv.second.get(), soft);
+  all(n->body, soft);
+  all(n->orelse, soft);
+}
+
 }  // namespace
 
 std::vector<NodePtr> parse_template(const std::string& source) {
   std::string src = normalize_source(source);
   Lexer lexer(src);
   Parser parser(lexer.run());
-  return parser.parse();
+  std::vector<NodePtr> body = parser.parse();
+  for (const auto& n : body) check_names(n.get(), false);
+  return body;
 }
 
 }  // namespace kiln::chat::jinja

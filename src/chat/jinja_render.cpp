@@ -457,13 +457,21 @@ Value Renderer::call_value(const Value& fn, CallArgs& args, int line) {
 
 Value Renderer::apply_filter(const std::string& name, const Value& input, CallArgs& args, int line) {
   FilterFn f = find_filter(name);
-  if (!f) fail("TemplateRuntimeError: No filter named '" + name + "'.", line);
+  if (!f) fail("TemplateRuntimeError: No filter named '" + name + "' found.", line);
   return f(*this, input, args, line);
 }
 
 bool Renderer::apply_test(const std::string& name, const Value& input, CallArgs& args, int line) {
+  static const char* kNoArgs[] = {"boolean", "callable", "defined", "undefined", "none", "false", "true",
+                                  "integer", "float", "number", "string", "mapping", "iterable", "sequence",
+                                  "escaped", "even", "odd", "lower", "upper", "filter", "test"};
+  for (const char* na : kNoArgs)
+    if (name == na && (!args.pos.empty() || !args.kw.empty()))
+      fail("TypeError: test_" + name + "() takes 1 positional argument but " + std::to_string(1 + args.pos.size()) +
+               " were given",
+           line);
   TestFn t = find_test(name);
-  if (!t) fail("TemplateRuntimeError: No test named '" + name + "'.", line);
+  if (!t) fail("TemplateRuntimeError: No test named '" + name + "' found.", line);
   return t(*this, input, args, line);
 }
 
