@@ -26,8 +26,7 @@ void forward(const ModelConfig& c, const ModelWeights& w, Ops& ops, const StepBa
       ops.head_rms_norm(q, T, c.num_heads, c.head_dim, l.q_norm, c.rms_norm_eps);
       ops.head_rms_norm(k, T, c.num_kv_heads, c.head_dim, l.k_norm, c.rms_norm_eps);
     }
-    ops.rope(q, k, c);
-    ops.attention(i, q, k, v, c, attn);
+    ops.rope_attention(i, q, k, v, c, attn);
     ops.linear(attn, T, l.wo, nullptr, proj);
     ops.add_rms_norm(x, proj, l.ffn_norm, T, H, c.rms_norm_eps, h);
     ops.linear_gate_up_silu(h, T, l, gate, up);

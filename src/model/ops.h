@@ -38,6 +38,11 @@ class Ops {
   // Writes k, v into the layer's paged cache at the step's slots, then causal GQA attention of q
   // over each sequence's cache.                     q, out: [T, n_heads * hd]; k, v: [T, n_kv * hd]
   virtual void attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) = 0;
+  // rope(q, k) then attention(layer, ...): a backend may fuse them (CUDA decode: one kernel).
+  virtual void rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+    rope(q, k, c);
+    attention(layer, q, k, v, c, out);
+  }
   // out = silu(gate) * up                                                  [n, dim]
   virtual void silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) = 0;
   // gate = silu(x @ w_gate^T) * (x @ w_up^T); `up` is scratch.     x: [n, hidden], gate, up: [n, inter]

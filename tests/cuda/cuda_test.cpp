@@ -281,6 +281,15 @@ TEST_P(CudaOpsGrid, MatchesCpu) {
       EXPECT_CLOSE(gpu.read_buffer(Buf::kAttn, T, Q), cpu_buf(cpu, Buf::kAttn, size_t(T * Q)), 1.5e-2,
                    tag + "attention layer " + std::to_string(layer));
     }
+    // rope + attention through rope_attention from the raw q, k, v (a pure decode step runs the fused
+    // kernel: rope in registers, KV write, split merge), against the CPU's last-layer result above
+    gpu.write_buffer(Buf::kQ, q.data(), T, Q);
+    gpu.write_buffer(Buf::kK, k.data(), T, KV);
+    gpu.write_buffer(Buf::kV, v.data(), T, KV);
+    gpu.rope_attention(c.num_layers - 1, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c,
+                       gpu.buffer(Buf::kAttn));
+    EXPECT_CLOSE(gpu.read_buffer(Buf::kAttn, T, Q), cpu_buf(cpu, Buf::kAttn, size_t(T * Q)), 1.5e-2,
+                 tag + "rope_attention");
     // silu_mul in place on the gate slice
     auto g = random_vec(size_t(T * I), rng, 2.0f), u = random_vec(size_t(T * I), rng);
     set_cpu_buf(cpu, Buf::kGate, g);

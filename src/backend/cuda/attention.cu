@@ -189,10 +189,14 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
 }
 
 // G query heads per block (the GQA group when it is 1, 2, 4 or 8; else 1 and one block per query head).
+// With p.rope, the block also applies the rotary embedding to q (in registers) and, in the block
+// whose split holds the new token, ropes its k and writes k, v into the cache first: one kernel
+// instead of rope + KV write + attention + split reduce (each boundary ~2-3 us at batch 1).
 template <int D, int G>
 __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   constexpr int kTpt = D / 8, kGroups = 128 / kTpt;
   __shared__ float red[kGroups][G][D + 2];
+  __shared__ bool s_last;
   pdl_trigger();
   pdl_wait();
   const int seq = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
@@ -204,22 +208,79 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   const int per = (ctx + p.splits - 1) / p.splits;
   const int j0 = split * per, j1 = min(ctx, j0 + per);
   const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
-  const bf16* kc = reinterpret_cast<const bf16*>(p.k_cache);
-  const bf16* vc = reinterpret_cast<const bf16*>(p.v_cache);
+  bf16* kc = reinterpret_cast<bf16*>(const_cast<bf16_t*>(p.k_cache));
+  bf16* vc = reinterpret_cast<bf16*>(const_cast<bf16_t*>(p.v_cache));
+
+  // Rotary angles of this lane's 8 dims (sincosf, as the rope kernel: positions reach 131072).
+  float cs[8], sn[8];
+  const float sign = li < kTpt / 2 ? -1.0f : 1.0f;  // half style: x0' = x0 c - x1 s, x1' = x1 c + x0 s
+  int32_t tok_slot = -1;
+  if (p.rope) {
+    const TokenMeta tm = p.tokens[sm.q_start];
+    tok_slot = tm.slot;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = li * 8 + i;
+      const int f = p.rope == 2 ? d / 2 : d % (D / 2);
+      sincosf(float(tm.pos) * p.inv_freq[f], &sn[i], &cs[i]);
+    }
+  }
+  // x (8 dims of this lane) -> roped and rounded to bf16 as the unfused path stores it.
+  auto rope8 = [&](float (&x)[8]) {
+    float o[8];
+    if (p.rope == 2) {
+#pragma unroll
+      for (int i = 0; i < 8; i += 2) {
+        o[i] = x[i] * cs[i] - x[i + 1] * sn[i];
+        o[i + 1] = x[i + 1] * cs[i + 1] + x[i] * sn[i + 1];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float partner = __shfl_xor_sync(0xffffffffu, x[i], kTpt / 2, kTpt);
+        o[i] = x[i] * cs[i] + sign * partner * sn[i];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(__float2bfloat16(o[i]));
+  };
+  auto load8 = [](const bf16* src, float (&x)[8]) {
+    const uint4 r = *reinterpret_cast<const uint4*>(src);
+    const bf16* b = reinterpret_cast<const bf16*>(&r);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(b[i]);
+  };
 
   float qf[G][8], acc[G][8], m[G], l[G];
 #pragma unroll
   for (int h = 0; h < G; ++h) {
-    const uint4 qr = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq +
-                                                     int64_t(head0 + h) * D + li * 8);
-    const bf16* qb = reinterpret_cast<const bf16*>(&qr);
+    load8(reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq + int64_t(head0 + h) * D + li * 8, qf[h]);
+    if (p.rope) rope8(qf[h]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      qf[h][i] = __bfloat162float(qb[i]) * p.scale;
+      qf[h][i] *= p.scale;
       acc[h][i] = 0.0f;
     }
     m[h] = -INFINITY;
     l[h] = 0.0f;
+  }
+  if (p.rope) {
+    // The new token (position ctx - 1) goes into the cache before the split that reads it runs.
+    float kn[8];
+    load8(reinterpret_cast<const bf16*>(p.k_new) + int64_t(sm.q_start) * p.ldk + int64_t(kvh) * D + li * 8, kn);
+    rope8(kn);
+    if (g == 0 && tok_slot >= 0 && ctx > 0 && (ctx - 1) / per == split) {
+      const int64_t dst = ((int64_t(tok_slot / p.block_size) * p.n_kv + kvh) * p.block_size + tok_slot % p.block_size) * D +
+                          li * 8;
+      uint4 kr;
+      bf16* kb = reinterpret_cast<bf16*>(&kr);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) kb[i] = __float2bfloat16(kn[i]);
+      *reinterpret_cast<uint4*>(kc + dst) = kr;
+      *reinterpret_cast<uint4*>(vc + dst) = *reinterpret_cast<const uint4*>(
+          reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D + li * 8);
+    }
+    __syncthreads();  // global writes of this block are visible to its threads after the barrier
   }
   auto load = [&](int j, uint4* kr, uint4* vr) {
     const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + li * 8;
@@ -260,7 +321,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
     step(ka, wa, va);
     step(kc2, wc, vc2);
   }
-  // Merge the token groups, then (splits > 1) write partials for the reduce kernel.
+  // Merge the token groups, then (splits > 1) write partials; the last block merges the splits.
 #pragma unroll
   for (int h = 0; h < G; ++h) {
     if (li == 0) {
@@ -271,6 +332,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
     for (int i = 0; i < 8; ++i) red[g][h][li * 8 + i] = acc[h][i];
   }
   __syncthreads();
+  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start) * p.ldo;
   for (int idx = tid; idx < G * (D + 1); idx += 128) {
     const int h = idx / (D + 1), d = idx % (D + 1);
     float M = -INFINITY;
@@ -282,37 +344,37 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
       L += red[gg][h][D + 1] * w;
     }
     if (p.splits == 1) {
-      if (d < D)
-        reinterpret_cast<bf16*>(p.out)[int64_t(sm.q_start) * p.ldo + int64_t(head0 + h) * D + d] =
-            __float2bfloat16(L > 0.0f ? sum / L : 0.0f);
+      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(L > 0.0f ? sum / L : 0.0f);
     } else {
       float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
       part[d] = sum;  // d == D: the merged l
       if (d == 0) part[D + 1] = M;
     }
   }
-}
-
-template <int D>
-__global__ void decode_reduce_kernel(AttnParams p) {
-  pdl_trigger();
-  pdl_wait();
-  const int seq = blockIdx.x, head = blockIdx.y;
-  const SeqMeta sm = p.seqs[seq];
-  if (sm.q_len != 1) return;
-  const float* part = p.partials + (int64_t(seq) * p.n_heads + head) * p.splits * (D + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, part[s * (D + 2) + D + 1]);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+  if (p.splits == 1) return;
+  __threadfence();  // partials visible device-wide before the count
+  __syncthreads();
+  if (tid == 0) {
+    int32_t* cnt = p.counters + int64_t(seq) * p.n_heads + blockIdx.y;
+    s_last = atomicAdd(cnt, 1) == p.splits - 1;
+    if (s_last) *cnt = 0;  // every other split has counted: ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int h = idx / D, d = idx % D;
+    const float* part = p.partials + (int64_t(seq) * p.n_heads + head0 + h) * p.splits * (D + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < p.splits; ++s) M = fmaxf(M, __ldcg(part + s * (D + 2) + D + 1));
     float o = 0.0f, L = 0.0f;
     for (int s = 0; s < p.splits; ++s) {
-      const float ms = part[s * (D + 2) + D + 1];
+      const float ms = __ldcg(part + s * (D + 2) + D + 1);
       const float w = ms == -INFINITY ? 0.0f : __expf(ms - M);
-      o += part[s * (D + 2) + d] * w;
-      L += part[s * (D + 2) + D] * w;
+      o += __ldcg(part + s * (D + 2) + d) * w;
+      L += __ldcg(part + s * (D + 2) + D) * w;
     }
-    reinterpret_cast<bf16*>(p.out)[int64_t(sm.q_start) * p.ldo + int64_t(head) * D + d] =
-        __float2bfloat16(L > 0.0f ? o / L : 0.0f);
+    out[int64_t(head0 + h) * D + d] = __float2bfloat16(L > 0.0f ? o / L : 0.0f);
   }
 }
 
@@ -336,7 +398,6 @@ void decode_launch(const AttnParams& p, cudaStream_t s) {
     case 4: launch_pdl(decode_kernel<D, 4>, grid, dim3(128), 0, s, p); break;
     default: launch_pdl(decode_kernel<D, 8>, grid, dim3(128), 0, s, p); break;
   }
-  if (p.splits > 1) launch_pdl(decode_reduce_kernel<D>, dim3(p.num_seqs, p.n_heads), dim3(D), 0, s, p);
 }
 
 }  // namespace

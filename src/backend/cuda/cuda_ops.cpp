@@ -31,6 +31,7 @@ CudaOps::~CudaOps() {
   cudaFree(gate_up_);
   cudaFree(inv_freq_);
   cudaFree(partials_);
+  cudaFree(counters_);
   cudaFree(d_meta_);
   if (h_meta_) cudaFreeHost(h_meta_);
 }
@@ -52,10 +53,12 @@ Status CudaOps::reserve(const StepCaps& want) {
   cudaFree(qkv_);
   cudaFree(gate_up_);
   cudaFree(partials_);
+  cudaFree(counters_);
   cudaFree(d_meta_);
   if (h_meta_) cudaFreeHost(h_meta_);
   qkv_ = gate_up_ = nullptr;
   partials_ = nullptr;
+  counters_ = nullptr;
   d_meta_ = h_meta_ = nullptr;
   reserved_bytes_ = 0;
 
@@ -86,6 +89,10 @@ Status CudaOps::reserve(const StepCaps& want) {
   partial_floats_ = size_t(2) * size_t(target_blocks_ + c_.num_heads) *
                     size_t(decode_heads_per_block(c_.num_heads, c_.num_kv_heads)) * size_t(c_.head_dim + 2);
   KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&partials_), partial_floats_ * 4, "attention partials"));
+  const size_t counter_bytes = size_t(n.seqs) * size_t(c_.num_heads) * 4;
+  KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&counters_), counter_bytes, "attention split counters"));
+  if (!cuda_ok(cudaMemset(counters_, 0, counter_bytes), "counter reset"))
+    return Status::error("cudaMemset of the attention split counters failed");
   meta_ints_ = size_t(4) * T + size_t(4) * size_t(n.seqs) + size_t(n.logit_rows) + 2 * (T / 64 + size_t(n.seqs)) +
                size_t(n.table_ints) + 64;
   KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&d_meta_), meta_ints_ * 4, "step metadata"));
@@ -249,11 +256,8 @@ void CudaOps::rope(Act q, Act k, const ModelConfig& c) {
               c.num_heads, c.num_kv_heads, c.head_dim, c.rope_style == RopeStyle::kInterleaved, stream_);
 }
 
-void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
-  last_fused_ = {};
-  View qv = view(q, c.q_dim()), kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim()), ov = view(out, c.q_dim());
-  launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
-                  kv_->k[size_t(layer)], kv_->v[size_t(layer)], c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
+AttnParams CudaOps::attn_params(int32_t layer, Act q, Act out, const ModelConfig& c) const {
+  View qv = view(q, c.q_dim()), ov = view(out, c.q_dim());
   AttnParams p{};
   p.q = static_cast<const bf16_t*>(qv.ptr);
   p.ldq = qv.ld;
@@ -273,10 +277,38 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
   p.tiles = d_tiles_;
   p.num_tiles = n_prefill_tiles_;
   p.partials = partials_;
+  p.counters = counters_;
   const int32_t work = std::max(1, S_ * c.num_heads / decode_heads_per_block(c.num_heads, c.num_kv_heads));
   p.splits = std::clamp((target_blocks_ + work - 1) / work, 1, 32);
+  return p;
+}
+
+void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+  last_fused_ = {};
+  View kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim());
+  launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
+                  kv_->k[size_t(layer)], kv_->v[size_t(layer)], c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
+  const AttnParams p = attn_params(layer, q, out, c);
   if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
   if (n_prefill_tiles_ > 0) launch_prefill_attention(p, stream_);
+}
+
+void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+  if (n_prefill_tiles_ > 0) {  // prefill or mixed step: the separate kernels
+    Ops::rope_attention(layer, q, k, v, c, out);
+    return;
+  }
+  // Pure decode: rope, KV write, attention and the split merge in one kernel.
+  last_fused_ = {};
+  View kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim());
+  AttnParams p = attn_params(layer, q, out, c);
+  p.rope = c.rope_style == RopeStyle::kInterleaved ? 2 : 1;
+  p.inv_freq = inv_freq_;
+  p.k_new = static_cast<const bf16_t*>(kv.ptr);
+  p.ldk = kv.ld;
+  p.v_new = static_cast<const bf16_t*>(vv.ptr);
+  p.ldv = vv.ld;
+  launch_decode_attention(p, stream_);
 }
 
 void CudaOps::silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) {

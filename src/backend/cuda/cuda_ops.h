@@ -63,6 +63,7 @@ class CudaOps final : public Ops {
   void head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) override;
   void rope(Act q, Act k, const ModelConfig& c) override;
   void attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) override;
+  void rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) override;
   void silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) override;
   void gather_logit_rows(Act x, int64_t dim, Act out) override;
 
@@ -81,6 +82,7 @@ class CudaOps final : public Ops {
     bool f32;
   };
   View view(Act p, int64_t dense_ld) const;
+  AttnParams attn_params(int32_t layer, Act q, Act out, const ModelConfig& c) const;
   struct Fused {
     const void* head;
     int64_t rows;
@@ -99,6 +101,7 @@ class CudaOps final : public Ops {
   void* gate_up_ = nullptr;  // [T, 2 I]
   float* inv_freq_ = nullptr;
   float* partials_ = nullptr;
+  int32_t* counters_ = nullptr;  // [seqs, n_heads] split counters of the decode attention (kept at 0)
   size_t partial_floats_ = 0;
   int32_t target_blocks_ = 264;
   // metadata: pinned host mirror and device copy, same packed layout

@@ -44,6 +44,16 @@ struct AttnParams {
   // (blocks: num_seqs x n_heads / decode_heads_per_block x splits)
   int32_t splits;
   float* partials;
+  // [num_seqs, n_heads] zeros: the last block of each (sequence, head unit) to finish merges the
+  // splits (no second kernel) and puts its counter back to 0.
+  int32_t* counters;
+  // Decode with the rotary embedding and KV write fused in (0: q and the cache are ready): q and the
+  // step's k, v rows are raw projections; rope 1 = half-split pairs, 2 = interleaved pairs.
+  int32_t rope;
+  const float* inv_freq;  // [head_dim / 2]
+  const bf16_t* k_new;    // [T, ldk]
+  const bf16_t* v_new;    // [T, ldv]
+  int64_t ldk, ldv;
 };
 
 bool attention_supports_head_dim(int32_t head_dim);
