@@ -3,6 +3,10 @@
 // options, post-processor, decoders.
 #include <nlohmann/json.hpp>
 
+#include <random>
+
+#include "formats/gguf.h"
+
 #include "tokenizer_test_util.h"
 
 namespace kiln::test {
@@ -335,6 +339,77 @@ TEST(TokenizerJson, InvalidUtf8InputIsReplaced) {
       {"\xF0\x9F\x98", "\xEF\xBF\xBD"},
   };
   for (const auto& c : cases) EXPECT_EQ(pieces(*t, c.input), c.expected) << "input bytes of '" << c.input << "'";
+}
+
+}  // namespace
+}  // namespace kiln::test
+
+namespace kiln::test {
+namespace {
+
+// Corrupted inputs load or fail with a message, never crash; what loads encodes and decodes.
+TEST(TokenizerJson, RandomCorruptionsNeverCrash) {
+  const json added = json::array({{{"id", 5}, {"content", "<s>"}, {"special", true}, {"lstrip", true}},
+                                  {{"id", 6}, {"content", "xy"}, {"single_word", true}, {"normalized", true}}});
+  const json norm = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFKC"}}, {{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}}}}};
+  const json pre = {{"type", "Sequence"}, {"pretokenizers", {{{"type", "Split"}, {"pattern", {{"Regex", "\\p{L}+|\\s+(?!\\S)"}}}, {"behavior", "Isolated"}},
+                                                            {{"type", "Metaspace"}, {"prepend_scheme", "first"}}}}};
+  const json dec = {{"type", "Sequence"}, {"decoders", {{{"type", "ByteFallback"}}, {{"type", "Metaspace"}}, {{"type", "Fuse"}}, {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 1}}}}};
+  const std::string base = make_json({"a", "b", "ab", "\xE2\x96\x81", "<0x41>", "<s>", "xy", "\xE2\x96\x81" "a"}, {"a b", "\xE2\x96\x81 a"},
+                                     norm, pre, dec, nullptr, added, {{"byte_fallback", true}});
+  ASSERT_TRUE(Tokenizer::from_json_string(base).is_ok());
+  std::mt19937 rng(7);
+  int loaded = 0;
+  for (int n = 0; n < 1500; ++n) {
+    std::string s = base;
+    int edits = 1 + static_cast<int>(rng() % 4);
+    for (int k = 0; k < edits; ++k) {
+      size_t pos = rng() % s.size();
+      switch (rng() % 3) {
+        case 0: s[pos] = static_cast<char>(rng() % 256); break;
+        case 1: s.erase(pos, 1 + rng() % 8); break;
+        case 2: s.insert(pos, 1, "{}[]\",:0-9\\ab"[rng() % 14]); break;
+      }
+      if (s.empty()) s = "{";
+    }
+    auto r = Tokenizer::from_json_string(s);
+    if (!r.is_ok()) {
+      EXPECT_EQ(r.message().rfind("tokenizer.json: ", 0), 0u) << r.message();
+      continue;
+    }
+    ++loaded;
+    auto ids = (*r)->encode("ab <s> xy a\xC3\xA9\xF0\x9F\xA6\x99 \xFF", true);
+    (void)(*r)->decode(ids);
+    std::vector<int32_t> junk = {0, 1, 2, 3, 4, 5, 6, 7, -3, 1 << 30};
+    IncrementalDecoder d(*r);
+    for (int32_t id : junk) (void)d.push(id);
+    (void)d.flush();
+  }
+  EXPECT_GT(loaded, 10);  // the corruption also hits parts that still load
+}
+
+TEST(TokenizerGguf, RandomCorruptionsNeverCrash) {
+  auto bytes = gguf_serialize({{"tokenizer.ggml.model", "llama"},
+                               {"tokenizer.ggml.tokens", std::vector<std::string>{"<unk>", "<s>", "</s>", "<0x41>", "\xE2\x96\x81", "a", "\xE2\x96\x81" "a"}},
+                               {"tokenizer.ggml.scores", std::vector<float>{0, 0, 0, 0, -1, -2, -3}},
+                               {"tokenizer.ggml.token_type", std::vector<int32_t>{2, 3, 3, 6, 1, 1, 1}},
+                               {"tokenizer.ggml.bos_token_id", uint32_t(1)}},
+                              {});
+  ASSERT_TRUE(bytes.is_ok());
+  std::mt19937 rng(11);
+  for (int n = 0; n < 1500; ++n) {
+    std::string s = *bytes;
+    for (int k = 0; k < 1 + static_cast<int>(rng() % 3); ++k) s[rng() % s.size()] = static_cast<char>(rng() % 256);
+    auto g = GgufFile::from_bytes(s, "v.gguf");
+    if (!g.is_ok()) continue;
+    auto r = Tokenizer::from_gguf(*g);
+    if (!r.is_ok()) {
+      EXPECT_EQ(r.message().rfind("v.gguf: ", 0), 0u) << r.message();
+      continue;
+    }
+    auto ids = (*r)->encode("a aa <s>A\xFF", true);
+    (void)(*r)->decode(ids, n % 2 == 0);
+  }
 }
 
 }  // namespace
