@@ -205,7 +205,13 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   if (sm.q_len != 1) return;  // a prefill sequence of a mixed step: the prefill kernel's
   const int tid = threadIdx.x, g = tid / kTpt, li = tid % kTpt;
   const int ctx = sm.ctx_len;
-  const int per = (ctx + p.splits - 1) / p.splits;
+  // Splits are fixed when a graph is captured, the context is not: a split takes at least kMinPer
+  // tokens (2 loop iterations), and splits past the context exit at once, so a short context (or
+  // the first steps after prefill) has few splits to merge.
+  constexpr int kMinPer = 4 * kGroups;
+  const int per = max((ctx + p.splits - 1) / p.splits, kMinPer);
+  const int n_eff = max(1, (ctx + per - 1) / per);
+  if (split >= n_eff) return;
   const int j0 = split * per, j1 = min(ctx, j0 + per);
   const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
   bf16* kc = reinterpret_cast<bf16*>(const_cast<bf16_t*>(p.k_cache));
@@ -343,7 +349,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
       sum += (d < D ? red[gg][h][d] : red[gg][h][D + 1]) * w;
       L += red[gg][h][D + 1] * w;
     }
-    if (p.splits == 1) {
+    if (n_eff == 1) {
       if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(L > 0.0f ? sum / L : 0.0f);
     } else {
       float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
@@ -351,30 +357,53 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
       if (d == 0) part[D + 1] = M;
     }
   }
-  if (p.splits == 1) return;
+  if (n_eff == 1) return;
   __threadfence();  // partials visible device-wide before the count
   __syncthreads();
   if (tid == 0) {
     int32_t* cnt = p.counters + int64_t(seq) * p.n_heads + blockIdx.y;
-    s_last = atomicAdd(cnt, 1) == p.splits - 1;
+    s_last = atomicAdd(cnt, 1) == n_eff - 1;
     if (s_last) *cnt = 0;  // every other split has counted: ready for the next launch
   }
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  // Merge the splits: every (split, head) m and l loaded at once into shared memory, the split
+  // weights exp(m - M) / L computed once, then each output a dot over the splits (loads in flight,
+  // never a serial chain of L2 round trips on the step's critical path).
+  const float* part0 = p.partials + (int64_t(seq) * p.n_heads + head0) * p.splits * (D + 2);
+  float* sm_m = &red[0][0][0];  // [n_eff][G]; `red` is free again
+  float* sm_l = sm_m + 32 * 8;
+  float* sm_ml = sm_l + 32 * 8;  // [G][2]: M, L
+  for (int idx = tid; idx < n_eff * G; idx += 128) {
+    const int sp = idx / G, h = idx % G;
+    const float* ph = part0 + (int64_t(h) * p.splits + sp) * (D + 2);
+    sm_m[idx] = __ldcg(ph + D + 1);
+    sm_l[idx] = __ldcg(ph + D);
+  }
+  __syncthreads();
+  if (tid < G) {
+    float M = -INFINITY, L = 0.0f;
+    for (int sp = 0; sp < n_eff; ++sp) M = fmaxf(M, sm_m[sp * G + tid]);
+    for (int sp = 0; sp < n_eff; ++sp)
+      L += sm_m[sp * G + tid] == -INFINITY ? 0.0f : sm_l[sp * G + tid] * __expf(sm_m[sp * G + tid] - M);
+    sm_ml[2 * tid] = M;
+    sm_ml[2 * tid + 1] = L;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < n_eff * G; idx += 128) {
+    const int h = idx % G;
+    const float M = sm_ml[2 * h], L = sm_ml[2 * h + 1];
+    sm_m[idx] = sm_m[idx] == -INFINITY || L <= 0.0f ? 0.0f : __expf(sm_m[idx] - M) / L;
+  }
+  __syncthreads();
   for (int idx = tid; idx < G * D; idx += 128) {
     const int h = idx / D, d = idx % D;
-    const float* part = p.partials + (int64_t(seq) * p.n_heads + head0 + h) * p.splits * (D + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) M = fmaxf(M, __ldcg(part + s * (D + 2) + D + 1));
-    float o = 0.0f, L = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float ms = __ldcg(part + s * (D + 2) + D + 1);
-      const float w = ms == -INFINITY ? 0.0f : __expf(ms - M);
-      o += __ldcg(part + s * (D + 2) + d) * w;
-      L += __ldcg(part + s * (D + 2) + D) * w;
-    }
-    out[int64_t(head0 + h) * D + d] = __float2bfloat16(L > 0.0f ? o / L : 0.0f);
+    const float* ph = part0 + int64_t(h) * p.splits * (D + 2) + d;
+    float o = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < n_eff; ++sp) o += __ldcg(ph + sp * (D + 2)) * sm_m[sp * G + h];
+    out[int64_t(head0 + h) * D + d] = __float2bfloat16(o);
   }
 }
 

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <iterator>
 
 #include "backend/cpu/cpu_ops.h"
@@ -294,7 +296,12 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
 }
 
 void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
-  if (n_prefill_tiles_ > 0) {  // prefill or mixed step: the separate kernels
+  // KILN_FUSED_DECODE_ATTENTION=0: the separate kernels everywhere (to measure the fusion)
+  static const bool fused = [] {
+    const char* e = std::getenv("KILN_FUSED_DECODE_ATTENTION");
+    return !(e && std::string(e) == "0");
+  }();
+  if (n_prefill_tiles_ > 0 || !fused) {  // prefill or mixed step: the separate kernels
     Ops::rope_attention(layer, q, k, v, c, out);
     return;
   }
