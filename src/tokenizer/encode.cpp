@@ -4,6 +4,7 @@
 // llama.cpp's score-ordered SentencePiece merge instead (llm_tokenizer_spm).
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <queue>
 
 #include "tokenizer/tokenizer.h"
