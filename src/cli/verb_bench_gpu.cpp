@@ -19,6 +19,7 @@
 
 #include "backend/cpu/cpu_executor.h"
 #include "cli/cli.h"
+#include "cli/executor_factory.h"
 #include "core/file.h"
 #include "runtime/engine.h"
 #ifdef KILN_HAVE_CUDA
@@ -62,6 +63,7 @@ Result<ModelConfig> bench_config(const BenchArgs& a) {
 Result<std::unique_ptr<ModelExecutor>> make_executor(const BenchArgs& a, const LoadOptions& opts, ModelConfig* cfg,
                                                      void** cuda_ex) {
   *cuda_ex = nullptr;
+  KILN_RETURN_IF_ERROR(check_device(a.device));  // same accepted values and messages as run/serve
   const bool cuda = a.device.rfind("cuda", 0) == 0;
   if (a.dummy_weights) {
     KILN_ASSIGN_OR_RETURN(*cfg, bench_config(a));
@@ -90,8 +92,7 @@ Result<std::unique_ptr<ModelExecutor>> make_executor(const BenchArgs& a, const L
     return Status::error("this kiln was built without the CUDA backend");
 #endif
   }
-  std::unique_ptr<ModelExecutor> ex = make_cpu_executor(std::move(model), opts);
-  return ex;
+  return cli::make_executor(std::move(model), opts);
 }
 
 StepBatch batch_step(int32_t B, int32_t q_len, int32_t before, int32_t blocks_per_seq, int32_t vocab, std::mt19937& rng) {

@@ -12,6 +12,7 @@
 
 #include "backend/cpu/cpu_executor.h"
 #include "cli/cli.h"
+#include "cli/executor_factory.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kiln::cli {
@@ -83,7 +84,9 @@ int run(const RunArgs& a) {
   LoadOptions opts;
   opts.device = a.device;
   opts.kv_cache_blocks = (total + opts.block_size - 1) / opts.block_size;
-  auto ex = make_cpu_executor(*model, opts);
+  auto made = make_executor(*model, opts);
+  if (!made) return fail("run", made.message());
+  std::unique_ptr<ModelExecutor> ex = std::move(*made);
   const double load_s = std::chrono::duration<double>(clock::now() - t_load).count();
 
   SamplingParams sp;
@@ -196,7 +199,7 @@ KILN_VERB(run) {
   add_flag(*cmd, "seed", a.seed, "random seed (default: random)");
   add_flag(*cmd, "max_num_tokens", a.max_num_tokens, "prompt tokens per forward step (default 512)");
   add_flag(*cmd, "output", a.output, "text | json");
-  add_flag(*cmd, "device", a.device, "cpu (default)");
+  add_flag(*cmd, "device", a.device, "cpu (default), cuda or cuda:N");
   add_switch(*cmd, "ignore_eos", a.ignore_eos, "keep generating past end-of-sequence");
   cmd->callback([] {
     if (int rc = run(a)) throw CLI::RuntimeError(rc);

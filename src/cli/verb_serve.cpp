@@ -14,14 +14,12 @@
 #include "backend/cpu/cpu_executor.h"
 #include "chat/chat_template.h"
 #include "cli/cli.h"
+#include "cli/executor_factory.h"
 #include "core/file.h"
 #include "core/log.h"
 #include "runtime/engine.h"
 #include "server/server.h"
 #include "tokenizer/tokenizer.h"
-#ifdef KILN_HAVE_CUDA
-#include "backend/cuda/cuda_executor.h"
-#endif
 
 namespace kiln::cli {
 namespace {
@@ -43,15 +41,7 @@ Result<std::unique_ptr<ModelExecutor>> load_executor(const ServeArgs& a) {
   opts.kv_cache_blocks = a.kv_cache_blocks;
   if (a.kv_cache_memory_fraction > 0) opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
   opts.max_seq_len = a.max_seq_len;
-  if (a.device.rfind("cuda", 0) == 0) {
-#ifdef KILN_HAVE_CUDA
-    return load_cuda_executor(a.model, opts);
-#else
-    return Status::error("--device " + a.device + ": this kiln was built without the CUDA backend");
-#endif
-  }
-  if (a.device != "cpu") return Status::error("--device must be cpu, cuda or cuda:N, got '" + a.device + "'");
-  return load_cpu_executor(a.model, opts);
+  return cli::load_executor(a.model, opts);  // cli/executor_factory.h
 }
 
 // --chat_template: a file, or the template text itself (as vLLM accepts both).

@@ -29,6 +29,7 @@ class KilnServer:
     def __init__(self, kiln_bin, model, *extra_args, wait_ready=True):
         self.log = tempfile.NamedTemporaryFile(prefix="kiln-serve-", suffix=".log", delete=False)
         args = [kiln_bin, "serve", model, "--port", "0", "--served_model_name", "smol", *extra_args]
+        args += ["--device", os.environ.get("KILN_TEST_DEVICE", "cpu")]  # KILN_TEST_DEVICE=cuda: the GPU run
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         self.port = self._wait_port()
         self.base = f"http://127.0.0.1:{self.port}"
