@@ -23,7 +23,12 @@ static std::string dir_of(const std::string& path) {
 Result<std::shared_ptr<const Tokenizer>> Tokenizer::load(const std::string& path) {
   if (is_directory(path)) {
     std::string json_path = path + (ends_with(path, "/") ? "" : "/") + "tokenizer.json";
-    if (!file_exists(json_path)) return Status::error(path + ": no tokenizer.json in this directory");
+    if (!file_exists(json_path)) {
+      // A kiln checkpoint or engine converted from a GGUF keeps its vocabulary as tokenizer.gguf.
+      std::string gguf_path = path + (ends_with(path, "/") ? "" : "/") + "tokenizer.gguf";
+      if (file_exists(gguf_path)) return load(gguf_path);
+      return Status::error(path + ": no tokenizer.json (or tokenizer.gguf) in this directory");
+    }
     KILN_ASSIGN_OR_RETURN(std::string text, read_file(json_path));
     KILN_ASSIGN_OR_RETURN(auto impl, tok::parse_tokenizer_json(text, json_path));
     KILN_RETURN_IF_ERROR(tok::apply_hf_configs(*impl, path));
