@@ -28,6 +28,7 @@ Result<Template> Template::parse(std::string source, std::string name) {
   impl->source = std::move(source);
   try {
     impl->body = jinja::parse_template(impl->source);
+    jinja::fold_constants(impl->body);
   } catch (const jinja::Error& e) {
     return Status::error(located(impl->name, e));
   } catch (const std::bad_alloc&) {

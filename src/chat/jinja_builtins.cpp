@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <functional>
+#include <optional>
 #include <unordered_map>
 
 #include "chat/jinja_render.h"
@@ -51,15 +53,52 @@ struct BuiltinFn : Callable {
   Value call(Renderer& r, CallArgs& args, int line) override { return fn(r, self, args, line); }
 };
 
-Value make_iterator(ValueList items, std::string type = "generator") {
+Value make_generator(std::function<bool(Value&)> next_fn, std::string type = "generator") {
   auto it = std::make_shared<IteratorObj>();
-  it->items = std::move(items);
+  it->next_fn = std::move(next_fn);
   it->type_name = std::move(type);
   Value v;
   v.kind = Kind::kIterator;
   v.obj = std::move(it);
   return v;
 }
+
+// An iterator over items computed already (reversed(list), ...).
+Value make_iterator(ValueList items, std::string type = "generator") {
+  auto state = std::make_shared<std::pair<ValueList, size_t>>(std::move(items), 0);
+  return make_generator(
+      [state](Value& out) {
+        if (state->second >= state->first.size()) return false;
+        out = state->first[state->second++];
+        return true;
+      },
+      std::move(type));
+}
+
+// Python's iter(value) inside a generator body: pulls lazily from a generator, else walks a copy.
+struct Source {
+  Value gen;
+  ValueList items;
+  size_t i = 0;
+  explicit Source(const Value& v) {
+    if (v.kind == Kind::kIterator) gen = v;
+    else items = iterate(v);
+  }
+  bool next(Value& out) {
+    if (gen.kind == Kind::kIterator) return static_cast<IteratorObj*>(gen.obj.get())->next(out);
+    if (i >= items.size()) return false;
+    out = items[i++];
+    return true;
+  }
+};
+
+// A generator whose body starts with `start` (run at the first pull: Python runs nothing before)
+// and then yields `step(item)` results for the items of `input` that `step` accepts.
+struct GenState {
+  bool started = false;
+  bool empty = false;
+  std::optional<Source> src;
+};
 
 Value security_undefined(const Value& obj, const std::string& attr) {
   Value v = Value::undefined(attr);
@@ -719,11 +758,12 @@ Value slice_value(const Value& obj, const Value& start_v, const Value& stop_v, c
   };
   auto start = idx(start_v, "start"), stop = idx(stop_v, "stop"), stepo = idx(step_v, "step");
   int64_t step = stepo.value_or(1);
+  // Slices bypass jinja2's environment.getitem: a plain Python subscript, errors and all.
+  const SeqTag* tag = seq_tag(obj);
+  if (obj.is_dict()) fail("TypeError: unhashable type: 'slice'");
+  if ((!obj.is_list() && !obj.is_string()) || (tag && tag->type != SeqTag::kRange))
+    fail("TypeError: '" + type_name(obj) + "' object is not subscriptable");
   if (step == 0) fail("ValueError: slice step cannot be zero");
-  if (!obj.is_list() && !obj.is_string()) {
-    if (obj.is_dict()) fail("TypeError: unhashable type: 'slice'");
-    return Value::undefined_attr(obj, Value::string("slice"));
-  }
   std::vector<char32_t> cps;
   int64_t n;
   bool ascii = obj.is_string() && is_ascii(obj.s);
@@ -748,6 +788,13 @@ Value slice_value(const Value& obj, const Value& start_v, const Value& stop_v, c
   std::vector<int64_t> picks;
   if (step > 0) for (int64_t k = lo; k < hi; k += step) picks.push_back(k);
   else for (int64_t k = lo; k > hi; k += step) picks.push_back(k);
+  if (tag) {  // a slice of a range is a range
+    int64_t r_start = tag->start + lo * tag->step;
+    int64_t r_step = tag->step * step;
+    int64_t r_stop = tag->start + hi * tag->step;
+    Value r = make_range(r_start, r_stop, r_step);
+    return r;
+  }
   if (obj.is_list()) {
     ValueList out;
     out.reserve(picks.size());
@@ -796,24 +843,33 @@ FILTER(attr) {
 }
 
 FILTER(batch) {
-  ArgReader a(args, "batch");
-  int64_t n = need_int(a.get(0, "linecount"), "batch");
-  Value fill = a.get(1, "fill_with", Value::none());
-  a.finish(2);
-  ValueList out, tmp;
-  for (auto& item : iterate(in)) {
-    if (static_cast<int64_t>(tmp.size()) == n) {
-      out.push_back(Value::make_list(std::move(tmp)));
-      tmp.clear();
+  CallArgs saved = args;
+  Value input = in;
+  auto st = std::make_shared<GenState>();
+  return make_generator([st, saved, input](Value& out) mutable {
+    if (!st->started) {
+      st->started = true;
+      ArgReader a(saved, "batch");
+      int64_t n = need_int(a.get(0, "linecount"), "batch");
+      Value fill = a.get(1, "fill_with", Value::none());
+      a.finish(2);
+      ValueList all, tmp;
+      for (auto& item : iterate(input)) {
+        if (static_cast<int64_t>(tmp.size()) == n) {
+          all.push_back(Value::make_list(std::move(tmp)));
+          tmp.clear();
+        }
+        tmp.push_back(item);
+      }
+      if (!tmp.empty()) {
+        if (!fill.is_none())
+          while (static_cast<int64_t>(tmp.size()) < n) tmp.push_back(fill);
+        all.push_back(Value::make_list(std::move(tmp)));
+      }
+      st->src.emplace(Value::make_list(std::move(all)));
     }
-    tmp.push_back(item);
-  }
-  if (!tmp.empty()) {
-    if (!fill.is_none())
-      while (static_cast<int64_t>(tmp.size()) < n) tmp.push_back(fill);
-    out.push_back(Value::make_list(std::move(tmp)));
-  }
-  return make_iterator(std::move(out));
+    return st->src->next(out);
+  });
 }
 
 FILTER(capitalize) {
@@ -881,8 +937,8 @@ FILTER(first) {
   ArgReader a(args, "first");
   a.finish(0);
   if (in.kind == Kind::kIterator) {
-    auto* it = static_cast<IteratorObj*>(in.obj.get());
-    if (it->pos < it->items.size()) return it->items[it->pos++];
+    Value v;
+    if (static_cast<IteratorObj*>(in.obj.get())->next(v)) return v;
     return Value::undefined("", "No first item, sequence was empty.");
   }
   if (in.is_list()) {
@@ -942,7 +998,11 @@ FILTER(indent) {
       ind = std::string(static_cast<size_t>(w), ' ');
     }
   }
-  std::string s = to_str(in) + "\n";
+  // do_indent does `s += "\n"` on the value itself: only strings get through.
+  if (in.is_undefined()) fail_undefined(in);
+  if (in.is_list() && !in.flag && !seq_tag(in)) fail("AttributeError: 'list' object has no attribute 'splitlines'");
+  if (!in.is_string()) fail("TypeError: unsupported operand type(s) for +=: '" + type_name(in) + "' and 'str'");
+  std::string s = in.s + "\n";
   ValueList lines = py_splitlines(s, false);
   std::string rv;
   if (blank) {
@@ -1007,11 +1067,19 @@ FILTER(int) {
 FILTER(items) {
   ArgReader a(args, "items");
   a.finish(0);
-  if (in.is_undefined()) return make_iterator({});
-  if (!in.is_dict()) fail("TypeError: Can only get item pairs from a mapping.");
-  ValueList out;
-  for (const auto& kv : in.entries().items) out.push_back(Value::make_list({kv.first, kv.second}, true));
-  return make_iterator(std::move(out));
+  Value input = in;
+  auto st = std::make_shared<GenState>();
+  return make_generator([st, input](Value& out) {
+    if (!st->started) {
+      st->started = true;
+      if (input.is_undefined()) return false;
+      if (!input.is_dict()) fail("TypeError: Can only get item pairs from a mapping.");
+      ValueList pairs;
+      for (const auto& kv : input.entries().items) pairs.push_back(Value::make_list({kv.first, kv.second}, true));
+      st->src.emplace(Value::make_list(std::move(pairs)));
+    }
+    return st->src && st->src->next(out);
+  });
 }
 
 FILTER(join) {
@@ -1057,66 +1125,80 @@ FILTER(upper) {
 }
 
 FILTER(map) {
-  ValueList out;
-  if (!truthy(in)) return make_iterator({});
-  ValueList items = iterate(in);
-  bool by_attr = args.pos.empty();
-  for (auto& kv : args.kw)
-    if (kv.first != "attribute" && kv.first != "default" && by_attr)
-      fail("FilterArgumentError: Unexpected keyword argument '" + kv.first + "'");
-  if (by_attr) {
-    Value attribute = Value::none(), def = Value::none();
-    bool have = false;
-    for (auto& kv : args.kw) {
-      if (kv.first == "attribute") { attribute = kv.second; have = true; }
-      if (kv.first == "default") def = kv.second;
+  CallArgs saved = args;
+  Value input = in;
+  Renderer* rp = &r;
+  auto st = std::make_shared<GenState>();
+  auto by_attr = std::make_shared<bool>(false);
+  auto attribute = std::make_shared<Value>(Value::none());
+  auto def = std::make_shared<Value>(Value::none());
+  return make_generator([=](Value& out) {
+    if (!st->started) {
+      st->started = true;
+      if (!truthy(input)) return false;
+      // jinja2's prepare_map, run with the generator's body.
+      *by_attr = saved.pos.empty();
+      if (*by_attr) {
+        bool have = false;
+        for (auto& kv : saved.kw) {
+          if (kv.first == "attribute") { *attribute = kv.second; have = true; }
+          else if (kv.first == "default") *def = kv.second;
+          else fail("FilterArgumentError: Unexpected keyword argument '" + kv.first + "'");
+        }
+        if (!have) fail("FilterArgumentError: map requires a filter argument");
+      } else if (!saved.pos[0].is_string()) {
+        fail("TypeError: filter name must be a string");
+      }
+      st->src.emplace(input);
     }
-    if (!have) fail("FilterArgumentError: map requires a filter argument");
-    for (auto& item : items) out.push_back(get_attr_path(r, item, attribute, def));
-    return make_iterator(std::move(out));
-  }
-  Value name = args.pos[0];
-  if (!name.is_string()) fail("TypeError: filter name must be a string");
-  for (auto& item : items) {
-    CallArgs sub;
-    sub.pos.assign(args.pos.begin() + 1, args.pos.end());
-    sub.kw = args.kw;
-    out.push_back(r.apply_filter(name.s, item, sub, line));
-  }
-  return make_iterator(std::move(out));
+    Value item;
+    if (!st->src->next(item)) return false;
+    if (*by_attr) {
+      out = get_attr_path(*rp, item, *attribute, *def);
+    } else {
+      CallArgs sub;
+      sub.pos.assign(saved.pos.begin() + 1, saved.pos.end());
+      sub.kw = saved.kw;
+      out = rp->apply_filter(saved.pos[0].s, item, sub, line);
+    }
+    return true;
+  });
 }
 
 Value select_or_reject(Renderer& r, const Value& in, CallArgs& args, int line, bool select, bool lookup_attr) {
-  if (!truthy(in)) return make_iterator({});
-  ValueList items = iterate(in);
-  size_t off = 0;
-  Value attribute;
-  if (lookup_attr) {
-    if (args.pos.empty()) fail("FilterArgumentError: Missing parameter for attribute name");
-    attribute = args.pos[0];
-    off = 1;
-  }
-  bool has_test = args.pos.size() > off;
-  std::string test;
-  if (has_test) {
-    if (!args.pos[off].is_string()) fail("TypeError: test name must be a string");
-    test = args.pos[off].s;
-  }
-  ValueList out;
-  for (auto& item : items) {
-    Value v = lookup_attr ? get_attr_path(r, item, attribute) : item;
-    bool ok;
-    if (has_test) {
-      CallArgs sub;
-      sub.pos.assign(args.pos.begin() + static_cast<std::ptrdiff_t>(off) + 1, args.pos.end());
-      sub.kw = args.kw;
-      ok = r.apply_test(test, v, sub, line);
-    } else {
-      ok = truthy(v);
+  CallArgs saved = args;
+  Value input = in;
+  Renderer* rp = &r;
+  auto st = std::make_shared<GenState>();
+  return make_generator([=](Value& out) {
+    if (!st->started) {
+      st->started = true;
+      if (!truthy(input)) return false;
+      if (lookup_attr && saved.pos.empty()) fail("FilterArgumentError: Missing parameter for attribute name");
+      size_t off = lookup_attr ? 1 : 0;
+      if (saved.pos.size() > off && !saved.pos[off].is_string()) fail("TypeError: test name must be a string");
+      st->src.emplace(input);
     }
-    if (ok == select) out.push_back(item);
-  }
-  return make_iterator(std::move(out));
+    size_t off = lookup_attr ? 1 : 0;
+    Value item;
+    while (st->src->next(item)) {
+      Value v = lookup_attr ? get_attr_path(*rp, item, saved.pos[0]) : item;
+      bool ok;
+      if (saved.pos.size() > off) {
+        CallArgs sub;
+        sub.pos.assign(saved.pos.begin() + static_cast<std::ptrdiff_t>(off) + 1, saved.pos.end());
+        sub.kw = saved.kw;
+        ok = rp->apply_test(saved.pos[off].s, v, sub, line);
+      } else {
+        ok = truthy(v);
+      }
+      if (ok == select) {
+        out = item;
+        return true;
+      }
+    }
+    return false;
+  });
 }
 
 FILTER(select) { return select_or_reject(r, in, args, line, true, false); }
@@ -1150,10 +1232,28 @@ Value min_max(Renderer& r, const Value& in, CallArgs& args, bool is_max) {
 FILTER(max) { return min_max(r, in, args, true); }
 FILTER(min) { return min_max(r, in, args, false); }
 
+// pprint.pformat sorts dict keys (its line wrapping of long values is not reproduced).
+Value sorted_dicts(const Value& v) {
+  RecursionGuard guard;
+  if (v.is_dict()) {
+    std::vector<std::pair<Value, Value>> kv(v.entries().items.begin(), v.entries().items.end());
+    std::stable_sort(kv.begin(), kv.end(), [](const auto& x, const auto& y) { return less(x.first, y.first); });
+    DictData d;
+    for (auto& e : kv) d.items.emplace_back(e.first, sorted_dicts(e.second));
+    return Value::make_dict(std::move(d));
+  }
+  if (v.is_list() && !seq_tag(v)) {
+    ValueList items;
+    for (const auto& e : v.items()) items.push_back(sorted_dicts(e));
+    return Value::make_list(std::move(items), v.flag);
+  }
+  return v;
+}
+
 FILTER(pprint) {
   ArgReader a(args, "pprint");
   a.finish(0);
-  return Value::string(to_repr(in));
+  return Value::string(to_repr(sorted_dicts(in)));
 }
 
 FILTER(replace) {
@@ -1335,8 +1435,13 @@ FILTER(truncate) {
   std::string end = to_str(a.get(2, "end", Value::string("...")));
   int64_t leeway = need_int(a.get(3, "leeway", Value::integer(5)), "truncate");
   a.finish(4);
-  std::string s = to_str(in);
   int64_t end_len = static_cast<int64_t>(utf8_length(end));
+  if (!in.is_string()) {  // do_truncate measures the value itself with len()
+    if (length < end_len) fail("AssertionError: expected length >= " + std::to_string(end_len));
+    if (static_cast<int64_t>(py_len(in)) <= length + leeway) return in;
+    fail("AttributeError: '" + type_name(in) + "' object has no attribute 'rsplit'");
+  }
+  std::string s = in.s;
   if (length < end_len) fail("AssertionError: expected length >= " + std::to_string(end_len) + ", got " + std::to_string(length));
   if (leeway < 0) fail("AssertionError: expected leeway >= 0, got " + std::to_string(leeway));
   auto cps = utf8_decode(s);
@@ -1350,24 +1455,39 @@ FILTER(truncate) {
 }
 
 FILTER(unique) {
-  ArgReader a(args, "unique");
-  bool cs = truthy(a.get(0, "case_sensitive", Value::boolean(false)));
-  Value attribute = a.get(1, "attribute", Value::none());
-  a.finish(2);
-  ValueList seen, out;
-  for (auto& item : iterate(in)) {
-    Value k = get_attr_path(r, item, attribute);
-    if (!cs) k = lower_if_str(k);
-    if ((k.kind == Kind::kList && !k.flag) || k.kind == Kind::kDict) fail("TypeError: unhashable type: '" + type_name(k) + "'");
-    bool dup = false;
-    for (auto& s : seen)
-      if (equal(s, k)) { dup = true; break; }
-    if (!dup) {
-      seen.push_back(k);
-      out.push_back(item);
+  CallArgs saved = args;
+  Value input = in;
+  Renderer* rp = &r;
+  auto st = std::make_shared<GenState>();
+  auto seen = std::make_shared<ValueList>();
+  auto cs = std::make_shared<bool>(false);
+  auto attribute = std::make_shared<Value>(Value::none());
+  return make_generator([=](Value& out) {
+    if (!st->started) {
+      st->started = true;
+      CallArgs copy = saved;
+      ArgReader a(copy, "unique");
+      *cs = truthy(a.get(0, "case_sensitive", Value::boolean(false)));
+      *attribute = a.get(1, "attribute", Value::none());
+      a.finish(2);
+      st->src.emplace(input);
     }
-  }
-  return make_iterator(std::move(out));
+    Value item;
+    while (st->src->next(item)) {
+      Value k = get_attr_path(*rp, item, *attribute);
+      if (!*cs) k = lower_if_str(k);
+      if ((k.kind == Kind::kList && !k.flag) || k.kind == Kind::kDict) fail("TypeError: unhashable type: '" + type_name(k) + "'");
+      bool dup = false;
+      for (auto& sv : *seen)
+        if (equal(sv, k)) { dup = true; break; }
+      if (!dup) {
+        seen->push_back(k);
+        out = item;
+        return true;
+      }
+    }
+    return false;
+  });
 }
 
 FILTER(wordcount) {
@@ -1750,7 +1870,9 @@ Value MethodFn::call(Renderer& r, CallArgs& args, int line) {
         if (method == "items") out.push_back(Value::make_list({kv.first, kv.second}, true));
         else out.push_back(method == "keys" ? kv.first : kv.second);
       }
-      return Value::make_list(std::move(out));
+      return make_view(std::move(out), method == "items"  ? SeqTag::kDictItems
+                                       : method == "keys" ? SeqTag::kDictKeys
+                                                          : SeqTag::kDictValues);
     }
     if (method == "get") {
       Value key = a.get(0, "key");
@@ -1763,7 +1885,7 @@ Value MethodFn::call(Renderer& r, CallArgs& args, int line) {
     }
     if (method == "copy") { a.finish(0); return self; }
   }
-  if (self.is_list()) {
+  if (self.is_list() && (!seq_tag(self) || seq_tag(self)->type == SeqTag::kRange)) {
     if (method == "count") {
       Value x = a.get(0, "value");
       a.finish(1);
@@ -1804,7 +1926,9 @@ bool has_method(const Value& self, const std::string& name) {
   switch (self.kind) {
     case Kind::kString: return in(kStr);
     case Kind::kDict: return in(kDict);
-    case Kind::kList: return in(kList);
+    case Kind::kList:
+      if (const SeqTag* t = seq_tag(self)) return t->type == SeqTag::kRange && name != "copy" && in(kList);
+      return in(kList);
     case Kind::kFloat: return name == "is_integer";
     default: return false;
   }
@@ -1816,7 +1940,7 @@ bool is_mutating(const Value& self, const std::string& name) {
   if (self.is_dict()) {
     for (const char* m : kDict)
       if (name == m) return true;
-  } else if (self.is_list() && !self.flag) {
+  } else if (self.is_list() && !self.flag && !seq_tag(self)) {
     for (const char* m : kList)
       if (name == m) return true;
   }
@@ -1841,11 +1965,8 @@ Value global_range(Renderer& r, const Value&, CallArgs& args, int) {
   if (step > 0 && stop > start) n = (stop - start + step - 1) / step;
   if (step < 0 && stop < start) n = (start - stop - step - 1) / (-step);
   if (n > 100000) fail("OverflowError: Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).");
-  ValueList out;
-  out.reserve(static_cast<size_t>(n));
-  for (int64_t k = 0; k < n; ++k) out.push_back(Value::integer(start + k * step));
   (void)r;
-  return Value::make_list(std::move(out));
+  return make_range(start, stop, step);
 }
 
 void fill_dict(DictData& d, CallArgs& args, const char* fname) {

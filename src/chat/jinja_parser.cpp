@@ -254,11 +254,11 @@ class Lexer {
   }
 
   void lex_comment() {
-    // (.*?)(#}\+|-#}\s*|#}\n?)
+    // (.*?)(\+#}|-#}\s*|#}\n?)
     size_t start = pos_;
     for (size_t p = pos_; p < s_.size(); ++p) {
       size_t end = 0;
-      if (s_.compare(p, 3, "#}+") == 0) end = p + 3;
+      if (s_.compare(p, 3, "+#}") == 0) end = p + 3;
       else if (s_.compare(p, 3, "-#}") == 0) end = skip_space(s_, p + 3);
       else if (s_.compare(p, 2, "#}") == 0) end = p + 2 + (p + 2 < s_.size() && s_[p + 2] == '\n');
       if (!end) continue;

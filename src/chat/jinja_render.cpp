@@ -236,7 +236,12 @@ std::string Renderer::render(const std::vector<NodePtr>& body) {
   return out;
 }
 
+namespace {
+struct Impossible {};  // constant folding gave up (jinja2's nodes.Impossible)
+}  // namespace
+
 Value Renderer::lookup(const std::string& name, Scope* s) {
+  if (const_mode_) throw Impossible{};
   for (Scope* p = s; p; p = p->parent)
     if (Value* v = p->find(name)) return *v;
   if (context_.is_dict())
@@ -300,6 +305,9 @@ void Renderer::run_for(const Node& n, ValueList items, Scope* s, std::string& ou
   // jinja2 enters the loop body's frame inside the Python for statement: every iteration starts
   // from fresh locals, so a {% set %} in the body neither survives to the next iteration nor
   // leaks out (hence namespace()).
+  // jinja2 clears its "run the else block" flag at the end of the loop body, so {% else %} also
+  // runs when every iteration left through break or continue.
+  bool completed = false;
   for (size_t k = 0; k < its.size(); ++k) {
     count_iterations(1);
     loop->index0 = k;
@@ -308,8 +316,9 @@ void Renderer::run_for(const Node& n, ValueList items, Scope* s, std::string& ou
     ls->set("loop", loop_value);
     Flow f = exec_block(n.body, ls, out);
     if (f == Flow::kBreak) break;
+    if (f == Flow::kNormal) completed = true;
   }
-  if (its.empty()) exec_block(n.orelse, new_scope(s), out);
+  if (!completed) exec_block(n.orelse, new_scope(s), out);
 }
 
 Renderer::Flow Renderer::exec(const Node& n, Scope* s, std::string& out) {
@@ -509,6 +518,7 @@ Value Renderer::getitem(const Value& obj, const Value& key) {
     }
     case Kind::kList:
     case Kind::kString: {
+      if (const SeqTag* t = seq_tag(obj); t && t->type != SeqTag::kRange) break;  // views: no indexing
       if (key.kind == Kind::kInt || key.kind == Kind::kBool) {
         int64_t idx = key.as_int();
         if (obj.kind == Kind::kList) {
@@ -571,7 +581,7 @@ Value Renderer::eval_binary(const std::string& op, const Value& a, const Value& 
       check_size(a.s.size() + b.s.size());
       return Value::string(a.s + b.s);
     }
-    if (a.is_list() && b.is_list() && a.flag == b.flag) {
+    if (a.is_list() && b.is_list() && a.flag == b.flag && !seq_tag(a) && !seq_tag(b)) {
       ValueList items = a.items();
       items.insert(items.end(), b.items().begin(), b.items().end());
       return Value::make_list(std::move(items), a.flag);
@@ -596,8 +606,9 @@ Value Renderer::eval_binary(const std::string& op, const Value& a, const Value& 
     }
     const Value* seq = nullptr;
     const Value* cnt = nullptr;
-    if ((a.is_string() || a.is_list()) && is_int(b)) { seq = &a; cnt = &b; }
-    if ((b.is_string() || b.is_list()) && is_int(a)) { seq = &b; cnt = &a; }
+    if ((a.is_string() || (a.is_list() && !seq_tag(a))) && is_int(b)) { seq = &a; cnt = &b; }
+    if ((b.is_string() || (b.is_list() && !seq_tag(b))) && is_int(a)) { seq = &b; cnt = &a; }
+    if (!seq && (seq_tag(a) || seq_tag(b))) return unsupported();
     if (!seq) {
       if (a.is_string() || b.is_string() || a.is_list() || b.is_list())
         fail("TypeError: can't multiply sequence by non-int of type '" + type_name(a.is_string() || a.is_list() ? b : a) + "'");
@@ -695,8 +706,9 @@ static bool contains(const Value& container, const Value& item) {
       return container.entries().find(item) != nullptr;
     case Kind::kIterator: {
       auto* it = static_cast<IteratorObj*>(container.obj.get());
-      while (it->pos < it->items.size())
-        if (equal(it->items[it->pos++], item)) return true;
+      Value v;
+      while (it->next(v))
+        if (equal(v, item)) return true;
       return false;
     }
     default: fail("TypeError: argument of type '" + type_name(container) + "' is not iterable");
@@ -747,24 +759,38 @@ Value Renderer::eval(const Node& n, Scope* s) {
           Value stop = sl.b ? eval(*sl.b, s) : Value::none();
           Value step = sl.c ? eval(*sl.c, s) : Value::none();
           if (obj.is_undefined()) fail_undefined(obj);
+          if (const_mode_) {
+            // jinja2 prints a constant {{ ... }} through as_const, whose subscripts go through
+            // the sandbox's getitem: a failed slice is an undefined there, not an error.
+            try {
+              return slice_value(obj, start, stop, step);
+            } catch (const Error&) {
+              return Value::undefined_attr(obj, Value::string("slice"));
+            }
+          }
           return slice_value(obj, start, stop, step);
         }
         return getitem(obj, eval(*n.b, s));
       }
       case NodeKind::kSlice: fail("internal: slice outside subscript");
       case NodeKind::kCall: {
+        if (const_mode_) throw Impossible{};
         Value callee = eval(*n.a, s);
         CallArgs args;
         build_args(n, s, args);
         return call_value(callee, args, n.line);
       }
       case NodeKind::kFilter: {
+        if (const_mode_ && (!n.a || n.name == "map" || n.name == "select" || n.name == "reject" ||
+                            n.name == "selectattr" || n.name == "rejectattr" || !find_filter(n.name)))
+          throw Impossible{};  // unknown, or takes the render context
         Value input = n.a ? eval(*n.a, s) : Value::undefined();
         CallArgs args;
         build_args(n, s, args);
         return apply_filter(n.name, input, args, n.line);
       }
       case NodeKind::kTest: {
+        if (const_mode_ && !find_test(n.name)) throw Impossible{};
         Value input = eval(*n.a, s);
         CallArgs args;
         build_args(n, s, args);
@@ -827,6 +853,111 @@ Value Renderer::eval(const Node& n, Scope* s) {
       default: fail("internal: statement node in expression position");
     }
   });
+}
+
+// Python's has_safe_repr: what jinja2's optimizer may bake into the compiled template.
+static bool safe_repr(const Value& v) {
+  switch (v.kind) {
+    case Kind::kNone:
+    case Kind::kBool:
+    case Kind::kInt:
+    case Kind::kFloat:
+    case Kind::kString: return true;
+    case Kind::kList: {
+      if (const SeqTag* t = seq_tag(v)) return t->type == SeqTag::kRange;
+      for (const auto& e : v.items())
+        if (!safe_repr(e)) return false;
+      return true;
+    }
+    case Kind::kDict:
+      for (const auto& kv : v.entries().items)
+        if (!safe_repr(kv.first) || !safe_repr(kv.second)) return false;
+      return true;
+    default: return false;
+  }
+}
+
+static bool is_expression(NodeKind k) {
+  switch (k) {
+    case NodeKind::kConst:
+    case NodeKind::kName:
+    case NodeKind::kSlice: return false;  // nothing to fold / folded only inside a subscript
+    case NodeKind::kListLit:
+    case NodeKind::kTupleLit:
+    case NodeKind::kDictLit:
+    case NodeKind::kGetattr:
+    case NodeKind::kGetitem:
+    case NodeKind::kCall:
+    case NodeKind::kFilter:
+    case NodeKind::kTest:
+    case NodeKind::kNot:
+    case NodeKind::kNeg:
+    case NodeKind::kPos:
+    case NodeKind::kBinary:
+    case NodeKind::kConcat:
+    case NodeKind::kCompare:
+    case NodeKind::kAnd:
+    case NodeKind::kOr:
+    case NodeKind::kCondExpr: return true;
+    default: return false;
+  }
+}
+
+void Renderer::fold(NodePtr& n, Scope* scope) {
+  if (!n) return;
+  fold(n->a, scope);
+  fold(n->b, scope);
+  fold(n->c, scope);
+  fold(n->dyn_args, scope);
+  fold(n->dyn_kwargs, scope);
+  if (n->kind != NodeKind::kMacro && n->kind != NodeKind::kCallBlock)
+    for (auto& c : n->children) fold(c, scope);
+  else
+    for (auto& c : n->children) fold(c->a, scope);  // parameter defaults
+  for (auto& kv : n->kwargs) fold(kv.second, scope);
+  for (auto& c : n->body) fold(c, scope);
+  for (auto& c : n->orelse) fold(c, scope);
+  if (n->kind == NodeKind::kOutput && n->a && n->a->kind != NodeKind::kConst) {
+    // {{ expr }}: jinja2 bakes str(expr.as_const()) into the template whatever its type.
+    try {
+      Value v = eval(*n->a, scope);
+      auto c = std::make_unique<Node>(NodeKind::kConst, n->a->line);
+      c->value = Value::string(to_str(v));
+      n->a = std::move(c);
+    } catch (const Impossible&) {
+    } catch (const Error&) {
+    }
+    return;
+  }
+  if (!is_expression(n->kind)) return;
+  if (n->kind == NodeKind::kFilter && !n->a) return;  // a filter block's chain has no input
+  try {
+    Value v = eval(*n, scope);
+    if (!safe_repr(v)) return;
+    auto c = std::make_unique<Node>(NodeKind::kConst, n->line);
+    c->value = std::move(v);
+    n = std::move(c);
+  } catch (const Impossible&) {
+  } catch (const Error&) {
+  }
+}
+
+void fold_constants(std::vector<NodePtr>& body) {
+  // jinja2's optimizer (always on) evaluates constant expressions at compile time, where a slice
+  // goes through the sandbox's getitem; folding here keeps that behaviour (and saves work).
+  Renderer r(Value::make_dict(DictData()), RenderLimits());
+  r.const_mode_ = true;
+  WorkBudget budget;
+  budget.limit = RenderLimits().max_work;
+  set_work_budget(&budget);
+  Scope* root = r.new_scope(nullptr);
+  try {
+    for (auto& n : body) r.fold(n, root);
+  } catch (...) {
+    set_work_budget(nullptr);
+    throw;
+  }
+  set_work_budget(nullptr);
 }
 
 }  // namespace kiln::chat::jinja

@@ -83,6 +83,8 @@ class Renderer {
   void run_for(const Node& n, ValueList items, Scope* s, std::string& out, int depth);
 
   int macro_depth = 0;
+  bool const_mode_ = false;  // fold_constants: names and calls are not constant
+  void fold(NodePtr& n, Scope* scope);
 
  private:
   Flow exec(const Node& n, Scope* s, std::string& out);
@@ -102,6 +104,9 @@ class Renderer {
   WorkBudget budget_;
   std::vector<std::shared_ptr<NamespaceObj>> namespaces_;
 };
+
+// Replaces constant expressions by their values, as jinja2's optimizer does at compile time.
+void fold_constants(std::vector<NodePtr>& body);
 
 // Builtins (jinja_builtins.cpp).
 using FilterFn = Value (*)(Renderer& r, const Value& input, CallArgs& args, int line);

@@ -186,6 +186,23 @@ std::string str_lower(std::string_view s) {
 
 // ---------------------------------------------------------------------------------------------
 
+bool IteratorObj::next(Value& out) {
+  if (exhausted || !next_fn) return false;
+  bool more;
+  try {
+    more = next_fn(out);
+  } catch (...) {
+    exhausted = true;  // a generator that raised is finished, as in Python
+    next_fn = nullptr;
+    throw;
+  }
+  if (!more) {
+    exhausted = true;
+    next_fn = nullptr;
+  }
+  return more;
+}
+
 Value Value::undefined(std::string name, std::string hint) {
   Value v;
   auto info = std::make_shared<UndefInfo>();
@@ -228,6 +245,35 @@ Value Value::make_dict(DictData d) {
   v.nest = static_cast<uint16_t>(nest + 1);
   charge(d.items.size() * 32);
   v.dict = std::make_shared<const DictData>(std::move(d));
+  return v;
+}
+
+const SeqTag* seq_tag(const Value& v) {
+  return v.kind == Kind::kList && v.obj ? static_cast<const SeqTag*>(v.obj.get()) : nullptr;
+}
+
+Value make_range(int64_t start, int64_t stop, int64_t step) {
+  int64_t n = 0;
+  if (step > 0 && stop > start) n = (stop - start + step - 1) / step;
+  if (step < 0 && stop < start) n = (start - stop - step - 1) / (-step);
+  ValueList items;
+  items.reserve(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) items.push_back(Value::integer(start + k * step));
+  Value v = Value::make_list(std::move(items));
+  auto tag = std::make_shared<SeqTag>();
+  tag->type = SeqTag::kRange;
+  tag->start = start;
+  tag->stop = stop;
+  tag->step = step;
+  v.obj = std::move(tag);
+  return v;
+}
+
+Value make_view(ValueList items, SeqTag::Type type) {
+  Value v = Value::make_list(std::move(items));
+  auto tag = std::make_shared<SeqTag>();
+  tag->type = type;
+  v.obj = std::move(tag);
   return v;
 }
 
@@ -289,7 +335,16 @@ std::string type_name(const Value& v) {
     case Kind::kInt: return "int";
     case Kind::kFloat: return "float";
     case Kind::kString: return "str";
-    case Kind::kList: return v.flag ? "tuple" : "list";
+    case Kind::kList:
+      if (const SeqTag* t = seq_tag(v)) {
+        switch (t->type) {
+          case SeqTag::kRange: return "range";
+          case SeqTag::kDictKeys: return "dict_keys";
+          case SeqTag::kDictValues: return "dict_values";
+          case SeqTag::kDictItems: return "dict_items";
+        }
+      }
+      return v.flag ? "tuple" : "list";
     case Kind::kDict: return "dict";
     case Kind::kIterator: return static_cast<const IteratorObj*>(v.obj.get())->type_name;
     case Kind::kCallable: return "function";
@@ -412,6 +467,15 @@ std::string to_repr(const Value& v) {
     case Kind::kFloat: return float_repr(v.f);
     case Kind::kString: return str_repr(v.s);
     case Kind::kList: {
+      if (const SeqTag* t = seq_tag(v)) {
+        if (t->type == SeqTag::kRange) {
+          std::string r = "range(" + std::to_string(t->start) + ", " + std::to_string(t->stop);
+          if (t->step != 1) r += ", " + std::to_string(t->step);
+          return r + ")";
+        }
+        Value plain = Value::make_list(v.items());
+        return type_name(v) + "(" + to_repr(plain) + ")";
+      }
       std::string out = v.flag ? "(" : "[";
       const auto& items = v.items();
       for (size_t k = 0; k < items.size(); ++k) {
@@ -481,6 +545,21 @@ bool equal(const Value& a, const Value& b) {
     case Kind::kString: return a.s == b.s;
     case Kind::kList: {
       if (a.flag != b.flag) return false;
+      {
+        const SeqTag *ta = seq_tag(a), *tb = seq_tag(b);
+        if ((ta ? int(ta->type) : -1) != (tb ? int(tb->type) : -1)) return false;
+        if (ta && ta->type == SeqTag::kDictValues) return a.list == b.list;  // identity, as Python
+        if (ta && (ta->type == SeqTag::kDictKeys || ta->type == SeqTag::kDictItems)) {
+          if (a.items().size() != b.items().size()) return false;  // set equality
+          for (const auto& x : a.items()) {
+            bool found = false;
+            for (const auto& y : b.items())
+              if (equal(x, y)) { found = true; break; }
+            if (!found) return false;
+          }
+          return true;
+        }
+      }
       const auto &x = a.items(), &y = b.items();
       if (x.size() != y.size()) return false;
       for (size_t k = 0; k < x.size(); ++k)
@@ -510,7 +589,7 @@ bool less(const Value& a, const Value& b, const char* op) {
     return a.as_int() < b.as_int();
   }
   if (a.is_string() && b.is_string()) return a.s < b.s;  // UTF-8 byte order == code point order
-  if (a.is_list() && b.is_list() && a.flag == b.flag) {
+  if (a.is_list() && b.is_list() && a.flag == b.flag && !seq_tag(a) && !seq_tag(b)) {
     const auto &x = a.items(), &y = b.items();
     for (size_t k = 0; k < x.size() && k < y.size(); ++k) {
       if (equal(x[k], y[k])) continue;
@@ -555,8 +634,12 @@ ValueList iterate(const Value& v) {
     }
     case Kind::kIterator: {
       auto* it = static_cast<IteratorObj*>(v.obj.get());
-      ValueList out(it->items.begin() + static_cast<std::ptrdiff_t>(it->pos), it->items.end());
-      it->pos = it->items.size();
+      ValueList out;
+      Value item;
+      while (it->next(item)) {
+        charge(16);
+        out.push_back(std::move(item));
+      }
       return out;
     }
     default: fail("TypeError: '" + type_name(v) + "' object is not iterable");
@@ -660,6 +743,7 @@ static void json_dump(std::string& out, const Value& v, const JsonOptions& o, in
     case Kind::kFloat: out += json_float(v.f); return;
     case Kind::kString: json_string(out, v.s, o.ensure_ascii); return;
     case Kind::kList: {
+      if (seq_tag(v)) fail("TypeError: Object of type " + type_name(v) + " is not JSON serializable");
       const auto& items = v.items();
       if (items.empty()) { out += "[]"; return; }
       out += '[';

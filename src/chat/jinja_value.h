@@ -3,6 +3,7 @@
 // Internal to src/chat (the public API is chat_template.h).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -94,11 +95,24 @@ struct DictData {
   void set(Value key, Value value);  // replaces in place (keeps position) or appends
 };
 
+// A Python generator: its body runs lazily, item by item, as it is consumed (so a generator that
+// is never consumed never fails), and it is consumed once.
 struct IteratorObj : Object {
-  ValueList items;
-  size_t pos = 0;
+  std::function<bool(Value& out)> next_fn;  // false when exhausted
+  bool exhausted = false;
   std::string type_name = "generator";
+  bool next(Value& out);
 };
+
+// Sequences that are Python lists underneath but not `list` to templates: range objects and
+// dict views. Tagged on a kList value (obj), they print, compare and combine like Python's.
+struct SeqTag : Object {
+  enum Type { kRange, kDictKeys, kDictValues, kDictItems } type = kRange;
+  int64_t start = 0, stop = 0, step = 1;  // kRange
+};
+const SeqTag* seq_tag(const Value& v);  // nullptr for plain lists/tuples
+Value make_range(int64_t start, int64_t stop, int64_t step);  // materialized; caller bounds size
+Value make_view(ValueList items, SeqTag::Type type);
 
 struct NamespaceObj : Object {
   DictData attrs;
