@@ -18,6 +18,7 @@
 #include "backend/cpu/sampler.h"
 #include "backend/cuda/cuda_executor.h"
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/sampler.h"
 #include "core/dtype.h"
 #include "core/file.h"
 
@@ -661,3 +662,97 @@ TEST(CudaExecutor, OutOfMemoryIsAClearError) {
 }
 
 }  // namespace
+
+// The device sampler against the host sampler on the same logits (uploaded, so the sampler alone is
+// compared): penalties, bias, banned ids, temperature, top-k, top-p, min-p, several seeds and steps,
+// ties in the logits, and a 128k vocabulary. Every token must match.
+TEST(CudaSampler, MatchesHostSamplerOnSameLogits) {
+  REQUIRE_GPU();
+  std::mt19937 rng(99);
+  struct Case {
+    float temperature, top_p, min_p, rep, presence, frequency;
+    int32_t top_k;
+    bool bias, banned;
+  };
+  const Case cases[] = {
+      {1.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, false, false},    // plain softmax over the whole row
+      {0.7f, 0.9f, 0.0f, 1.0f, 0.0f, 0.0f, 0, false, false},    // top-p
+      {1.3f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 40, false, false},   // top-k
+      {0.8f, 0.95f, 0.05f, 1.0f, 0.0f, 0.0f, 100, false, false},
+      {1.0f, 1.0f, 0.1f, 1.0f, 0.0f, 0.0f, 0, false, false},    // min-p
+      {0.9f, 0.8f, 0.0f, 1.2f, 0.5f, 0.3f, 0, true, true},      // penalties, bias, banned
+      {0.0f, 1.0f, 0.0f, 1.3f, 0.0f, 0.7f, 0, true, true},      // greedy after penalties
+      {2.0f, 0.5f, 0.0f, 0.9f, -0.4f, 0.0f, 5, true, false},
+  };
+  for (int32_t V : {1000, 32000, 128256}) {
+    int32_t mismatches = 0, total = 0;
+    const int32_t n_rows = 16;
+    cuda::DeviceSampler sampler;
+    float* d_logits = nullptr;
+    int32_t* d_ids = nullptr;
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_logits), size_t(n_rows) * V * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_ids), size_t(n_rows) * 4), cudaSuccess);
+    for (int trial = 0; trial < 4; ++trial) {
+      // Logits as a model gives them (a few strong candidates over a long tail), with exact ties.
+      std::vector<float> lg = random_vec(size_t(n_rows) * V, rng, 2.0f, trial % 2 == 0);
+      for (int32_t r = 0; r < n_rows; ++r) {
+        for (int k = 0; k < 8; ++k) lg[size_t(r) * V + rng() % uint32_t(V)] += 8.0f;
+        lg[size_t(r) * V + 3] = lg[size_t(r) * V + 7] = lg[size_t(r) * V + rng() % uint32_t(V)];
+      }
+      ASSERT_EQ(cudaMemcpy(d_logits, lg.data(), lg.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      std::vector<SamplingParams> params(static_cast<size_t>(n_rows));
+      std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(n_rows)), outs(static_cast<size_t>(n_rows));
+      std::vector<int32_t> banned = {int32_t(rng() % uint32_t(V)), 1};
+      std::vector<SeqSampling> ss(static_cast<size_t>(n_rows));
+      std::vector<int32_t> rows;
+      std::vector<const SeqSampling*> seqs;
+      for (int32_t r = 0; r < n_rows; ++r) {
+        const Case& c = cases[size_t(r) % std::size(cases)];
+        SamplingParams& p = params[size_t(r)];
+        p.temperature = c.temperature;
+        p.top_p = c.top_p;
+        p.min_p = c.min_p;
+        p.top_k = c.top_k;
+        p.repetition_penalty = c.rep;
+        p.presence_penalty = c.presence;
+        p.frequency_penalty = c.frequency;
+        p.seed = rng();
+        if (c.bias) p.logit_bias = {{int32_t(rng() % uint32_t(V)), 5.0f}, {2, -3.5f}, {2, 1.25f}};
+        for (int i = 0; i < 20; ++i) prompts[size_t(r)].push_back(int32_t(rng() % uint32_t(V)));
+        for (int i = 0; i < int(rng() % 30); ++i) outs[size_t(r)].push_back(int32_t(rng() % 64));
+        SeqSampling& s = ss[size_t(r)];
+        s.params = &p;
+        s.prompt_ids = prompts[size_t(r)].data();
+        s.num_prompt = int32_t(prompts[size_t(r)].size());
+        s.output_ids = outs[size_t(r)].data();
+        s.num_output = int32_t(outs[size_t(r)].size());
+        if (c.banned) s.banned_ids = &banned;
+        if (r % 5 != 4) {  // some rows skipped: ids land at their own row index
+          rows.push_back(r);
+          seqs.push_back(&s);
+        }
+      }
+      ASSERT_EQ(cudaMemset(d_ids, 0xff, size_t(n_rows) * 4), cudaSuccess);
+      Status st = sampler.sample(d_logits, V, rows, seqs, d_ids, nullptr);
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      std::vector<int32_t> got(static_cast<size_t>(n_rows));
+      ASSERT_EQ(cudaMemcpy(got.data(), d_ids, got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      for (int32_t r = 0; r < n_rows; ++r) {
+        if (r % 5 == 4) {
+          EXPECT_EQ(got[size_t(r)], -1) << "row " << r << " was not to be sampled";
+          continue;
+        }
+        const int32_t want = sample_token(lg.data() + size_t(r) * V, V, ss[size_t(r)]).id;
+        ++total;
+        if (got[size_t(r)] != want) {
+          ++mismatches;
+          ADD_FAILURE() << "V " << V << " trial " << trial << " row " << r << ": device " << got[size_t(r)]
+                        << ", host " << want;
+        }
+      }
+    }
+    std::printf("[device-sampler] V %d: %d/%d rows identical to the host sampler\n", V, total - mismatches, total);
+    cudaFree(d_logits);
+    cudaFree(d_ids);
+  }
+}

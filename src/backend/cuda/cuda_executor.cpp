@@ -10,6 +10,7 @@
 
 #include "backend/cpu/sampler.h"
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/sampler.h"
 #include "backend/cuda/cuda_util.h"
 #include "core/dtype.h"
 #include "core/log.h"
@@ -35,7 +36,9 @@ int32_t bucket_for(int32_t n) {
   return -1;
 }
 
-bool needs_host_sampling(const SeqSampling& s) {
+// Rows plain argmax cannot serve: the device sampler takes them, or the host one (logprobs, or
+// KILN_DEVICE_SAMPLING=0).
+bool needs_sampler(const SeqSampling& s) {
   const SamplingParams& p = *s.params;
   return !p.greedy() || p.logprobs >= 0 || p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f ||
          p.frequency_penalty != 0.0f || !p.logit_bias.empty() || (s.banned_ids && !s.banned_ids->empty());
@@ -115,6 +118,7 @@ Status CudaExecutor::init_common(const LoadOptions& opts) {
   gemm_ = std::make_unique<Gemm>();
   KILN_RETURN_IF_ERROR(gemm_->init());
   if (const char* g = std::getenv("KILN_CUDA_GRAPHS")) use_graphs_ = std::string(g) != "0";
+  if (const char* g = std::getenv("KILN_DEVICE_SAMPLING")) device_sampling_ = std::string(g) != "0";
   return Status::ok();
 }
 
@@ -443,6 +447,29 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
   last_rows_ = L;
   const int32_t V = config_.vocab_size;
   launch_argmax(ops_->logits(), L, V, d_ids_, s);
+  if (device_sampling_) {
+    std::vector<int32_t> rows;
+    std::vector<const SeqSampling*> seqs;
+    for (int32_t i = 0; i < L; ++i)
+      if (needs_sampler(sampling[size_t(i)]) && DeviceSampler::supports(sampling[size_t(i)])) {
+        rows.push_back(i);
+        seqs.push_back(&sampling[size_t(i)]);
+      }
+    if (!rows.empty()) {
+      if (!sampler_) sampler_ = std::make_unique<DeviceSampler>();
+      if (Status st = sampler_->sample(ops_->logits(), V, rows, seqs, d_ids_, s); !st) {
+        // Out of memory for the sort buffers, say: the host sampler gives the same tokens.
+        log_warn("cuda: " + st.message() + "; sampling on the host from now on");
+        sampler_.reset();
+        device_sampling_ = false;
+        cudaGetLastError();
+      }
+    }
+  }
+  const bool dev = device_sampling_;
+  auto needs_host_sampling = [dev](const SeqSampling& ss) {
+    return needs_sampler(ss) && (!dev || !DeviceSampler::supports(ss));
+  };
   cudaMemcpyAsync(h_ids_, d_ids_, size_t(L) * 4, cudaMemcpyDeviceToHost, s);
   size_t host_rows = 0;
   for (const SeqSampling& ss : sampling) host_rows += needs_host_sampling(ss) ? 1 : 0;

@@ -1,7 +1,7 @@
 // ModelExecutor on one CUDA device: bf16 weights uploaded once, a paged bf16 KV cache sized from a
 // memory fraction or a block count, step metadata uploaded once per step, decode steps replayed
-// from CUDA graphs per batch-size bucket, greedy sampling on the device (other sampling reads the
-// row back and runs the host sampler, so seeded requests match the CPU backend token for token).
+// from CUDA graphs per batch-size bucket, sampling on the device with the host sampler's semantics
+// and RNG (cuda/sampler.h; rows that ask for logprobs are read back and sampled on the host).
 // No CUDA header here: the CLI includes this in builds where the binary may run without a GPU.
 #pragma once
 #include <cstdint>
@@ -29,6 +29,7 @@ namespace cuda {
 bool device_available(std::string* why);
 
 class CudaOps;
+class DeviceSampler;
 class Gemm;
 struct DeviceKv;
 
@@ -75,6 +76,8 @@ class CudaExecutor final : public ModelExecutor {
   std::unique_ptr<Gemm> gemm_;
   std::unique_ptr<CudaOps> ops_;
   std::unique_ptr<DeviceKv> kv_;
+  std::unique_ptr<DeviceSampler> sampler_;
+  bool device_sampling_ = true;  // KILN_DEVICE_SAMPLING=0: every non-greedy row on the host sampler
   void* kv_base_ = nullptr;
   size_t weight_bytes_per_token_ = 0;
   bool use_graphs_ = true;
