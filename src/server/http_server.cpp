@@ -23,6 +23,7 @@
 #include <unordered_map>
 
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
@@ -121,6 +122,15 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   std::atomic<bool> draining{false};
   std::atomic<bool> stopped{false};
   std::condition_variable idle_cv;  // notified when active_requests drops
+  std::optional<net::executor_work_guard<net::io_context::executor_type>> work;  // during shutdown
+
+  std::vector<std::shared_ptr<Session>> live_sessions() {
+    std::vector<std::shared_ptr<Session>> live;
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& [id, w] : sessions)
+      if (auto p = w.lock()) live.push_back(std::move(p));
+    return live;
+  }
 
   void do_accept();
   void on_accept(error_code ec, tcp::socket socket);
@@ -647,38 +657,43 @@ Result<uint16_t> HttpServer::start() {
   return port;
 }
 
-void HttpServer::shutdown(double grace_s) {
+void HttpServer::drain(double grace_s) {
   Impl& s = *impl_;
-  if (s.stopped.exchange(true)) return;
-  s.draining = true;
+  if (s.draining.exchange(true)) return;
+  // Keeps run() going until stop(), so a handler posted during shutdown always runs: one queued
+  // on a stopped io_context would keep its session, and through it the server, alive forever.
+  if (!s.threads.empty()) s.work.emplace(s.ioc.get_executor());
   net::post(s.acceptor.get_executor(), [impl = impl_] {
     error_code ignored;
     impl->acceptor.close(ignored);
   });
-  auto each_session = [&](auto fn) {
-    std::vector<std::shared_ptr<Session>> live;
-    {
-      std::lock_guard<std::mutex> lock(s.mu);
-      for (auto& [id, w] : s.sessions)
-        if (auto p = w.lock()) live.push_back(std::move(p));
-    }
-    for (auto& p : live) fn(*p);
-  };
-  each_session([](Session& x) { x.drain(); });
-  {
-    std::unique_lock<std::mutex> lock(s.mu);
-    s.idle_cv.wait_for(lock, to_ms(grace_s), [&] { return s.active_requests.load() == 0; });
-  }
-  each_session([](Session& x) { x.force_close(); });
+  for (auto& p : s.live_sessions()) p->drain();
+  std::unique_lock<std::mutex> lock(s.mu);
+  s.idle_cv.wait_for(lock, to_ms(grace_s), [&] { return s.active_requests.load() == 0; });
+}
+
+void HttpServer::stop() {
+  Impl& s = *impl_;
+  drain(0.0);
+  if (s.stopped.exchange(true)) return;
+  for (auto& p : s.live_sessions()) p->force_close();
+  s.work.reset();
   // With the acceptor and every socket closed the io_context runs out of work and the threads
   // return; a handler that still holds work is cut off after a short wait.
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
   while (!s.ioc.stopped() && std::chrono::steady_clock::now() < deadline && !s.threads.empty())
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!s.ioc.stopped() && !s.threads.empty())
+    log_warn("http: shutdown: I/O still pending after closing every connection; stopping anyway");
   s.ioc.stop();
   for (auto& t : s.threads)
     if (t.joinable()) t.join();
   s.threads.clear();
+}
+
+void HttpServer::shutdown(double grace_s) {
+  drain(grace_s);
+  stop();
 }
 
 int HttpServer::num_active_requests() const { return impl_->active_requests.load(); }

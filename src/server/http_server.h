@@ -81,8 +81,13 @@ class HttpServer {
   // Binds, listens and starts the thread pool. Returns the bound port.
   Result<uint16_t> start();
   // Stops accepting, closes idle connections, lets in-flight responses finish for up to grace_s
-  // (then closes them), stops the pool. Idempotent.
+  // (then closes them), stops the pool. Idempotent. = drain(grace_s) + stop().
   void shutdown(double grace_s);
+  // The first half: stop accepting, close idle connections, wait up to grace_s for in-flight
+  // responses. The pool keeps running (handlers posted now still run).
+  void drain(double grace_s);
+  // The second half: close every connection, stop and join the pool.
+  void stop();
   // Requests currently being handled (response not yet complete).
   int num_active_requests() const;
   int num_connections() const;

@@ -601,8 +601,10 @@ void Server::shutdown(double grace_s) {
     if (impl_->shut_down) return;
     impl_->shut_down = true;
   }
-  impl_->http.shutdown(grace_s);
+  impl_->http.drain(grace_s);
+  // Cancel what is left while the I/O threads still run, so every job sees its final event.
   if (auto be = impl_->get()) be->engine->shutdown(/*drain=*/false);
+  impl_->http.stop();
 }
 
 Metrics& Server::metrics() { return impl_->metrics; }
