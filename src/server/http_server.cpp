@@ -199,7 +199,8 @@ class Session : public std::enable_shared_from_this<Session> {
     headers_sent_ = true;
     std::string out = status_line(status);
     out += "Content-Type: " + content_type + "\r\n";
-    out += "Content-Length: " + std::to_string(body.size()) + "\r\n";
+    if (status == 304 || status == 204) body.clear();  // no body, and no Content-Length for one
+    else out += "Content-Length: " + std::to_string(body.size()) + "\r\n";
     for (const auto& [k, v] : headers) out += k + ": " + v + "\r\n";
     out += keep_alive_ ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n";
     out += body;

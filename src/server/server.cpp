@@ -13,6 +13,7 @@
 #include <random>
 
 #include "core/log.h"
+#include "server/chat_page.h"
 
 namespace kiln::server {
 
@@ -557,6 +558,17 @@ void Server::Impl::add_routes() {
       "GET", "/version",
       [](const HttpRequest&, std::shared_ptr<ResponseWriter> w) {
         send_json(*w, 200, Json{{"version", KILN_VERSION}, {"commit", KILN_GIT_COMMIT}});
+      },
+      /*open=*/true);
+  // The browser chat page (src/server/chat_page.h): open, like /health; its API calls carry the key.
+  http.add_route(
+      "GET", "/",
+      [](const HttpRequest& r, std::shared_ptr<ResponseWriter> w) {
+        const std::string etag(chat_page_etag());
+        HeaderList headers = {{"ETag", etag}, {"Cache-Control", "no-cache"}};
+        if (const std::string* inm = r.header("if-none-match"); inm && *inm == etag)
+          return w->send(304, "text/html; charset=utf-8", "", std::move(headers));
+        w->send(200, "text/html; charset=utf-8", std::string(chat_page_html()), std::move(headers));
       },
       /*open=*/true);
   http.add_route("GET", "/metrics", [this](const HttpRequest&, std::shared_ptr<ResponseWriter> w) {

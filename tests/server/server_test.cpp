@@ -386,3 +386,21 @@ TEST(Server, GracefulShutdownFinishesInFlight) {
   Conn after(port);
   EXPECT_FALSE(after.ok());  // no longer accepting
 }
+
+TEST(Server, ChatPageAtRootIsOpenAndCacheable) {
+  TestServerConfig cfg;
+  cfg.api_key = "k";
+  TestServer s(cfg);
+  HttpResponse r = http(s.port, "GET", "/");
+  ASSERT_EQ(r.status, 200);
+  EXPECT_EQ(r.header("content-type"), "text/html; charset=utf-8");
+  EXPECT_NE(r.body.find("<html"), std::string::npos);
+  std::string etag = r.header("etag");
+  ASSERT_FALSE(etag.empty());
+  Conn c(s.port);
+  ASSERT_TRUE(c.send(request_text("GET", "/", "", {"If-None-Match: " + etag})));
+  HttpResponse again = c.read_response();  // 304 has no Content-Length: read it on a live connection
+  EXPECT_EQ(again.status, 304);
+  ASSERT_TRUE(c.send(request_text("GET", "/health", "")));
+  EXPECT_EQ(c.read_response().status, 200);  // the connection is still in step
+}

@@ -275,7 +275,9 @@ class Conn {
       pos = e + 2;
     }
     if (status == 100) return read_response(on_chunk);
-    if (r.headers.count("content-length")) {
+    if (status == 304 || status == 204) {
+      // no body
+    } else if (r.headers.count("content-length")) {
       size_t n = std::stoul(r.headers["content-length"]);
       while (buf_.size() < n)
         if (!fill()) return r;
