@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -87,6 +88,19 @@ TEST(CpuForward, BatchedEqualsAloneBitForBit) {
   std::vector<std::vector<int32_t>> seqs = {{5, 9, 11, 3, 40, 41, 42}, {7}, {90, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}};
   auto alone = step_logits(m, seqs, false);
   auto together = step_logits(m, seqs, true);
+  for (size_t i = 0; i < seqs.size(); ++i) EXPECT_EQ(alone[i], together[i]) << "sequence " << i;
+}
+
+// The default model's GGUF weights (Q4_1, Q8_0) go through other kernels than F32/BF16: the same
+// request must still give identical logits alone (decode-sized steps) and in a large batch.
+TEST(CpuForward, QuantizedBatchedEqualsAloneBitForBit) {
+  const char* path = std::getenv("KILN_DEFAULT_MODEL");
+  if (!path) GTEST_SKIP() << "KILN_DEFAULT_MODEL not set (make test sets it)";
+  auto m = load_model(path);
+  ASSERT_TRUE(m.is_ok()) << m.message();
+  std::vector<std::vector<int32_t>> seqs = {{504, 3575, 282, 4649, 314}, {1}, {30, 31, 32}, {9, 8, 7, 6, 5, 4, 3, 2}};
+  auto alone = step_logits(*m, seqs, false, 1);  // one token per step: the decode path throughout
+  auto together = step_logits(*m, seqs, true);
   for (size_t i = 0; i < seqs.size(); ++i) EXPECT_EQ(alone[i], together[i]) << "sequence " << i;
 }
 

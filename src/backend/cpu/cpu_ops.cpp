@@ -92,8 +92,9 @@ void cpu_linear(const float* x, int64_t m, const Weight& w, const float* bias, f
   const int64_t N = w.rows, K = w.cols;
   constexpr int64_t kTile = 16;
   const int64_t tiles = (N + kTile - 1) / kTile;
+  // Fused dequantize-and-dot (default model decode 17.9 -> 54 tok/s), for every step size: a
+  // request must round the same way alone and batched (QuantizedBatchedEqualsAloneBitForBit).
   if (w.format == WeightFormat::kGgml && quant_dot_supported(w.ggml_type) && K % 32 == 0) {
-    // Fused dequantize-and-dot: 17.9 -> see docs/PERF.md for the default model's decode.
     thread_local std::vector<float> xsums;
     xsums.resize(size_t(m * (K / 32)));
     for (int64_t i = 0; i < m; ++i) quant_block_sums(x + i * K, K, xsums.data() + i * (K / 32));
