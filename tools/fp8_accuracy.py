@@ -14,7 +14,9 @@ per-tensor row), e.g. static activation scales calibrated on another text, or ex
         --variant 'static=--use_fp8 --calib_file tools/fp8_calib.txt' \
         --variant 'no down_proj=--use_fp8 --fp8_exclude *down_proj'
 
-The "BF16 share" column is the fraction of decoder linear weights (q/k/v/o/gate/up/down) that the
+"vs BF16" is exp(mean NLL difference) - 1 with, after the sign, one standard error of that mean
+over the scored tokens (the text's sampling noise: about 0.3-0.4 points on this text). The
+"BF16 share" column is the fraction of decoder linear weights (q/k/v/o/gate/up/down) that the
 checkpoint keeps in BF16, read from its safetensors header.
 """
 import argparse
@@ -110,8 +112,11 @@ def main():
         dnll = sum(abs(x - y) for x, y in zip(r["nll"], ref["nll"])) / n
         size = f"{r['bytes'] / 1e6:.0f} MB" if "bytes" in r else "-"
         delta = 100.0 * (r["perplexity"] / ref["perplexity"] - 1.0)
+        d = [x - y for x, y in zip(r["nll"], ref["nll"])]
+        md = sum(d) / n
+        se = math.sqrt(sum((x - md) ** 2 for x in d) / max(1, n - 1) / n) if name != "bf16" else 0.0
         share = f"{100.0 * r['bf16_share']:.1f}%" if "bf16_share" in r else "-"
-        print(f"| {name} | {share} | {size} | {r['perplexity']:.4f} | {delta:+.2f}% | {r['mean_nll']:.5f} | "
+        print(f"| {name} | {share} | {size} | {r['perplexity']:.4f} | {delta:+.2f}% ± {100.0 * se:.2f} | {r['mean_nll']:.5f} | "
               f"{100.0 * agree:.1f}% | {dnll:.4f} |")
 
 
