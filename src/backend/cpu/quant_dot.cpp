@@ -138,4 +138,99 @@ float quant_dot(GgmlType t, const uint8_t* row, const float* x, const float* xsu
   return 0.0f;
 }
 
+void quant_unpack_row(GgmlType t, const uint8_t* b, int64_t n, float* q, float* d, float* off) {
+  const int64_t nb = n / kBlock;
+  for (int64_t i = 0; i < nb; ++i) {
+    float* qi = q + i * kBlock;
+    switch (t) {
+      case GgmlType::kQ4_0:
+      case GgmlType::kQ4_1: {
+        const int hdr = t == GgmlType::kQ4_0 ? 2 : 4;
+        d[i] = f16_at(b);
+        off[i] = t == GgmlType::kQ4_1 ? f16_at(b + 2) : 0.0f;
+        for (int j = 0; j < 16; ++j) {
+          qi[j] = float(b[hdr + j] & 15);
+          qi[j + 16] = float(b[hdr + j] >> 4);
+        }
+        b += hdr + 16;
+        break;
+      }
+      case GgmlType::kQ8_0:
+        d[i] = f16_at(b);
+        off[i] = 0.0f;
+        for (int j = 0; j < 32; ++j) qi[j] = float(int8_t(b[2 + j]));
+        b += 34;
+        break;
+      default: return;  // callers check quant_dot_supported
+    }
+  }
+}
+
+float quant_dot_unpacked(GgmlType t, const float* q, const float* d, const float* off, const float* x,
+                         const float* xs, int64_t n) {
+  const int64_t nb = n / kBlock;
+#ifdef KILN_QDOT_AVX2
+  // The same operations, in the same order, as nibbles_dot / int8_dot and dot_q* above.
+  __m256 acc = _mm256_setzero_ps();
+  float o = 0.0f;
+  const bool q8 = t == GgmlType::kQ8_0;
+  for (int64_t i = 0; i < nb; ++i) {
+    const float* qi = q + i * kBlock;
+    const float* xi = x + i * kBlock;
+    __m256 v = q8 ? _mm256_fmadd_ps(_mm256_loadu_ps(qi), _mm256_loadu_ps(xi), _mm256_setzero_ps())
+                  : _mm256_mul_ps(_mm256_loadu_ps(qi), _mm256_loadu_ps(xi));
+    v = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8), _mm256_loadu_ps(xi + 8), v);
+    v = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 16), _mm256_loadu_ps(xi + 16), v);
+    v = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 24), _mm256_loadu_ps(xi + 24), v);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d[i]), v, acc);
+    if (t == GgmlType::kQ4_0) o += d[i] * xs[i];
+    else if (t == GgmlType::kQ4_1) o += off[i] * xs[i];
+  }
+  const float h = hsum(acc);
+  return t == GgmlType::kQ4_0 ? h - 8.0f * o : t == GgmlType::kQ4_1 ? h + o : h;
+#else
+  float s = 0.0f;
+  for (int64_t i = 0; i < nb; ++i) {
+    float tt = 0.0f;
+    for (int j = 0; j < 16; ++j) tt += q[i * kBlock + j] * x[i * kBlock + j] + q[i * kBlock + j + 16] * x[i * kBlock + j + 16];
+    if (t == GgmlType::kQ4_0) s += d[i] * (tt - 8.0f * xs[i]);
+    else if (t == GgmlType::kQ4_1) s += d[i] * tt + off[i] * xs[i];
+    else s += d[i] * tt;
+  }
+  (void)off;
+  return s;
+#endif
+}
+
+void quant_dot4_tokens(GgmlType t, const float* q, const float* d, const float* off, const float* const x[4],
+                       const float* const xs[4], int64_t n, float out[4]) {
+#ifdef KILN_QDOT_AVX2
+  const int64_t nb = n / kBlock;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  float o[4] = {0, 0, 0, 0};
+  const bool q8 = t == GgmlType::kQ8_0;
+  for (int64_t i = 0; i < nb; ++i) {
+    const float* qi = q + i * kBlock;
+    const __m256 q0 = _mm256_loadu_ps(qi), q1 = _mm256_loadu_ps(qi + 8), q2 = _mm256_loadu_ps(qi + 16),
+                 q3 = _mm256_loadu_ps(qi + 24), dv = _mm256_set1_ps(d[i]);
+    for (int m = 0; m < 4; ++m) {
+      const float* xi = x[m] + i * kBlock;
+      __m256 v = q8 ? _mm256_fmadd_ps(q0, _mm256_loadu_ps(xi), _mm256_setzero_ps()) : _mm256_mul_ps(q0, _mm256_loadu_ps(xi));
+      v = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xi + 8), v);
+      v = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xi + 16), v);
+      v = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xi + 24), v);
+      acc[m] = _mm256_fmadd_ps(dv, v, acc[m]);
+      if (t == GgmlType::kQ4_0) o[m] += d[i] * xs[m][i];
+      else if (t == GgmlType::kQ4_1) o[m] += off[i] * xs[m][i];
+    }
+  }
+  for (int m = 0; m < 4; ++m) {
+    const float h = hsum(acc[m]);
+    out[m] = t == GgmlType::kQ4_0 ? h - 8.0f * o[m] : t == GgmlType::kQ4_1 ? h + o[m] : h;
+  }
+#else
+  for (int m = 0; m < 4; ++m) out[m] = quant_dot_unpacked(t, q, d, off, x[m], xs[m], n);
+#endif
+}
+
 }  // namespace kiln
