@@ -903,6 +903,33 @@ static bool is_expression(NodeKind k) {
   }
 }
 
+// Whether evaluating `n` at compile time could succeed: a cheap static check that saves throwing
+// Impossible for every expression that mentions a variable.
+static bool maybe_const(const Node* n) {
+  if (!n) return true;
+  switch (n->kind) {
+    case NodeKind::kConst: return true;
+    case NodeKind::kName:
+    case NodeKind::kCall: return false;
+    case NodeKind::kCondExpr: return maybe_const(n->b.get());  // the test decides which branch runs
+    case NodeKind::kAnd:
+    case NodeKind::kOr: return maybe_const(n->a.get());
+    case NodeKind::kFilter:
+      if (!n->a || n->name == "map" || n->name == "select" || n->name == "reject" || n->name == "selectattr" ||
+          n->name == "rejectattr")
+        return false;
+      break;
+    default: break;
+  }
+  if (n->dyn_args || n->dyn_kwargs) return false;
+  if (!maybe_const(n->a.get()) || !maybe_const(n->b.get()) || !maybe_const(n->c.get())) return false;
+  for (const auto& c : n->children)
+    if (!maybe_const(c.get())) return false;
+  for (const auto& kv : n->kwargs)
+    if (!maybe_const(kv.second.get())) return false;
+  return true;
+}
+
 void Renderer::fold(NodePtr& n, Scope* scope) {
   if (!n) return;
   fold(n->a, scope);
@@ -917,7 +944,7 @@ void Renderer::fold(NodePtr& n, Scope* scope) {
   for (auto& kv : n->kwargs) fold(kv.second, scope);
   for (auto& c : n->body) fold(c, scope);
   for (auto& c : n->orelse) fold(c, scope);
-  if (n->kind == NodeKind::kOutput && n->a && n->a->kind != NodeKind::kConst) {
+  if (n->kind == NodeKind::kOutput && n->a && n->a->kind != NodeKind::kConst && maybe_const(n->a.get())) {
     // {{ expr }}: jinja2 bakes str(expr.as_const()) into the template whatever its type.
     try {
       Value v = eval(*n->a, scope);
@@ -931,6 +958,7 @@ void Renderer::fold(NodePtr& n, Scope* scope) {
   }
   if (!is_expression(n->kind)) return;
   if (n->kind == NodeKind::kFilter && !n->a) return;  // a filter block's chain has no input
+  if (!maybe_const(n.get())) return;
   try {
     Value v = eval(*n, scope);
     if (!safe_repr(v)) return;
