@@ -33,6 +33,8 @@ struct ServeArgs {
   int http_threads = 0;
   int max_n = 16;
   bool no_prefix_caching = false;
+  std::string log_format = "plain";
+  bool log_requests = false;
 };
 
 Result<std::unique_ptr<ModelExecutor>> load_executor(const ServeArgs& a) {
@@ -95,6 +97,9 @@ int serve(const ServeArgs& a) {
   if (a.kv_cache_memory_fraction < 0 || a.kv_cache_memory_fraction > 1)
     return fail(verb, "--kv_cache_memory_fraction must be in (0, 1]");
   if (a.max_n < 1) return fail(verb, "--max_n must be at least 1");
+  if (a.log_format == "json") set_log_format(LogFormat::kJson);
+  else if (a.log_format == "plain") set_log_format(LogFormat::kPlain);
+  else return fail(verb, "--log_format must be plain or json, not '" + a.log_format + "'");
 
   // Signals go to sigwait() in this thread only: block them before any thread starts.
   sigset_t signals;
@@ -115,11 +120,13 @@ int serve(const ServeArgs& a) {
   o.served_model_name = a.served_model_name.empty() ? a.model : a.served_model_name;
   o.model_path = a.model;
   o.api.max_n = a.max_n;
+  o.log_content = a.log_requests;
   server::Server srv(o);
   auto port = srv.start();
   if (!port) return fail(verb, port.message());
-  std::fprintf(stderr, "kiln serve: listening on http://%s:%u (loading %s)\n", a.host.c_str(), unsigned(*port),
-               a.model.c_str());
+  // Through the logger so --log_format json makes every line JSON (tests read the port from this line).
+  log_info("kiln serve: listening on http://" + a.host + ":" + std::to_string(*port) + " (loading " + a.model + ")");
+  if (a.log_requests) log_warn("serve: --log_requests: prompts and outputs are written to the log");
   if (a.host != "127.0.0.1" && a.host != "localhost" && a.host != "::1" && a.api_key.empty())
     log_warn("serve: listening on " + a.host + " without --api_key: anyone who can reach this port can use it");
 
@@ -134,8 +141,10 @@ int serve(const ServeArgs& a) {
       int32_t blocks = b->engine->info().num_kv_blocks;
       srv.set_backend(std::move(*b));
       double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      std::fprintf(stderr, "kiln serve: ready: model '%s' on %s, %d KV blocks, loaded in %.1f s\n",
-                   o.served_model_name.c_str(), device.c_str(), blocks, s);
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.1f", s);
+      log_info("kiln serve: ready: model '" + o.served_model_name + "' on " + device + ", " + std::to_string(blocks) +
+               " KV blocks, loaded in " + secs + " s");
       loaded = true;
     } else {
       load_status = b.status();
@@ -153,8 +162,8 @@ int serve(const ServeArgs& a) {
       return fail(verb, load_status.message());
     }
   }
-  std::fprintf(stderr, "kiln serve: %s: stopping (in-flight requests finish; a second signal exits now)\n",
-               sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  log_info(std::string("kiln serve: ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") +
+           ": stopping (in-flight requests finish; a second signal exits now)");
   std::thread([signals] {
     int again = 0;
     for (;;) {
@@ -170,7 +179,7 @@ int serve(const ServeArgs& a) {
   }
   loader.join();
   srv.shutdown(a.shutdown_timeout);
-  std::fprintf(stderr, "kiln serve: stopped\n");
+  log_info("kiln serve: stopped");
   return 0;
 }
 
@@ -203,6 +212,10 @@ KILN_VERB(serve) {
   add_flag(*cmd, "shutdown_timeout", a.shutdown_timeout, "seconds in-flight requests get on SIGTERM (30)");
   add_flag(*cmd, "http_threads", a.http_threads, "HTTP I/O threads (default: 2-4 by core count)");
   add_switch(*cmd, "no_prefix_caching", a.no_prefix_caching, "disable the prefix cache");
+  add_flag(*cmd, "log_format", a.log_format, "log lines: plain (default) or json (one object per line)")
+      ->check(CLI::IsMember({"plain", "json"}));
+  add_switch(*cmd, "log_requests", a.log_requests,
+             "also log each request's prompt and generated text (off: never logged)");
   cmd->callback([] {
     if (int rc = serve(a)) throw CLI::RuntimeError(rc);
   });

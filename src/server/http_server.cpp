@@ -114,6 +114,7 @@ struct HttpServer::Impl : std::enable_shared_from_this<HttpServer::Impl> {
   std::vector<std::thread> threads;
   std::vector<Route> routes;
   std::function<void(int)> status_observer;
+  std::function<void(RequestRecord&&)> request_observer;
 
   mutable std::mutex mu;
   std::unordered_map<uint64_t, std::weak_ptr<Session>> sessions;
@@ -205,6 +206,7 @@ class Session : public std::enable_shared_from_this<Session> {
     out += keep_alive_ ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n";
     out += body;
     srv_->observe(status);
+    rec_.status = status;
     response_finished_ = true;
     enqueue(std::move(out));
   }
@@ -224,6 +226,7 @@ class Session : public std::enable_shared_from_this<Session> {
       out += keep_alive_ ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n";
     }
     srv_->observe(status);
+    rec_.status = status;
     enqueue(std::move(out));
   }
 
@@ -242,6 +245,12 @@ class Session : public std::enable_shared_from_this<Session> {
     if (!current(seq) || !streaming_ || response_finished_) return;
     response_finished_ = true;
     enqueue(http10_ ? std::string() : std::string("0\r\n\r\n"));
+  }
+
+  void set_log(uint64_t seq, std::string id, std::vector<LogField> fields) {
+    if (seq != seq_ || !rec_open_) return;
+    if (!id.empty()) rec_.id = std::move(id);
+    rec_.fields = std::move(fields);
   }
 
   void set_on_disconnect(uint64_t seq, std::function<void()> fn) {
@@ -368,6 +377,21 @@ class Session : public std::enable_shared_from_this<Session> {
       std::lock_guard<std::mutex> lock(srv_->mu);
       ++srv_->active_requests;
     }
+    rec_ = RequestRecord{};
+    rec_.id = "req-" + std::to_string(id_) + "-" + std::to_string(seq_);
+    rec_.method = rec_.path = "-";
+    rec_start_ = std::chrono::steady_clock::now();
+    rec_open_ = true;
+  }
+
+  // The request is over: hand its record to the request log, once.
+  void finish_record(bool client_gone) {
+    if (!rec_open_) return;
+    rec_open_ = false;
+    rec_.client_gone = client_gone;
+    if (rec_.status == 0) rec_.status = 499;  // nothing was sent (nginx's "client closed request")
+    rec_.total_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - rec_start_).count();
+    if (srv_->request_observer) srv_->request_observer(std::move(rec_));
   }
 
   void on_request();
@@ -407,6 +431,7 @@ class Session : public std::enable_shared_from_this<Session> {
     responding_ = false;
     on_disconnect_ = nullptr;
     srv_->request_done();
+    finish_record(/*client_gone=*/false);
     if (!keep_alive_ || srv_->draining) return linger_then_close();
     phase_ = Phase::kIdle;
     if (peek_pending_) {
@@ -448,7 +473,8 @@ class Session : public std::enable_shared_from_this<Session> {
       srv_->request_done();
       auto fn = std::move(on_disconnect_);
       on_disconnect_ = nullptr;
-      if (fn && gone_seq_ == seq_) fn();
+      if (fn && gone_seq_ == seq_) fn();  // may set_log() the request's final counts
+      finish_record(/*client_gone=*/true);
     }
   }
 
@@ -490,6 +516,9 @@ class Session : public std::enable_shared_from_this<Session> {
   bool keep_alive_ = false;
   bool http10_ = false;
   std::function<void()> on_disconnect_;
+  RequestRecord rec_;  // the current request's log record
+  std::chrono::steady_clock::time_point rec_start_;
+  bool rec_open_ = false;
 
   std::string out_;       // queued bytes
   std::string inflight_;  // bytes of the write in progress
@@ -514,6 +543,11 @@ class Writer : public ResponseWriter {
     net::dispatch(s_->executor(), [s = s_, seq = seq_] { s->end_stream(seq); });
   }
   void post(std::function<void()> fn) override { net::post(s_->executor(), std::move(fn)); }
+  void set_log(std::string id, std::vector<LogField> fields) override {
+    net::dispatch(s_->executor(), [s = s_, seq = seq_, id = std::move(id), f = std::move(fields)]() mutable {
+      s->set_log(seq, std::move(id), std::move(f));
+    });
+  }
   void on_disconnect(std::function<void()> fn) override {
     net::dispatch(s_->executor(), [s = s_, seq = seq_, fn = std::move(fn)]() mutable {
       s->set_on_disconnect(seq, std::move(fn));
@@ -538,6 +572,8 @@ void Session::on_request() {
   req.path = req.target.substr(0, req.target.find('?'));
   for (const auto& f : msg) req.headers.emplace_back(lower(str(f.name_string())), str(f.value()));
   req.body = std::move(msg.body());
+  rec_.method = req.method;
+  rec_.path = req.path;
   error_code ec;
   auto ep = socket_.remote_endpoint(ec);
   if (!ec) req.remote = ep.address().to_string() + ":" + std::to_string(ep.port());
@@ -626,6 +662,10 @@ void HttpServer::add_route(std::string method, std::string path, Handler handler
 }
 
 void HttpServer::set_status_observer(std::function<void(int)> fn) { impl_->status_observer = std::move(fn); }
+
+void HttpServer::set_request_observer(std::function<void(RequestRecord&&)> fn) {
+  impl_->request_observer = std::move(fn);
+}
 
 Result<uint16_t> HttpServer::start() {
   Impl& s = *impl_;

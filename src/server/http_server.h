@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/log.h"
 #include "core/status.h"
 
 namespace kiln::server {
@@ -47,6 +48,21 @@ class ResponseWriter {
   virtual void post(std::function<void()> fn) = 0;
   // fn runs once on the strand if the client goes away before the response ends.
   virtual void on_disconnect(std::function<void()> fn) = 0;
+  // What the request log line says beyond the HTTP layer's own fields: the request's id (a
+  // completion id; "": keep the connection counter id) and fields such as token counts. Call it
+  // before the response ends (send / end_stream), or from the on_disconnect callback.
+  virtual void set_log(std::string id, std::vector<LogField> fields) = 0;
+};
+
+// One finished request (its response fully written, or its client gone), for the request log.
+struct RequestRecord {
+  std::string id;      // set_log's id, else "req-<connection>-<n>"
+  std::string method;  // "-" when the request could not be parsed
+  std::string path;    // without the query (never the query: it may hold secrets)
+  int status = 0;      // the status sent; 499 when the client left before any was sent
+  bool client_gone = false;
+  double total_ms = 0;  // from the request's arrival (fully read) to its last byte written or the disconnect
+  std::vector<LogField> fields;
 };
 
 using Handler = std::function<void(const HttpRequest&, std::shared_ptr<ResponseWriter>)>;
@@ -77,6 +93,8 @@ class HttpServer {
   void add_route(std::string method, std::string path, Handler handler, bool open = false, bool prefix = false);
   // Called with every response's status code (metrics).
   void set_status_observer(std::function<void(int)> fn);
+  // Called once per request when it is over (on the connection's strand; keep it short).
+  void set_request_observer(std::function<void(RequestRecord&&)> fn);
 
   // Binds, listens and starts the thread pool. Returns the bound port.
   Result<uint16_t> start();

@@ -65,6 +65,20 @@ const char* finish_name(FinishReason f) {
   return "";
 }
 
+LogField log_int(const char* key, int64_t v) { return LogField{key, std::to_string(v), false}; }
+
+LogField log_ms(const char* key, double ms) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", ms);
+  return LogField{key, buf, false};
+}
+
+std::string json_ids(const std::vector<int32_t>& ids) {
+  std::string out = "[";
+  for (size_t i = 0; i < ids.size(); ++i) out += (i ? "," : "") + std::to_string(ids[i]);
+  return out + "]";
+}
+
 }  // namespace
 
 // Everything a request needs from the loaded model. Jobs hold it, so it outlives them.
@@ -120,6 +134,28 @@ struct Server::Impl {
 };
 
 namespace {
+
+// One line per request; the hot path only gathered the fields, the formatting happens here once.
+void log_request(RequestRecord&& r) {
+  std::vector<LogField> f;
+  f.reserve(r.fields.size() + 7);
+  f.push_back(LogField{"id", std::move(r.id)});
+  f.push_back(LogField{"method", std::move(r.method)});
+  f.push_back(LogField{"route", std::move(r.path)});
+  f.push_back(log_int("status", r.status));
+  if (r.client_gone) f.push_back(LogField{"client_gone", "true", false});
+  // Token counts and TTFT before the total (the order of the plain line); prompt/output last.
+  size_t content = r.fields.size();
+  for (size_t i = 0; i < r.fields.size(); ++i)
+    if (r.fields[i].key == "prompt" || r.fields[i].key == "output") {
+      content = i;
+      break;
+    }
+  for (size_t i = 0; i < content; ++i) f.push_back(std::move(r.fields[i]));
+  f.push_back(log_ms("total_ms", r.total_ms));
+  for (size_t i = content; i < r.fields.size(); ++i) f.push_back(std::move(r.fields[i]));
+  log_event(LogLevel::kInfo, "request", f);
+}
 
 // Renders messages with the chat template. continue_final_message leaves the last (assistant)
 // message open: the text is cut right after its content, as vLLM does.
@@ -177,6 +213,8 @@ class Job : public std::enable_shared_from_this<Job> {
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> echoes;  // per prompt, completions with echo
   std::vector<Choice> choices;
+  // Per prompt, as a JSON literal (text or token ids); only filled with --log_requests.
+  std::vector<std::string> prompt_log;
 
   // Builds the choices, submits them to the engine, and starts the response. On failure nothing
   // stays queued and the error is returned (nothing written yet).
@@ -270,6 +308,37 @@ class Job : public std::enable_shared_from_this<Job> {
         srv_->metrics.count_finish("abort");
       }
     srv_->metrics.add_generation_tokens(total_tokens());
+    w_->set_log(meta.id, log_fields());
+  }
+
+  // The request log's fields, formatted once when the request ends.
+  std::vector<LogField> log_fields() const {
+    Usage u = usage();
+    std::vector<LogField> f;
+    f.push_back(log_int("prompt_tokens", u.prompt_tokens));
+    f.push_back(log_int("generated_tokens", u.completion_tokens));
+    f.push_back(log_int("cached_tokens", u.cached_tokens));
+    if (any_token_) f.push_back(log_ms("ttft_ms", std::chrono::duration<double, std::milli>(first_token_ - arrival_).count()));
+    std::string finish;
+    for (const Choice& c : choices) finish += (finish.empty() ? "" : ",") + (c.finish.empty() ? std::string("abort") : c.finish);
+    f.push_back(LogField{"finish", finish, true});
+    f.push_back(log_int("n", int64_t(choices.size())));
+    f.push_back(LogField{"stream", gen.stream ? "true" : "false", false});
+    if (srv_->opt.log_content) {
+      std::string prompt;
+      if (prompt_log.size() == 1) {
+        prompt = prompt_log[0];
+      } else {
+        prompt = "[";
+        for (size_t i = 0; i < prompt_log.size(); ++i) prompt += (i ? "," : "") + prompt_log[i];
+        prompt += "]";
+      }
+      f.push_back(LogField{"prompt", prompt, false});
+      std::string output = "[";
+      for (size_t i = 0; i < choices.size(); ++i) output += (i ? "," : "") + json_quote(choices[i].text);
+      f.push_back(LogField{"output", output + "]", false});
+    }
+    return f;
   }
 
   int64_t total_tokens() const {
@@ -284,6 +353,10 @@ class Job : public std::enable_shared_from_this<Job> {
     if (c.done) return;  // stopped by a stop string; the engine's last events are moot
     if (ev.num_cached_tokens > 0) c.cached_tokens = ev.num_cached_tokens;
     if (!ev.tokens.empty()) {
+      if (!any_token_) {
+        any_token_ = true;
+        first_token_ = Clock::now();
+      }
       const double gap = c.got_first ? seconds_since(c.last_token) : seconds_since(arrival_);
       if (!c.got_first) srv_->metrics.observe_ttft(gap);
       else
@@ -380,6 +453,7 @@ class Job : public std::enable_shared_from_this<Job> {
     Usage u = usage();
     srv_->metrics.add_prompt_tokens(u.prompt_tokens);
     srv_->metrics.add_generation_tokens(u.completion_tokens);
+    w_->set_log(meta.id, log_fields());
     if (gen.stream) {
       std::string out;
       if (gen.include_usage) out += sse_event(usage_chunk(meta, chat_ ? "chat.completion.chunk" : "text_completion", u));
@@ -408,6 +482,7 @@ class Job : public std::enable_shared_from_this<Job> {
     finished_ = true;
     cancel_submitted();
     ApiError e = server_error(500, error_);
+    w_->set_log(meta.id, log_fields());
     if (gen.stream) {
       w_->write(sse_event(e.to_json()) + "data: [DONE]\n\n");
       w_->end_stream();
@@ -421,6 +496,8 @@ class Job : public std::enable_shared_from_this<Job> {
   std::shared_ptr<ResponseWriter> w_;
   bool chat_;
   Clock::time_point arrival_;
+  Clock::time_point first_token_;  // of any choice: the request's TTFT
+  bool any_token_ = false;
   size_t max_stop_len_ = 0;
   bool finished_ = false;
   std::string error_;
@@ -455,9 +532,11 @@ void Server::Impl::handle_completions(const HttpRequest& r, std::shared_ptr<Resp
   for (const std::string& text : req.text_prompts) {
     job->prompts.push_back(be->tok->encode(text, /*add_special_tokens=*/true));
     if (req.echo) job->echoes.push_back(text);
+    if (opt.log_content) job->prompt_log.push_back(json_quote(text));
   }
   for (auto& ids : req.token_prompts) {
     if (req.echo) job->echoes.push_back(be->tok->decode(ids, /*skip_special_tokens=*/false));
+    if (opt.log_content) job->prompt_log.push_back(json_ids(ids));
     job->prompts.push_back(std::move(ids));
   }
   for (const auto& p : job->prompts) {
@@ -467,7 +546,10 @@ void Server::Impl::handle_completions(const HttpRequest& r, std::shared_ptr<Resp
     job->max_tokens.push_back(max_tokens);
   }
   job->meta = ResponseMeta{random_id("cmpl-"), unix_now(), opt.served_model_name, fingerprint};
-  if (auto e = job->start()) return send_error(*w, *e, e->status == 503 ? HeaderList{{"Retry-After", "1"}} : HeaderList{});
+  if (auto e = job->start()) {
+    w->set_log(job->meta.id, {});
+    return send_error(*w, *e, e->status == 503 ? HeaderList{{"Retry-After", "1"}} : HeaderList{});
+  }
 }
 
 void Server::Impl::handle_chat(const HttpRequest& r, std::shared_ptr<ResponseWriter> w) {
@@ -484,13 +566,17 @@ void Server::Impl::handle_chat(const HttpRequest& r, std::shared_ptr<ResponseWri
   auto job = std::make_shared<Job>(this, be, w, /*chat=*/true);
   job->gen = std::move(req.gen);
   job->prompts.push_back(be->tok->encode(*text, /*add_special_tokens=*/false));
+  if (opt.log_content) job->prompt_log.push_back(json_quote(*text));
   if (job->prompts[0].empty()) return send_error(*w, api_bad_request("the messages render to no tokens", "messages"));
   int32_t max_tokens = 0;
   if (auto e = fit_context(*be, job->prompts[0].size(), job->gen.max_tokens, 0, "messages", &max_tokens))
     return send_error(*w, *e);
   job->max_tokens.push_back(max_tokens);
   job->meta = ResponseMeta{random_id("chatcmpl-"), unix_now(), opt.served_model_name, fingerprint};
-  if (auto e = job->start()) return send_error(*w, *e, e->status == 503 ? HeaderList{{"Retry-After", "1"}} : HeaderList{});
+  if (auto e = job->start()) {
+    w->set_log(job->meta.id, {});
+    return send_error(*w, *e, e->status == 503 ? HeaderList{{"Retry-After", "1"}} : HeaderList{});
+  }
 }
 
 void Server::Impl::handle_tokenize(const HttpRequest& r, std::shared_ptr<ResponseWriter> w) {
@@ -578,6 +664,7 @@ void Server::Impl::add_routes() {
     w->send(200, "text/plain; version=0.0.4; charset=utf-8", metrics.render(be ? &st : nullptr));
   });
   http.set_status_observer([this](int status) { metrics.count_response(status); });
+  if (opt.log_requests) http.set_request_observer([](RequestRecord&& r) { log_request(std::move(r)); });
 }
 
 Server::Server(ServerOptions options) : impl_(std::make_shared<Impl>(std::move(options))) {

@@ -26,6 +26,11 @@ struct ServerOptions {
   std::string served_model_name = "kiln";
   std::string model_path;  // shown as "root" in /v1/models
   ApiLimits api;           // vocab_size is taken from the engine
+  // One log line per request (core/log.h: log_event, plain or JSON): id, method, route, status,
+  // times and, for generation routes, token counts. Prompts and outputs only with log_content
+  // (--log_requests); headers (the API key) never.
+  bool log_requests = true;
+  bool log_content = false;
 };
 
 // What loading a model produces.

@@ -143,6 +143,7 @@ struct TestServerConfig {
   double keep_alive_timeout_s = 30.0;
   size_t max_body_bytes = 8 << 20;
   bool load = true;  // false: the server starts and stays "loading"
+  bool log_content = false;  // --log_requests
 };
 
 class TestServer {
@@ -158,6 +159,7 @@ class TestServer {
     o.http.max_body_bytes = cfg.max_body_bytes;
     o.served_model_name = "echo";
     o.model_path = "/models/echo";
+    o.log_content = cfg.log_content;
     server = std::make_unique<server::Server>(o);
     auto p = server->start();
     if (!p) ADD_FAILURE() << p.message();
