@@ -99,48 +99,55 @@ void cpu_linear(const float* x, int64_t m, const Weight& w, const float* bias, f
     xsums.resize(size_t(m * (K / 32)));
     for (int64_t i = 0; i < m; ++i) quant_block_sums(x + i * K, K, xsums.data() + i * (K / 32));
     const float* xs = xsums.data();
-    if (m == 1) {
-      // One row at a time: a four-row interleaved variant measured slower here (63 -> 37 tok/s).
+    if (m < 8) {
+      // Decode-sized steps: fused dot per (token, row); unpacking would cost more than it saves
+      // (batch-2 decode 163 -> see PERF.md).
       parallel_for(tiles, [&](int64_t t0, int64_t t1) {
-        for (int64_t r = t0 * kTile; r < std::min(N, t1 * kTile); ++r) {
-          const float acc = quant_dot(w.ggml_type, w.row_ptr(r), x, xs, K);
-          y[r] = bias ? acc + bias[r] : acc;
-        }
+        for (int64_t r = t0 * kTile; r < std::min(N, t1 * kTile); ++r)
+          for (int64_t i = 0; i < m; ++i) {
+            const float acc = quant_dot(w.ggml_type, w.row_ptr(r), x + i * K, xs + i * (K / 32), K);
+            y[i * N + r] = bias ? acc + bias[r] : acc;
+          }
       });
       return;
     }
-    // Several tokens: unpack each tile once, then the same arithmetic per token.
-    parallel_for(tiles, [&](int64_t t0, int64_t t1) {
-      thread_local std::vector<float> q, d, off;
-      q.resize(size_t(kTile * K));
-      d.resize(size_t(kTile * K / 32));
-      off.resize(size_t(kTile * K / 32));
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * kTile, r1 = std::min(N, r0 + kTile);
-        for (int64_t r = r0; r < r1; ++r)
-          quant_unpack_row(w.ggml_type, w.row_ptr(r), K, q.data() + (r - r0) * K, d.data() + (r - r0) * (K / 32),
-                           off.data() + (r - r0) * (K / 32));
-        for (int64_t r = r0; r < r1; ++r) {
-          const size_t o = size_t(r - r0);
-          const float* qr = q.data() + o * K;
-          const float* dr = d.data() + o * (K / 32);
-          const float* offr = off.data() + o * (K / 32);
-          int64_t i = 0;
-          for (; i + 4 <= m; i += 4) {
-            const float* xv[4] = {x + i * K, x + (i + 1) * K, x + (i + 2) * K, x + (i + 3) * K};
-            const float* sv[4] = {xs + i * (K / 32), xs + (i + 1) * (K / 32), xs + (i + 2) * (K / 32),
-                                  xs + (i + 3) * (K / 32)};
-            float out[4];
-            quant_dot4_tokens(w.ggml_type, qr, dr, offr, xv, sv, K, out);
-            for (int j = 0; j < 4; ++j) y[(i + j) * N + r] = bias ? out[j] + bias[r] : out[j];
-          }
-          for (; i < m; ++i) {
-            const float acc = quant_dot_unpacked(w.ggml_type, qr, dr, offr, x + i * K, xs + i * (K / 32), K);
-            y[i * N + r] = bias ? acc + bias[r] : acc;
+    // Larger steps: tokens in chunks that stay in cache; each weight tile is unpacked once per
+    // chunk and then multiplied with quant_dot's exact arithmetic, 4 tokens at a time.
+    constexpr int64_t kChunk = 32;
+    for (int64_t c0 = 0; c0 < m; c0 += kChunk) {
+      const int64_t c1 = std::min(m, c0 + kChunk);
+      parallel_for(tiles, [&](int64_t t0, int64_t t1) {
+        thread_local std::vector<float> q, d, off;
+        q.resize(size_t(kTile * K));
+        d.resize(size_t(kTile * K / 32));
+        off.resize(size_t(kTile * K / 32));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * kTile, r1 = std::min(N, r0 + kTile);
+          for (int64_t r = r0; r < r1; ++r)
+            quant_unpack_row(w.ggml_type, w.row_ptr(r), K, q.data() + (r - r0) * K, d.data() + (r - r0) * (K / 32),
+                             off.data() + (r - r0) * (K / 32));
+          for (int64_t r = r0; r < r1; ++r) {
+            const size_t o = size_t(r - r0);
+            const float* qr = q.data() + o * K;
+            const float* dr = d.data() + o * (K / 32);
+            const float* offr = off.data() + o * (K / 32);
+            int64_t i = c0;
+            for (; i + 4 <= c1; i += 4) {
+              const float* xv[4] = {x + i * K, x + (i + 1) * K, x + (i + 2) * K, x + (i + 3) * K};
+              const float* sv[4] = {xs + i * (K / 32), xs + (i + 1) * (K / 32), xs + (i + 2) * (K / 32),
+                                    xs + (i + 3) * (K / 32)};
+              float out[4];
+              quant_dot4_tokens(w.ggml_type, qr, dr, offr, xv, sv, K, out);
+              for (int j = 0; j < 4; ++j) y[(i + j) * N + r] = bias ? out[j] + bias[r] : out[j];
+            }
+            for (; i < c1; ++i) {
+              const float acc = quant_dot_unpacked(w.ggml_type, qr, dr, offr, x + i * K, xs + i * (K / 32), K);
+              y[i * N + r] = bias ? acc + bias[r] : acc;
+            }
           }
         }
-      }
-    });
+      });
+    }
     return;
   }
   parallel_for(tiles, [&](int64_t t0, int64_t t1) {
