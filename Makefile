@@ -48,7 +48,12 @@ $(MODEL_FILE):
 	rm -rf $(KILN_CACHE)/pkg
 
 demo: build model
-	$(BUILD)/kiln run $(MODEL_FILE) --prompt "The capital of France is" --max_tokens 48
+	$(BUILD)/kiln run $(MODEL_FILE) --prompt "The capital of France is" --max_tokens 32
+	@echo
+	@echo "Starting kiln serve on http://127.0.0.1:8000 (chat page at /, Ctrl-C to stop). Try:"
+	@echo "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
+	$(BUILD)/kiln serve $(MODEL_FILE) --served_model_name smollm2 --host 127.0.0.1 --port 8000
 
 unit: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
