@@ -16,6 +16,14 @@
 //
 // Context: as transformers' apply_chat_template, `tools` and `documents` are always defined and
 // are None when not given (so `tools is defined` is true and `tools is none` tells them apart).
+// Extra variables override the standard ones.
+//
+// Known differences from Python (none matter for real chat templates): integers are 64-bit
+// (Python's big integers overflow into an OverflowError here); Markup/autoescape-specific `+`
+// escaping after `|safe` is not modelled; printing a Python object's identity (generators, bound
+// methods: "<generator object ... at 0x...>") gives the same text without the address; pprint
+// does not wrap long lines; limits (RenderLimits) stop hostile templates earlier than Python would.
+// Tests: tests/chat (snippet table from jinja2), tests/py/test_chat_templates.py (real templates).
 #pragma once
 #include <memory>
 #include <string>

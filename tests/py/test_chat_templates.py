@@ -222,3 +222,16 @@ def test_template_verb_model_dir_and_raise(kiln_bin, tmp_path):
     p = subprocess.run([kiln_bin, "template", str(d), "--messages", str(msgs), "--tools", str(tools)], capture_output=True, timeout=60)
     assert p.returncode != 0
     assert "tools: 1" in p.stderr.decode()
+
+
+def test_template_verb_reads_gguf(kiln_bin, tmp_path):
+    model = os.environ.get("KILN_DEFAULT_MODEL", "")
+    if not model or not os.path.exists(model):
+        pytest.skip("KILN_DEFAULT_MODEL (the SmolLM2 GGUF from `make model`) not available")
+    msgs = tmp_path / "m.json"
+    msgs.write_text('[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]')
+    p = subprocess.run([kiln_bin, "template", model, "--messages", str(msgs), "--add_generation_prompt"],
+                       capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode() == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                 "<|im_start|>assistant\n")
