@@ -86,6 +86,8 @@ CASES = [
     ("{% set g = [1, 'x'] | map('int') %}{{ 'lazy' }}{% set h = true | select %}{{ 'ok' }}", {}),
     ("{{ [1, 2, 3] | select('odd') | first }}{{ [2, 'a'] | map('abs') | first }}", {}),
     ("x {#+ keep #}\ny", {}),
+    ("{{ '<a>' + ('<b>' | safe) }}|{{ ('<b>' | safe) + '<a>' }}|{{ '<' ~ ('<b>' | safe) }}|{{ ['x' | safe, 'y' | e] }}|{{ '&' | e | e }}|{{ '&' | forceescape | forceescape }}", {}),
+    ("{{ ('<%s>' | safe) % '<x>' }}|{{ '%s' | safe | format('<y>') }}|{{ ('a<b' | safe).upper() }}|{{ ('<p>' | safe).replace('p', '<q>') }}|{{ ('a b' | safe).split() }}|{{ ('-' | safe).join(['<', '>']) }}|{{ ('<x>' | safe)[1:] }}|{{ ('<x>' | safe) | upper | length }}", {}),
     ("{% for x in [1, 2, 3, 4] if x % 2 == 0 %}{{ x }}{{ loop.length }}{% endfor %}", {}),
     ("{% for k, v in {'a': 1, 'b': 2}.items() %}{{ k }}={{ v }};{% endfor %}", {}),
     ("{% for k in {'z': 1, 'a': 2} %}{{ k }}{% endfor %}", {}),

@@ -394,19 +394,9 @@ bool parse_py_int(const std::string& raw, int64_t& out) {
   return true;
 }
 
-std::string html_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&#34;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
-    }
-  }
-  return out;
+// markupsafe: string methods of a Markup return Markup.
+Value keep_markup(const Value& in, std::string s) {
+  return in.is_markup() ? Value::markup(std::move(s)) : Value::string(std::move(s));
 }
 
 Value lower_if_str(const Value& v) { return v.is_string() ? Value::string(str_lower(v.s)) : v; }
@@ -639,7 +629,7 @@ std::string str_format(Renderer& r, const std::string& fmt, CallArgs& args) {
 
 }  // namespace
 
-Value python_mod_format(const std::string& fmt, const Value& args) {
+Value python_mod_format(const std::string& fmt, const Value& args, bool markup) {
   ValueList pos;
   const DictData* mapping = nullptr;
   if (args.is_list() && args.flag) pos = args.items();
@@ -705,6 +695,7 @@ Value python_mod_format(const std::string& fmt, const Value& args) {
       case 'r':
       case 'a': {
         std::string s = t == 's' ? to_str(v) : to_repr(v);
+        if (markup && !(t == 's' && v.is_markup())) s = html_escape(s);  // Markup % args escapes them
         if (sp.precision >= 0) {
           auto cps = utf8_decode(s);
           if (cps.size() > static_cast<size_t>(sp.precision)) cps.resize(static_cast<size_t>(sp.precision));
@@ -745,7 +736,7 @@ Value python_mod_format(const std::string& fmt, const Value& args) {
     }
   }
   if (next < pos.size() && !used_mapping && !mapping) fail("TypeError: not all arguments converted during string formatting");
-  return Value::string(std::move(out));
+  return markup ? Value::markup(std::move(out)) : Value::string(std::move(out));
 }
 
 Value slice_value(const Value& obj, const Value& start_v, const Value& stop_v, const Value& step_v) {
@@ -803,12 +794,12 @@ Value slice_value(const Value& obj, const Value& start_v, const Value& stop_v, c
   }
   std::string out;
   if (ascii) {
-    if (step == 1) return Value::string(lo < hi ? obj.s.substr(static_cast<size_t>(lo), static_cast<size_t>(hi - lo)) : "");
+    if (step == 1) return keep_markup(obj, lo < hi ? obj.s.substr(static_cast<size_t>(lo), static_cast<size_t>(hi - lo)) : "");
     for (int64_t k : picks) out += obj.s[static_cast<size_t>(k)];
   } else {
     for (int64_t k : picks) utf8_append(out, cps[static_cast<size_t>(k)]);
   }
-  return Value::string(std::move(out));
+  return keep_markup(obj, std::move(out));
 }
 
 namespace {
@@ -875,7 +866,7 @@ FILTER(batch) {
 FILTER(capitalize) {
   ArgReader a(args, "capitalize");
   a.finish(0);
-  return Value::string(py_capitalize(to_str(in)));
+  return keep_markup(in, py_capitalize(to_str(in)));
 }
 
 FILTER(center) {
@@ -930,7 +921,14 @@ FILTER(dictsort) {
 FILTER(escape) {
   ArgReader a(args, "escape");
   a.finish(0);
-  return Value::string(html_escape(to_str(in)));
+  if (in.is_markup()) return in;
+  return Value::markup(html_escape(to_str(in)));
+}
+
+FILTER(forceescape) {
+  ArgReader a(args, "forceescape");
+  a.finish(0);
+  return Value::markup(html_escape(to_str(in)));
 }
 
 FILTER(first) {
@@ -978,9 +976,9 @@ FILTER(format) {
   if (!args.kw.empty()) {
     DictData d;
     for (auto& kv : args.kw) d.set(Value::string(kv.first), kv.second);
-    return python_mod_format(to_str(in), Value::make_dict(std::move(d)));
+    return python_mod_format(to_str(in), Value::make_dict(std::move(d)), in.is_markup());
   }
-  return python_mod_format(to_str(in), Value::make_list(args.pos, true));
+  return python_mod_format(to_str(in), Value::make_list(args.pos, true), in.is_markup());
 }
 
 FILTER(indent) {
@@ -1115,13 +1113,13 @@ FILTER(list) {
 FILTER(lower) {
   ArgReader a(args, "lower");
   a.finish(0);
-  return Value::string(str_lower(to_str(in)));
+  return keep_markup(in, str_lower(to_str(in)));
 }
 
 FILTER(upper) {
   ArgReader a(args, "upper");
   a.finish(0);
-  return Value::string(str_upper(to_str(in)));
+  return keep_markup(in, str_upper(to_str(in)));
 }
 
 FILTER(map) {
@@ -1319,7 +1317,7 @@ FILTER(round) {
 FILTER(safe) {
   ArgReader a(args, "safe");
   a.finish(0);
-  return Value::string(to_str(in));
+  return in.is_markup() ? in : Value::markup(to_str(in));
 }
 
 FILTER(sort) {
@@ -1354,7 +1352,7 @@ FILTER(sort) {
 FILTER(string) {
   ArgReader a(args, "string");
   a.finish(0);
-  return Value::string(to_str(in));
+  return in.is_markup() ? in : Value::string(to_str(in));
 }
 
 FILTER(sum) {
@@ -1425,7 +1423,7 @@ FILTER(trim) {
   ArgReader a(args, "trim");
   Value chars = a.get(0, "chars", Value::none());
   a.finish(1);
-  return Value::string(py_strip(to_str(in), chars, true, true));
+  return keep_markup(in, py_strip(to_str(in), chars, true, true));
 }
 
 FILTER(truncate) {
@@ -1522,7 +1520,7 @@ const std::unordered_map<std::string, FilterFn>& filter_table() {
       {"escape", filter_escape},
       {"first", filter_first},
       {"float", filter_float},
-      {"forceescape", filter_escape},
+      {"forceescape", filter_forceescape},
       {"format", filter_format},
       {"indent", filter_indent},
       {"int", filter_int},
@@ -1859,7 +1857,29 @@ Value str_method(Renderer& r, const std::string& s, const std::string& m, CallAr
 
 Value MethodFn::call(Renderer& r, CallArgs& args, int line) {
   (void)line;
-  if (self.is_string()) return str_method(r, self.s, method, args);
+  if (self.is_string()) {
+    if (!self.is_markup()) return str_method(r, self.s, method, args);
+    // Markup's methods escape their string arguments and return Markup (lists of Markup).
+    for (auto& v : args.pos)
+      if (v.is_string() && !v.is_markup()) v = Value::markup(html_escape(v.s));
+    for (auto& kv : args.kw)
+      if (kv.second.is_string() && !kv.second.is_markup()) kv.second = Value::markup(html_escape(kv.second.s));
+    if (method == "join" && !args.pos.empty()) {
+      ValueList items;
+      for (auto& v : iterate(args.pos[0]))
+        items.push_back(v.is_string() && !v.is_markup() ? Value::markup(html_escape(v.s)) : v);
+      args.pos[0] = Value::make_list(std::move(items));
+    }
+    Value res = str_method(r, self.s, method, args);
+    if (res.is_string()) res.flag = true;
+    if (res.is_list()) {
+      ValueList items = res.items();
+      for (auto& v : items)
+        if (v.is_string()) v.flag = true;
+      res = Value::make_list(std::move(items), res.flag);
+    }
+    return res;
+  }
   ArgReader a(args, method);
   if (self.is_dict()) {
     const auto& d = self.entries();

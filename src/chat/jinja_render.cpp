@@ -533,7 +533,11 @@ Value Renderer::getitem(const Value& obj, const Value& key) {
         if (ascii) {
           int64_t n = static_cast<int64_t>(obj.s.size());
           if (idx < 0) idx += n;
-          if (idx >= 0 && idx < n) return Value::string(std::string(1, obj.s[static_cast<size_t>(idx)]));
+          if (idx >= 0 && idx < n) {
+            Value ch = Value::string(std::string(1, obj.s[static_cast<size_t>(idx)]));
+            ch.flag = obj.flag;
+            return ch;
+          }
           return Value::undefined_attr(obj, key);
         }
         auto cps = utf8_decode(obj.s);
@@ -542,7 +546,9 @@ Value Renderer::getitem(const Value& obj, const Value& key) {
         if (idx >= 0 && idx < n) {
           std::string ch;
           utf8_append(ch, cps[static_cast<size_t>(idx)]);
-          return Value::string(std::move(ch));
+          Value cv = Value::string(std::move(ch));
+          cv.flag = obj.flag;
+          return cv;
         }
         return Value::undefined_attr(obj, key);
       }
@@ -579,6 +585,9 @@ Value Renderer::eval_binary(const std::string& op, const Value& a, const Value& 
     }
     if (a.is_string() && b.is_string()) {
       check_size(a.s.size() + b.s.size());
+      // markupsafe: Markup + str (either order) escapes the plain side and stays Markup.
+      if (a.is_markup() || b.is_markup())
+        return Value::markup((a.is_markup() ? a.s : html_escape(a.s)) + (b.is_markup() ? b.s : html_escape(b.s)));
       return Value::string(a.s + b.s);
     }
     if (a.is_list() && b.is_list() && a.flag == b.flag && !seq_tag(a) && !seq_tag(b)) {
@@ -619,7 +628,9 @@ Value Renderer::eval_binary(const std::string& op, const Value& a, const Value& 
       if (n > 0 && seq->s.size() > 0) check_size(seq->s.size() * std::min<uint64_t>(n, limits_.max_output_bytes + 1));
       std::string r;
       for (int64_t k = 0; k < n && !seq->s.empty(); ++k) r += seq->s;
-      return Value::string(std::move(r));
+      Value out = Value::string(std::move(r));
+      out.flag = seq->flag;
+      return out;
     }
     if (n > 0 && !seq->items().empty()) check_size(seq->items().size() * std::min<uint64_t>(n, limits_.max_output_bytes + 1));
     ValueList r;
@@ -652,7 +663,7 @@ Value Renderer::eval_binary(const std::string& op, const Value& a, const Value& 
     return Value::integer(q);
   }
   if (op == "%") {
-    if (a.is_string()) return python_mod_format(a.s, b);
+    if (a.is_string()) return python_mod_format(a.s, b, a.is_markup());
     if (!both_num) return unsupported();
     if (any_float) {
       double x = a.as_double(), y = b.as_double();

@@ -118,7 +118,7 @@ TestFn find_test(const std::string& name);
 Value find_method(const Value& self, const std::string& name);
 void add_globals(DictData& globals);
 Value make_builtin(std::string name, Value (*fn)(Renderer&, const Value& self, CallArgs&, int), Value self = Value());
-Value python_mod_format(const std::string& fmt, const Value& args);
+Value python_mod_format(const std::string& fmt, const Value& args, bool markup = false);
 Value slice_value(const Value& obj, const Value& start, const Value& stop, const Value& step);
 
 }  // namespace kiln::chat::jinja

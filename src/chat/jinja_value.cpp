@@ -457,6 +457,22 @@ static std::string str_repr(const std::string& s) {
   return out;
 }
 
+std::string html_escape(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (char c : s) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&#34;"; break;
+      case '\'': out += "&#39;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
 std::string to_repr(const Value& v) {
   RecursionGuard guard;
   switch (v.kind) {
@@ -465,7 +481,7 @@ std::string to_repr(const Value& v) {
     case Kind::kBool: return v.flag ? "True" : "False";
     case Kind::kInt: return std::to_string(v.i);
     case Kind::kFloat: return float_repr(v.f);
-    case Kind::kString: return str_repr(v.s);
+    case Kind::kString: return v.flag ? "Markup(" + str_repr(v.s) + ")" : str_repr(v.s);
     case Kind::kList: {
       if (const SeqTag* t = seq_tag(v)) {
         if (t->type == SeqTag::kRange) {

@@ -56,7 +56,7 @@ struct UndefInfo : Object {
 
 struct Value {
   Kind kind = Kind::kUndefined;
-  bool flag = false;  // kBool: the value; kList: is a tuple
+  bool flag = false;  // kBool: the value; kList: is a tuple; kString: is Markup (|safe, |e)
   uint16_t nest = 0;  // kList/kDict: nesting depth of containers (bounded, see kMaxNest)
   int64_t i = 0;
   double f = 0;
@@ -73,6 +73,8 @@ struct Value {
   static Value integer(int64_t x) { Value v; v.kind = Kind::kInt; v.i = x; return v; }
   static Value real(double x) { Value v; v.kind = Kind::kFloat; v.f = x; return v; }
   static Value string(std::string x) { Value v; v.kind = Kind::kString; v.s = std::move(x); return v; }
+  static Value markup(std::string x) { Value v = string(std::move(x)); v.flag = true; return v; }
+  bool is_markup() const { return kind == Kind::kString && flag; }
   static Value make_list(ValueList items, bool tuple = false);
   static Value make_dict(DictData d);
 
@@ -168,6 +170,9 @@ struct JsonOptions {
 };
 // Python's json.dumps with the given options (TypeError for values JSON can't hold).
 std::string to_json(const Value& v, const JsonOptions& opts);
+
+// markupsafe.escape: & < > " ' as entities.
+std::string html_escape(std::string_view s);
 
 // ---- UTF-8 helpers (Python strings are code-point sequences) ----
 std::vector<char32_t> utf8_decode(std::string_view s);
