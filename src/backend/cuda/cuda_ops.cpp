@@ -21,6 +21,23 @@ CudaOps::CudaOps(const ModelConfig& c, Gemm* gemm, cudaStream_t stream) : c_(c),
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   target_blocks_ = 4 * sms;
+  KILN_CHECK(cuda_ok(cudaMalloc(reinterpret_cast<void**>(&norm_counter_), sizeof(unsigned int)), "norm counter"));
+  KILN_CHECK(cuda_ok(cudaMemset(norm_counter_, 0, sizeof(unsigned int)), "norm counter"));
+}
+
+static bool fused_norm_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_FUSED_NORM");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+void CudaOps::flush_pending() {
+  if (!pending_.on) return;
+  pending_.on = false;
+  gemm_->linear(pending_.x, pending_.n, pending_.ldx, pending_.w, pending_.rows, pending_.cols, pending_.y, pending_.ldy,
+                false, stream_);
 }
 
 // q/k/v and gate/up are interior pointers of qkv_ and gate_up_: only the owners are freed.
@@ -32,6 +49,7 @@ CudaOps::~CudaOps() {
   cudaFree(qkv_);
   cudaFree(gate_up_);
   cudaFree(inv_freq_);
+  cudaFree(norm_counter_);
   cudaFree(partials_);
   cudaFree(counters_);
   cudaFree(d_meta_);
@@ -164,6 +182,7 @@ void CudaOps::upload_step() {
 }
 
 void CudaOps::begin_step(const StepBatch& batch) {
+  flush_pending();
   last_fused_ = {};
   pack_step(batch);
   if (!external_upload_) upload_step();
@@ -180,6 +199,7 @@ CudaOps::View CudaOps::view(Act p, int64_t dense_ld) const {
 }
 
 void CudaOps::embed(const Weight& table, Act out) {
+  flush_pending();
   last_fused_ = {};
   View o = view(out, table.cols);
   KILN_CHECK_MSG(o.f32, "embed writes the f32 residual buffer");
@@ -188,6 +208,7 @@ void CudaOps::embed(const Weight& table, Act out) {
 }
 
 void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
+  flush_pending();
   last_fused_ = {};
   View xv = view(x, dim), ov = view(out, dim);
   launch_rms_norm(xv.ptr, xv.f32, xv.ld, static_cast<const float*>(w.data), int32_t(n), int32_t(dim), eps,
@@ -198,13 +219,30 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
   last_fused_ = {};
   View rv = view(residual, dim), dv = view(delta, dim), ov = view(out, dim);
   KILN_CHECK_MSG(rv.f32 && rv.ld == dim, "add_rms_norm: the residual is the dense f32 buffer");
+  if (pending_.on && pending_.y == dv.ptr && pending_.n == n && pending_.rows == dim && !ov.f32 &&
+      launch_gemv_add_rms_norm(static_cast<const bf16_t*>(pending_.x), pending_.ldx, int32_t(n),
+                               static_cast<const bf16_t*>(pending_.w), int32_t(dim), int32_t(pending_.cols),
+                               static_cast<bf16_t*>(pending_.y), pending_.ldy, static_cast<float*>(rv.ptr),
+                               static_cast<const float*>(w.data), eps, static_cast<bf16_t*>(ov.ptr), ov.ld,
+                               norm_counter_, stream_)) {
+    pending_.on = false;
+    return;
+  }
+  flush_pending();
   launch_add_rms_norm(static_cast<float*>(rv.ptr), static_cast<const bf16_t*>(dv.ptr), dv.ld,
                       static_cast<const float*>(w.data), int32_t(n), int32_t(dim), eps, static_cast<bf16_t*>(ov.ptr),
                       ov.ld, stream_);
 }
 
 void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act y) {
+  flush_pending();
   View xv = view(x, w.cols), yv = view(y, w.rows);
+  if (y == bufs_[size_t(Buf::kProj)] && !yv.f32 && (!bias || bias->empty()) && n >= 1 && n <= 4 &&
+      n <= gemm_->gemv_max_m() && fused_norm_enabled() && fused_.find(w.data) == fused_.end()) {
+    last_fused_ = {};
+    pending_ = {true, xv.ptr, xv.ld, n, w.data, w.rows, w.cols, yv.ptr, yv.ld};
+    return;
+  }
   auto add_bias = [&] {
     if (bias && !bias->empty())
       launch_add_bias(yv.ptr, yv.f32, yv.ld, static_cast<const float*>(bias->data), int32_t(n), int32_t(w.rows), stream_);
@@ -229,6 +267,7 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
 }
 
 void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act gate, Act up) {
+  flush_pending();
   const int64_t I = l.w_gate.rows;
   auto f = fused_.find(l.w_gate.data);
   // Decode: one GEMV over [gate; up] with silu(gate) * up in its epilogue (no silu_mul kernel).
@@ -245,6 +284,7 @@ void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act g
 }
 
 void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) {
+  flush_pending();
   last_fused_ = {};
   View xv = view(x, heads * head_dim);
   launch_head_rms_norm(static_cast<bf16_t*>(xv.ptr), xv.ld, int32_t(n), int32_t(heads), int32_t(head_dim),
@@ -252,6 +292,7 @@ void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, c
 }
 
 void CudaOps::rope(Act q, Act k, const ModelConfig& c) {
+  flush_pending();
   last_fused_ = {};
   View qv = view(q, c.q_dim()), kv = view(k, c.kv_dim());
   launch_rope(static_cast<bf16_t*>(qv.ptr), qv.ld, static_cast<bf16_t*>(kv.ptr), kv.ld, d_tokens_, T_, inv_freq_,
@@ -286,6 +327,7 @@ AttnParams CudaOps::attn_params(int32_t layer, Act q, Act out, const ModelConfig
 }
 
 void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+  flush_pending();
   last_fused_ = {};
   View kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim());
   launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
@@ -296,6 +338,7 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
 }
 
 void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+  flush_pending();
   // KILN_FUSED_DECODE_ATTENTION=0: the separate kernels everywhere (to measure the fusion)
   static const bool fused = [] {
     const char* e = std::getenv("KILN_FUSED_DECODE_ATTENTION");
@@ -319,6 +362,7 @@ void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConf
 }
 
 void CudaOps::silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) {
+  flush_pending();
   last_fused_ = {};
   View gv = view(gate, dim), uv = view(up, dim), ov = view(out, dim);
   launch_silu_mul(static_cast<const bf16_t*>(gv.ptr), gv.ld, static_cast<const bf16_t*>(uv.ptr), uv.ld,
@@ -326,6 +370,7 @@ void CudaOps::silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) {
 }
 
 void CudaOps::gather_logit_rows(Act x, int64_t dim, Act out) {
+  flush_pending();
   last_fused_ = {};
   View xv = view(x, dim);
   launch_gather_rows(static_cast<const bf16_t*>(xv.ptr), xv.ld, d_rows_, L_, int32_t(dim), static_cast<bf16_t*>(out),
@@ -333,6 +378,7 @@ void CudaOps::gather_logit_rows(Act x, int64_t dim, Act out) {
 }
 
 void CudaOps::write_buffer(Buf b, const float* host, int64_t rows, int64_t cols) {
+  flush_pending();
   View v = view(bufs_[size_t(b)], cols);
   if (v.f32) {
     KILN_CHECK(cuda_ok(cudaMemcpy2D(v.ptr, size_t(v.ld) * 4, host, size_t(cols) * 4, size_t(cols) * 4, size_t(rows),
@@ -346,6 +392,7 @@ void CudaOps::write_buffer(Buf b, const float* host, int64_t rows, int64_t cols)
 }
 
 std::vector<float> CudaOps::read_buffer(Buf b, int64_t rows, int64_t cols) {
+  flush_pending();
   KILN_CHECK(cuda_ok(cudaStreamSynchronize(stream_), "read_buffer"));
   View v = view(bufs_[size_t(b)], cols);
   std::vector<float> out(size_t(rows * cols));

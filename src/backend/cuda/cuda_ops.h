@@ -83,6 +83,11 @@ class CudaOps final : public Ops {
   };
   View view(Act p, int64_t dense_ld) const;
   AttnParams attn_params(int32_t layer, Act q, Act out, const ModelConfig& c) const;
+  // Decode fold of linear(x -> kProj) + add_rms_norm(residual, kProj): linear() only records the
+  // projection; add_rms_norm() launches one GEMV that also adds and normalizes (kernels.h,
+  // launch_gemv_add_rms_norm). Every other entry point launches a recorded projection first, so the
+  // ops keep their meaning in any order. KILN_FUSED_NORM=0 turns the fold off.
+  void flush_pending();
   struct Fused {
     const void* head;
     int64_t rows;
@@ -116,6 +121,16 @@ class CudaOps final : public Ops {
   int32_t T_ = 0, S_ = 0, L_ = 0, n_prefill_tiles_ = 0, n_decode_seqs_ = 0;
   bool external_upload_ = false;
   std::unordered_map<const void*, Fused> fused_;
+  struct {
+    bool on = false;
+    const void* x = nullptr;
+    int64_t ldx = 0, n = 0;
+    const void* w = nullptr;
+    int64_t rows = 0, cols = 0;
+    void* y = nullptr;
+    int64_t ldy = 0;
+  } pending_;
+  unsigned int* norm_counter_ = nullptr;  // device word of the fused-norm GEMV (kept at 0)
   struct {
     const void* head = nullptr;
     const void* x = nullptr;

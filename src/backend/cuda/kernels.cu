@@ -260,6 +260,62 @@ __global__ void read_bandwidth_kernel(const uint4* p, int64_t n, float* sink) {
   if (acc == 0x12345678u) sink[0] = float(acc);  // keeps the loads; practically never written
 }
 
+// Epilogue of the decode GEMV that replaces linear + add_rms_norm (o_proj, down_proj): each output
+// element is added (rounded to bf16 first, as the unfused path stores the projection) into the f32
+// residual by the warp that owns it; the last block to finish (atomic counter, reset by that block so
+// graph replays find it at 0) reads the whole residual back from L2 and writes rms_norm(residual) * w.
+// Saves a kernel and its launch boundary per fold (two per layer).
+struct NormEpi {
+  float* residual;  // [n, N] dense
+  const float* w;   // [N]
+  bf16* out;        // [n, ldo]
+  int64_t ldo;
+  float eps;
+  unsigned int* counter;
+};
+
+__device__ __forceinline__ void gemv_norm_tail(const NormEpi& ne, int n, int dim) {
+  __shared__ unsigned int last;
+  __shared__ float red[32];
+  __threadfence();  // this block's residual writes are visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ne.counter, 1u) == gridDim.x - 1 ? 1u : 0u;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // The tail is on the critical path: 16-byte L2 loads, all issued before the first use and kept in
+  // registers for the second pass (a scalar loop of 16 dependent-latency loads per thread cost ~8 us
+  // per fold, more than the kernel boundary it saves).
+  constexpr int kV = 4;  // float4 per thread: dim <= 4096 at 256 threads (checked at dispatch)
+  const int nv = dim / 4;
+  for (int m = 0; m < n; ++m) {
+    const float4* r = reinterpret_cast<const float4*>(ne.residual + int64_t(m) * dim);
+    float4 v[kV];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      const int idx = threadIdx.x + j * blockDim.x;
+      v[j] = idx < nv ? __ldcg(r + idx) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int j = 0; j < kV; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    ss = block_sum(ss, red);
+    const float inv = rsqrtf(ss / float(dim) + ne.eps);
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(ne.out + int64_t(m) * ne.ldo);
+    const float4* wv = reinterpret_cast<const float4*>(ne.w);
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      const int idx = threadIdx.x + j * blockDim.x;
+      if (idx < nv) {
+        const float4 g = __ldg(wv + idx);
+        o[2 * idx] = __floats2bfloat162_rn(g.x * (v[j].x * inv), g.y * (v[j].y * inv));
+        o[2 * idx + 1] = __floats2bfloat162_rn(g.z * (v[j].z * inv), g.w * (v[j].w * inv));
+      }
+    }
+  }
+  if (threadIdx.x == 0) *ne.counter = 0u;
+}
+
 // Small-M GEMM (decode): warps stream weight rows with 16-byte loads, four in flight per lane; the
 // M activation rows come through L1. kSplit warps share a row (each a contiguous K range, summed
 // through shared memory) so that small-N shapes (o: 4096 rows) still put ~2 waves of warps on the
@@ -267,9 +323,10 @@ __global__ void read_bandwidth_kernel(const uint4* p, int64_t n, float* sink) {
 // (docs/PERF_cuda.md). kSilu: the weight is [gate; up] (pair_off rows apart) and each warp computes
 // both rows of output i and writes silu(gate) * up, so decode needs no separate silu_mul kernel.
 // The first weight loads are issued before pdl_wait(): they overlap the previous kernel's tail.
-template <int M, int kSplit, bool kSilu>
-__global__ void __launch_bounds__(256) gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N,
-                                                   int32_t K, int64_t pair_off, void* y, int64_t ldy, bool y_f32) {
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm>
+__global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N,
+                                                   int32_t K, int64_t pair_off, void* y, int64_t ldy, bool y_f32,
+                                                   NormEpi ne) {
   constexpr int kRows = 8 / kSplit, kR = kSilu ? 2 : 1;
   __shared__ float red[8][kR][M];
   pdl_trigger();
@@ -316,6 +373,11 @@ __global__ void __launch_bounds__(256) gemv_kernel(const bf16* x, int64_t ldx, i
       b3[r] = __ldcs(wr[r] + i + 96);
     }
   pdl_wait();  // x is the previous kernel's output
+  // kNorm: the residual element this warp adds to, loaded now so the epilogue does not wait for it.
+  float res[M];
+  if (kNorm && active && lane == 0 && part == 0)
+#pragma unroll
+    for (int m = 0; m < M; ++m) res[m] = m < n ? ne.residual[int64_t(m) * N + row] : 0.0f;
   while (full) {
     fma8(b0, i);
     fma8(b1, i + 32);
@@ -346,53 +408,95 @@ __global__ void __launch_bounds__(256) gemv_kernel(const bf16* x, int64_t ldx, i
       acc[r][m] = v;
       if (kSplit > 1 && lane == 0) red[warp][r][m] = v;
     }
+  // No early returns: the kNorm tail needs every thread of the block.
+  bool writer = active && lane == 0;
   if (kSplit > 1) {
     __syncthreads();
-    if (part != 0) return;
+    writer = writer && part == 0;
+    if (part == 0)
 #pragma unroll
-    for (int r = 0; r < kR; ++r)
+      for (int r = 0; r < kR; ++r)
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float v = 0.0f;
+        for (int m = 0; m < M; ++m) {
+          float v = 0.0f;
 #pragma unroll
-        for (int q = 0; q < kSplit; ++q) v += red[warp + q][r][m];
-        acc[r][m] = v;
+          for (int q = 0; q < kSplit; ++q) v += red[warp + q][r][m];
+          acc[r][m] = v;
+        }
+  }
+  if (writer)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (m >= n) break;
+      float v = acc[0][m];
+      if (kSilu) v = v / (1.0f + __expf(-v)) * acc[kR - 1][m];
+      if (y_f32) {
+        static_cast<float*>(y)[m * ldy + row] = v;
+      } else {
+        const bf16 vb = __float2bfloat16(v);
+        static_cast<bf16*>(y)[m * ldy + row] = vb;
+        if (kNorm) ne.residual[int64_t(m) * N + row] = res[m] + __bfloat162float(vb);
       }
-  }
-  if (lane != 0 || !active) return;
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    if (m >= n) break;
-    float v = acc[0][m];
-    if (kSilu) v = v / (1.0f + __expf(-v)) * acc[kR - 1][m];
-    if (y_f32) static_cast<float*>(y)[m * ldy + row] = v;
-    else static_cast<bf16*>(y)[m * ldy + row] = __float2bfloat16(v);
-  }
+    }
+  if constexpr (kNorm) gemv_norm_tail(ne, n, N);
 }
 
-template <int M, bool kSilu>
-void gemv_launch(int split, const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K, int64_t pair_off,
-                 void* y, int64_t ldy, bool y_f32, cudaStream_t s) {
+// Tuning knobs, read once per process (docs/PERF_cuda.md, decode pass 3): KILN_GEMV_SPLIT_TARGET is the
+// warp count below which rows are split over more warps; KILN_GEMV_OCC=0 keeps the compiler's register
+// choice (6 blocks/SM for M=1) instead of capping it so that 8 blocks (64 warps) fit on an SM.
+int env_int(const char* name, int dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : dflt;
+}
+int gemv_split_target() {
+  static const int v = env_int("KILN_GEMV_SPLIT_TARGET", 12288);
+  return v;
+}
+bool gemv_high_occupancy() {
+  static const bool v = env_int("KILN_GEMV_OCC", 1) != 0;
+  return v;
+}
+
+template <int M, bool kSilu, int kMinBlocks, bool kNorm>
+void gemv_launch_mb(int split, const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K,
+                    int64_t pair_off, void* y, int64_t ldy, bool y_f32, const NormEpi& ne, cudaStream_t s) {
   const dim3 grid((N * split + 7) / 8);
-  if (split == 1) launch_pdl(gemv_kernel<M, 1, kSilu>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32);
-  else if (split == 2) launch_pdl(gemv_kernel<M, 2, kSilu>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32);
-  else launch_pdl(gemv_kernel<M, 4, kSilu>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32);
+  if (split == 1)
+    launch_pdl(gemv_kernel<M, 1, kSilu, kMinBlocks, kNorm>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32,
+               ne);
+  else if (split == 2)
+    launch_pdl(gemv_kernel<M, 2, kSilu, kMinBlocks, kNorm>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32,
+               ne);
+  else
+    launch_pdl(gemv_kernel<M, 4, kSilu, kMinBlocks, kNorm>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32,
+               ne);
 }
 
-template <bool kSilu>
+// Batch-1 decode (M = 1) gets the register cap that fits 8 blocks per SM when KILN_GEMV_OCC allows it
+template <int M, bool kSilu, bool kNorm>
+void gemv_launch(int split, const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K, int64_t pair_off,
+                 void* y, int64_t ldy, bool y_f32, const NormEpi& ne, cudaStream_t s) {
+  if (M == 1 && gemv_high_occupancy())
+    gemv_launch_mb<M, kSilu, kSilu ? 5 : 8, kNorm>(split, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
+  else
+    gemv_launch_mb<M, kSilu, 1, kNorm>(split, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
+}
+
+template <bool kSilu, bool kNorm = false>
 bool gemv_dispatch(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, int64_t pair_off,
-                   void* y, int64_t ldy, bool y_f32, cudaStream_t s) {
+                   void* y, int64_t ldy, bool y_f32, cudaStream_t s, const NormEpi& ne = {}) {
   if (K % 8 || ldx % 8 || n < 1 || n > 4 || N < 1) return false;
+  if (kNorm && (N % 4 || N > 4096 || ne.ldo % 4 || reinterpret_cast<uintptr_t>(ne.w) % 16)) return false;
   // Enough warps for ~1.5 waves of 8-warp blocks (132 SMs x 8), while each warp keeps >= 64
   // 16-byte vectors of K; pair mode already streams two rows per warp.
   int split = 1;
   if (!kSilu)
-    while (split < 4 && int64_t(N) * split < 12288 && K / 8 / (split * 2) >= 64) split *= 2;
+    while (split < 4 && int64_t(N) * split < gemv_split_target() && K / 8 / (split * 2) >= 64) split *= 2;
   const bf16* xb = reinterpret_cast<const bf16*>(x);
   const bf16* wb = reinterpret_cast<const bf16*>(w);
-  if (n == 1) gemv_launch<1, kSilu>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, s);
-  else if (n == 2) gemv_launch<2, kSilu>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, s);
-  else gemv_launch<4, kSilu>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, s);
+  if (n == 1) gemv_launch<1, kSilu, kNorm>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, ne, s);
+  else if (n == 2) gemv_launch<2, kSilu, kNorm>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, ne, s);
+  else gemv_launch<4, kSilu, kNorm>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, ne, s);
   return true;
 }
 
@@ -509,6 +613,13 @@ bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32
 bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w_gate_up, int32_t I, int32_t K,
                       bf16_t* y, int64_t ldy, cudaStream_t s) {
   return gemv_dispatch<true>(x, ldx, n, w_gate_up, I, K, I, y, ldy, false, s);
+}
+
+bool launch_gemv_add_rms_norm(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, bf16_t* y,
+                              int64_t ldy, float* residual, const float* norm_w, float eps, bf16_t* out, int64_t ldo,
+                              unsigned int* counter, cudaStream_t s) {
+  const NormEpi ne{residual, norm_w, reinterpret_cast<bf16*>(out), ldo, eps, counter};
+  return gemv_dispatch<false, true>(x, ldx, n, w, N, K, 0, y, ldy, false, s, ne);
 }
 
 bool pdl_enabled() {

@@ -97,6 +97,12 @@ bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32
 // Returns false (nothing launched) for shapes it does not take.
 bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w_gate_up, int32_t I, int32_t K,
                       bf16_t* y, int64_t ldy, cudaStream_t s);
+// Decode fold of linear + add_rms_norm (n <= 4): y = x W^T (bf16, W: [N, K]), residual[n, N] += y,
+// out = rms_norm(residual) * norm_w. `counter` is a device word at 0 (left at 0). Returns false
+// (nothing launched) for shapes it does not take.
+bool launch_gemv_add_rms_norm(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, bf16_t* y,
+                              int64_t ldy, float* residual, const float* norm_w, float eps, bf16_t* out, int64_t ldo,
+                              unsigned int* counter, cudaStream_t s);
 
 // Fills for dummy weights generated on the device: uniform in [-a, a] from a counter hash.
 void launch_fill_uniform_bf16(bf16_t* p, int64_t n, uint64_t seed, float a, cudaStream_t s);
