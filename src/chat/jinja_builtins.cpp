@@ -547,6 +547,10 @@ std::string format_spec(const Value& v, const std::string& spec) {
   if (i < spec.size()) sp.type = spec[i++];
   if (i != spec.size()) fail("ValueError: Invalid format specifier '" + spec + "'");
   if (sp.width > 10000) fail("ValueError: format width too large");
+  if (sp.zero && !sp.align) {  // "0" flag: fill with zeros, default alignment of the type
+    sp.fill = '0';
+    sp.align = (v.is_string() || !v.is_number()) ? '<' : '=';
+  }
   if (v.is_string() || (!v.is_number())) {
     if (sp.type && sp.type != 's') fail(std::string("ValueError: Unknown format code '") + sp.type + "' for object of type '" + type_name(v) + "'");
     std::string s = to_str(v);
@@ -822,6 +826,7 @@ FILTER(abs) {
 
 FILTER(attr) {
   ArgReader a(args, "attr");
+  if (!a.has(0, "name")) fail("TypeError: do_attr() missing 1 required positional argument: 'name'");
   Value name = a.get(0, "name");
   a.finish(1);
   // jinja2's do_attr: the attribute only, never an item of a mapping.
@@ -1636,7 +1641,11 @@ TEST(sameas) {
 }
 int64_t need_num_mod(const Value& v, int64_t m) {
   if (v.is_undefined()) fail_undefined(v);
-  if (v.kind == Kind::kFloat) return static_cast<int64_t>(std::fmod(v.f, static_cast<double>(m)));
+  if (v.kind == Kind::kFloat) {  // Python float %: 2.5 % 2 == 0.5 is neither even nor odd
+    double r = std::fmod(v.f, static_cast<double>(m));
+    if (r < 0) r += static_cast<double>(m);
+    return r == 0 ? 0 : r == 1 ? 1 : -1;
+  }
   if (!v.is_number()) fail("TypeError: unsupported operand type(s) for %: '" + type_name(v) + "' and 'int'");
   int64_t x = v.as_int() % m;
   if (x < 0) x += m < 0 ? 0 : m;
@@ -1779,6 +1788,7 @@ Value str_method(Renderer& r, const std::string& s, const std::string& m, CallAr
     return Value::integer(static_cast<int64_t>(cp_index_of_byte(s, p)));
   }
   if (m == "join") {
+    if (!a.has(0, "iterable")) fail("TypeError: str.join() takes exactly one argument (0 given)");
     Value seq = a.get(0, "iterable");
     a.finish(1);
     std::string out;

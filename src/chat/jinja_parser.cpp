@@ -220,6 +220,10 @@ class Lexer {
 
   void lex_raw(size_t begin, size_t content_start) {
     line_ += count_newlines(s_, begin, content_start);
+    if (content_start >= s_.size()) {  // nothing after {% raw %}: jinja2's lexer just stops
+      pos_ = content_start;
+      return;
+    }
     line_starting_ = s_[content_start - 1] == '\n';
     // Find `{%[-+]?\s*endraw\s*(+%}|-%}\s*|%}\n?)`.
     for (size_t p = content_start; p + 1 < s_.size(); ++p) {
@@ -1143,6 +1147,8 @@ class Parser {
       } else if (cur().type == Tok::kName && look().type == Tok::kOp && look().text == "=") {
         ensure(!n.dyn_kwargs);
         std::string key = cur().text;
+        for (const auto& kv : n.kwargs)
+          if (kv.first == key) fail("TemplateSyntaxError: keyword argument repeated: " + key, cur().line);
         next();
         next();
         n.kwargs.emplace_back(key, parse_expression(true));
