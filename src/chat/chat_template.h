@@ -46,7 +46,7 @@ struct RenderLimits {
   size_t max_loop_iterations = 1u << 20; // total iterations over one render
   // Bytes of strings plus list/dict elements built over one render: bounds the time quadratic
   // templates (appending to a growing string in a loop) can take.
-  size_t max_work = size_t(256) << 20;
+  size_t max_work = size_t(64) << 20;
 };
 
 class Template {

@@ -17,17 +17,6 @@ struct EvalDepth {
   ~EvalDepth() { --d; }
 };
 
-// Attaches the line of the innermost node that knows it to an error on its way out.
-template <class F>
-auto with_line(int line, F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (Error& e) {
-    if (e.line == 0) e.line = line;
-    throw;
-  }
-}
-
 struct LoopObj : Object {
   ValueList items_store;
   const ValueList* items = &items_store;
@@ -323,115 +312,115 @@ void Renderer::run_for(const Node& n, ValueList items, Scope* s, std::string& ou
 
 Renderer::Flow Renderer::exec(const Node& n, Scope* s, std::string& out) {
   EvalDepth guard(eval_depth_, n.line);
-  return with_line(n.line, [&]() -> Flow {
-    switch (n.kind) {
-      case NodeKind::kData:
-        out += n.name;
-        check_output(out.size(), n.name.size());
-        return Flow::kNormal;
-      case NodeKind::kOutput: {
-        Value v = eval(*n.a, s);
-        size_t before = out.size();
-        if (v.kind == Kind::kString) out += v.s;
-        else out += to_str(v);
-        check_output(out.size(), out.size() - before);
-        return Flow::kNormal;
-      }
-      case NodeKind::kIf:
-        if (truthy(eval(*n.a, s))) return exec_block(n.body, s, out);
-        return exec_block(n.orelse, s, out);
-      case NodeKind::kFor: {
-        Value seq = eval(*n.a, s);
-        run_for(n, iterate(seq), s, out, 0);
-        return Flow::kNormal;
-      }
-      case NodeKind::kSet:
-        assign(*n.target, eval(*n.a, s), s);
-        return Flow::kNormal;
-      case NodeKind::kSetBlock: {
-        std::string body;
-        exec_block(n.body, new_scope(s), body);
-        Value v = Value::string(std::move(body));
-        if (n.a) {
-          // The filter chain was parsed with an empty base: apply it innermost first.
-          std::vector<const Node*> chain;
-          for (const Node* f = n.a.get(); f; f = f->a.get()) chain.push_back(f);
-          for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
-            CallArgs args;
-            build_args(**it, s, args);
-            v = apply_filter((*it)->name, v, args, (*it)->line);
-          }
-        }
-        assign(*n.target, v, s);
-        return Flow::kNormal;
-      }
-      case NodeKind::kFilterBlock: {
-        std::string body;
-        exec_block(n.body, new_scope(s), body);
-        Value v = Value::string(std::move(body));
-        std::vector<const Node*> chain;
-        for (const Node* f = n.a.get(); f; f = f->a.get()) chain.push_back(f);
-        for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
-          CallArgs args;
-          build_args(**it, s, args);
-          v = apply_filter((*it)->name, v, args, (*it)->line);
-        }
-        size_t before = out.size();
-        out += to_str(v);
-        check_output(out.size(), out.size() - before);
-        return Flow::kNormal;
-      }
-      case NodeKind::kMacro: {
-        auto fn = std::make_shared<MacroFn>();
-        fn->node = &n;
-        fn->closure = s;
-        fn->name = n.name;
-        Value v;
-        v.kind = Kind::kCallable;
-        v.obj = fn;
-        s->set(n.name, v);
-        return Flow::kNormal;
-      }
-      case NodeKind::kCallBlock: {
-        auto fn = std::make_shared<MacroFn>();
-        fn->node = &n;
-        fn->closure = s;
-        fn->name = "caller";
-        fn->is_caller = true;
-        Value caller;
-        caller.kind = Kind::kCallable;
-        caller.obj = fn;
-        const Node& call = *n.a;
-        Value callee = eval(*call.a, s);
-        CallArgs args;
-        build_args(call, s, args);
-        args.kw.emplace_back("caller", caller);
-        Value v = call_value(callee, args, call.line);
-        size_t before = out.size();
-        out += to_str(v);
-        check_output(out.size(), out.size() - before);
-        return Flow::kNormal;
-      }
-      case NodeKind::kWith: {
-        Scope* ws = new_scope(s);
-        std::vector<std::pair<const Node*, Value>> vals;
-        for (const auto& c : n.children) vals.emplace_back(c->target.get(), eval(*c->a, s));
-        for (auto& tv : vals) assign(*tv.first, tv.second, ws);
-        return exec_block(n.body, ws, out);
-      }
-      case NodeKind::kGeneration: {
-        std::string body;
-        exec_block(n.body, new_scope(s), body);
-        out += body;
-        check_output(out.size(), body.size());
-        return Flow::kNormal;
-      }
-      case NodeKind::kBreak: return Flow::kBreak;
-      case NodeKind::kContinue: return Flow::kContinue;
-      default:
-        fail("internal: expression node in statement position");
+  try {
+    return exec_node(n, s, out);
+  } catch (Error& e) {
+    if (e.line == 0) e.line = n.line;
+    throw;
+  }
+}
+
+Renderer::Flow Renderer::exec_node(const Node& n, Scope* s, std::string& out) {
+  switch (n.kind) {
+    case NodeKind::kData:
+      out += n.name;
+      check_output(out.size(), n.name.size());
+      return Flow::kNormal;
+    case NodeKind::kOutput: exec_output(n, s, out); return Flow::kNormal;
+    case NodeKind::kIf:
+      if (truthy(eval(*n.a, s))) return exec_block(n.body, s, out);
+      return exec_block(n.orelse, s, out);
+    case NodeKind::kFor: exec_for(n, s, out); return Flow::kNormal;
+    case NodeKind::kSet: exec_set(n, s); return Flow::kNormal;
+    case NodeKind::kSetBlock:
+    case NodeKind::kFilterBlock: exec_filtered(n, s, out); return Flow::kNormal;
+    case NodeKind::kMacro:
+    case NodeKind::kCallBlock: exec_macro(n, s, out); return Flow::kNormal;
+    case NodeKind::kWith: return exec_with(n, s, out);
+    case NodeKind::kGeneration: exec_filtered(n, s, out); return Flow::kNormal;
+    case NodeKind::kBreak: return Flow::kBreak;
+    case NodeKind::kContinue: return Flow::kContinue;
+    default: fail("internal: expression node in statement position");
+  }
+}
+
+[[gnu::noinline]] void Renderer::exec_output(const Node& n, Scope* s, std::string& out) {
+  Value v = eval(*n.a, s);
+  size_t before = out.size();
+  if (v.kind == Kind::kString) out += v.s;
+  else out += to_str(v);
+  check_output(out.size(), out.size() - before);
+}
+
+[[gnu::noinline]] void Renderer::exec_for(const Node& n, Scope* s, std::string& out) {
+  Value seq = eval(*n.a, s);
+  run_for(n, iterate(seq), s, out, 0);
+}
+
+[[gnu::noinline]] void Renderer::exec_set(const Node& n, Scope* s) { assign(*n.target, eval(*n.a, s), s); }
+
+// {% set x %}...{% endset %}, {% filter f %}...{% endfilter %}, {% generation %}: the body renders
+// into its own buffer (and scope), then goes through the filters.
+[[gnu::noinline]] void Renderer::exec_filtered(const Node& n, Scope* s, std::string& out) {
+  std::string body;
+  exec_block(n.body, new_scope(s), body);
+  if (n.kind == NodeKind::kGeneration) {
+    out += body;
+    check_output(out.size(), body.size());
+    return;
+  }
+  Value v = Value::string(std::move(body));
+  if (n.a) {
+    // The filter chain was parsed with an empty base: apply it innermost first.
+    std::vector<const Node*> chain;
+    for (const Node* f = n.a.get(); f; f = f->a.get()) chain.push_back(f);
+    for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+      CallArgs args;
+      build_args(**it, s, args);
+      v = apply_filter((*it)->name, v, args, (*it)->line);
     }
-  });
+  }
+  if (n.kind == NodeKind::kSetBlock) {
+    assign(*n.target, v, s);
+    return;
+  }
+  size_t before = out.size();
+  out += to_str(v);
+  check_output(out.size(), out.size() - before);
+}
+
+[[gnu::noinline]] void Renderer::exec_macro(const Node& n, Scope* s, std::string& out) {
+  auto fn = std::make_shared<MacroFn>();
+  fn->node = &n;
+  fn->closure = s;
+  Value v;
+  v.kind = Kind::kCallable;
+  if (n.kind == NodeKind::kMacro) {
+    fn->name = n.name;
+    v.obj = fn;
+    s->set(n.name, v);
+    return;
+  }
+  fn->name = "caller";
+  fn->is_caller = true;
+  v.obj = fn;
+  const Node& call = *n.a;
+  Value callee = eval(*call.a, s);
+  CallArgs args;
+  build_args(call, s, args);
+  args.kw.emplace_back("caller", v);
+  Value r = call_value(callee, args, call.line);
+  size_t before = out.size();
+  out += to_str(r);
+  check_output(out.size(), out.size() - before);
+}
+
+[[gnu::noinline]] Renderer::Flow Renderer::exec_with(const Node& n, Scope* s, std::string& out) {
+  Scope* ws = new_scope(s);
+  std::vector<std::pair<const Node*, Value>> vals;
+  for (const auto& c : n.children) vals.emplace_back(c->target.get(), eval(*c->a, s));
+  for (auto& tv : vals) assign(*tv.first, tv.second, ws);
+  return exec_block(n.body, ws, out);
 }
 
 void Renderer::build_args(const Node& n, Scope* s, CallArgs& args) {
@@ -591,6 +580,7 @@ Value Renderer::eval_binary(const std::string& op, const Value& a, const Value& 
       return Value::string(a.s + b.s);
     }
     if (a.is_list() && b.is_list() && a.flag == b.flag && !seq_tag(a) && !seq_tag(b)) {
+      check_size((a.items().size() + b.items().size()) * kElementCost);
       ValueList items = a.items();
       items.insert(items.end(), b.items().begin(), b.items().end());
       return Value::make_list(std::move(items), a.flag);
@@ -632,7 +622,8 @@ Value Renderer::eval_binary(const std::string& op, const Value& a, const Value& 
       out.flag = seq->flag;
       return out;
     }
-    if (n > 0 && !seq->items().empty()) check_size(seq->items().size() * std::min<uint64_t>(n, limits_.max_output_bytes + 1));
+    if (n > 0 && !seq->items().empty())
+      check_size(seq->items().size() * kElementCost * std::min<uint64_t>(n, limits_.max_output_bytes + 1));
     ValueList r;
     for (int64_t k = 0; k < n && !seq->items().empty(); ++k) r.insert(r.end(), seq->items().begin(), seq->items().end());
     return Value::make_list(std::move(r), seq->flag);
@@ -738,132 +729,155 @@ bool Renderer::eval_compare(const std::string& op, const Value& a, const Value& 
   fail("internal: unknown comparison " + op);
 }
 
+// eval() recurses once per nesting level of an expression: it and eval_node() keep small frames
+// (every case with locals lives in its own non-inlined function), so the depth limit bounds the
+// stack even in sanitizer builds.
 Value Renderer::eval(const Node& n, Scope* s) {
   EvalDepth guard(eval_depth_, n.line);
-  return with_line(n.line, [&]() -> Value {
-    switch (n.kind) {
-      case NodeKind::kConst: return n.value;
-      case NodeKind::kName: return lookup(n.name, s);
-      case NodeKind::kListLit:
-      case NodeKind::kTupleLit: {
-        ValueList items;
-        items.reserve(n.children.size());
-        for (const auto& c : n.children) items.push_back(eval(*c, s));
-        return Value::make_list(std::move(items), n.kind == NodeKind::kTupleLit);
-      }
-      case NodeKind::kDictLit: {
-        DictData d;
-        for (size_t k = 0; k + 1 < n.children.size(); k += 2) {
-          Value key = eval(*n.children[k], s);
-          if ((key.kind == Kind::kList && !key.flag) || key.kind == Kind::kDict)
-            fail("TypeError: unhashable type: '" + type_name(key) + "'");
-          d.set(std::move(key), eval(*n.children[k + 1], s));
-        }
-        return Value::make_dict(std::move(d));
-      }
-      case NodeKind::kGetattr: return getattr(eval(*n.a, s), n.name);
-      case NodeKind::kGetitem: {
-        Value obj = eval(*n.a, s);
-        if (n.b->kind == NodeKind::kSlice) {
-          const Node& sl = *n.b;
-          Value start = sl.a ? eval(*sl.a, s) : Value::none();
-          Value stop = sl.b ? eval(*sl.b, s) : Value::none();
-          Value step = sl.c ? eval(*sl.c, s) : Value::none();
-          if (obj.is_undefined()) fail_undefined(obj);
-          if (const_mode_) {
-            // jinja2 prints a constant {{ ... }} through as_const, whose subscripts go through
-            // the sandbox's getitem: a failed slice is an undefined there, not an error.
-            try {
-              return slice_value(obj, start, stop, step);
-            } catch (const Error&) {
-              return Value::undefined_attr(obj, Value::string("slice"));
-            }
-          }
-          return slice_value(obj, start, stop, step);
-        }
-        return getitem(obj, eval(*n.b, s));
-      }
-      case NodeKind::kSlice: fail("internal: slice outside subscript");
-      case NodeKind::kCall: {
-        if (const_mode_) throw Impossible{};
-        Value callee = eval(*n.a, s);
-        CallArgs args;
-        build_args(n, s, args);
-        return call_value(callee, args, n.line);
-      }
-      case NodeKind::kFilter: {
-        if (const_mode_ && (!n.a || n.name == "map" || n.name == "select" || n.name == "reject" ||
-                            n.name == "selectattr" || n.name == "rejectattr" || !find_filter(n.name)))
-          throw Impossible{};  // unknown, or takes the render context
-        Value input = n.a ? eval(*n.a, s) : Value::undefined();
-        CallArgs args;
-        build_args(n, s, args);
-        return apply_filter(n.name, input, args, n.line);
-      }
-      case NodeKind::kTest: {
-        if (const_mode_ && !find_test(n.name)) throw Impossible{};
-        Value input = eval(*n.a, s);
-        CallArgs args;
-        build_args(n, s, args);
-        return Value::boolean(apply_test(n.name, input, args, n.line));
-      }
-      case NodeKind::kNot: return Value::boolean(!truthy(eval(*n.a, s)));
-      case NodeKind::kNeg:
-      case NodeKind::kPos: {
-        Value v = eval(*n.a, s);
-        if (v.is_undefined()) fail_undefined(v);
-        if (!v.is_number())
-          fail(std::string("TypeError: bad operand type for unary ") + (n.kind == NodeKind::kNeg ? "-" : "+") + ": '" +
-               type_name(v) + "'");
-        if (n.kind == NodeKind::kPos) return v.kind == Kind::kBool ? Value::integer(v.as_int()) : v;
-        if (v.kind == Kind::kFloat) return Value::real(-v.f);
-        if (v.as_int() == INT64_MIN) fail("OverflowError: integer result out of range");
-        return Value::integer(-v.as_int());
-      }
-      case NodeKind::kBinary: {
-        Value a = eval(*n.a, s);
-        Value b = eval(*n.b, s);
-        return eval_binary(n.name, a, b);
-      }
-      case NodeKind::kConcat: {
-        std::string r;
-        for (const auto& c : n.children) {
-          Value v = eval(*c, s);
-          size_t before = r.size();
-          if (v.is_string()) r += v.s;
-          else r += to_str(v);
-          check_output(r.size(), r.size() - before);
-        }
-        return Value::string(std::move(r));
-      }
-      case NodeKind::kCompare: {
-        Value left = eval(*n.a, s);
-        for (size_t k = 0; k < n.ops.size(); ++k) {
-          Value right = eval(*n.children[k], s);
-          if (!eval_compare(n.ops[k], left, right)) return Value::boolean(false);
-          left = std::move(right);
-        }
-        return Value::boolean(true);
-      }
-      case NodeKind::kAnd: {
-        Value a = eval(*n.a, s);
-        if (!truthy(a)) return a;
-        return eval(*n.b, s);
-      }
-      case NodeKind::kOr: {
-        Value a = eval(*n.a, s);
-        if (truthy(a)) return a;
-        return eval(*n.b, s);
-      }
-      case NodeKind::kCondExpr: {
-        if (truthy(eval(*n.b, s))) return eval(*n.a, s);
-        if (n.c) return eval(*n.c, s);
-        return Value::undefined("", "the inline if-expression on line " + std::to_string(n.line) +
-                                        " evaluated to false and no else section was defined.");
-      }
-      default: fail("internal: statement node in expression position");
+  try {
+    return eval_node(n, s);
+  } catch (Error& e) {
+    if (e.line == 0) e.line = n.line;
+    throw;
+  }
+}
+
+Value Renderer::eval_node(const Node& n, Scope* s) {
+  switch (n.kind) {
+    case NodeKind::kConst: return n.value;
+    case NodeKind::kName: return lookup(n.name, s);
+    case NodeKind::kListLit:
+    case NodeKind::kTupleLit:
+    case NodeKind::kDictLit: return eval_literal(n, s);
+    case NodeKind::kGetattr: return getattr(eval(*n.a, s), n.name);
+    case NodeKind::kGetitem: return eval_getitem(n, s);
+    case NodeKind::kSlice: fail("internal: slice outside subscript");
+    case NodeKind::kCall:
+    case NodeKind::kFilter:
+    case NodeKind::kTest: return eval_call(n, s);
+    case NodeKind::kNot: return Value::boolean(!truthy(eval(*n.a, s)));
+    case NodeKind::kNeg:
+    case NodeKind::kPos: return eval_unary(n, s);
+    case NodeKind::kBinary: return eval_binop(n, s);
+    case NodeKind::kConcat:
+    case NodeKind::kCompare: return eval_chain(n, s);
+    case NodeKind::kAnd:
+    case NodeKind::kOr:
+    case NodeKind::kCondExpr: return eval_logic(n, s);
+    default: fail("internal: statement node in expression position");
+  }
+}
+
+[[gnu::noinline]] Value Renderer::eval_literal(const Node& n, Scope* s) {
+  if (n.kind == NodeKind::kDictLit) {
+    DictData d;
+    for (size_t k = 0; k + 1 < n.children.size(); k += 2) {
+      Value key = eval(*n.children[k], s);
+      if ((key.kind == Kind::kList && !key.flag) || key.kind == Kind::kDict)
+        fail("TypeError: unhashable type: '" + type_name(key) + "'");
+      d.set(std::move(key), eval(*n.children[k + 1], s));
     }
-  });
+    return Value::make_dict(std::move(d));
+  }
+  ValueList items;
+  items.reserve(n.children.size());
+  for (const auto& c : n.children) items.push_back(eval(*c, s));
+  return Value::make_list(std::move(items), n.kind == NodeKind::kTupleLit);
+}
+
+[[gnu::noinline]] Value Renderer::eval_getitem(const Node& n, Scope* s) {
+  Value obj = eval(*n.a, s);
+  if (n.b->kind != NodeKind::kSlice) return getitem(obj, eval(*n.b, s));
+  const Node& sl = *n.b;
+  Value start = sl.a ? eval(*sl.a, s) : Value::none();
+  Value stop = sl.b ? eval(*sl.b, s) : Value::none();
+  Value step = sl.c ? eval(*sl.c, s) : Value::none();
+  if (obj.is_undefined()) fail_undefined(obj);
+  if (const_mode_) {
+    // jinja2's compile-time evaluation (as_const) subscripts through the sandbox's getitem: a
+    // failed slice is an undefined there, not an error.
+    try {
+      return slice_value(obj, start, stop, step);
+    } catch (const Error&) {
+      return Value::undefined_attr(obj, Value::string("slice"));
+    }
+  }
+  return slice_value(obj, start, stop, step);
+}
+
+[[gnu::noinline]] Value Renderer::eval_call(const Node& n, Scope* s) {
+  if (n.kind == NodeKind::kCall) {
+    if (const_mode_) throw Impossible{};
+    Value callee = eval(*n.a, s);
+    CallArgs args;
+    build_args(n, s, args);
+    return call_value(callee, args, n.line);
+  }
+  if (n.kind == NodeKind::kFilter) {
+    if (const_mode_ && (!n.a || n.name == "map" || n.name == "select" || n.name == "reject" ||
+                        n.name == "selectattr" || n.name == "rejectattr" || !find_filter(n.name)))
+      throw Impossible{};  // unknown, or takes the render context
+    Value input = n.a ? eval(*n.a, s) : Value::undefined();
+    CallArgs args;
+    build_args(n, s, args);
+    return apply_filter(n.name, input, args, n.line);
+  }
+  if (const_mode_ && !find_test(n.name)) throw Impossible{};
+  Value input = eval(*n.a, s);
+  CallArgs args;
+  build_args(n, s, args);
+  return Value::boolean(apply_test(n.name, input, args, n.line));
+}
+
+[[gnu::noinline]] Value Renderer::eval_unary(const Node& n, Scope* s) {
+  Value v = eval(*n.a, s);
+  if (v.is_undefined()) fail_undefined(v);
+  if (!v.is_number())
+    fail(std::string("TypeError: bad operand type for unary ") + (n.kind == NodeKind::kNeg ? "-" : "+") + ": '" +
+         type_name(v) + "'");
+  if (n.kind == NodeKind::kPos) return v.kind == Kind::kBool ? Value::integer(v.as_int()) : v;
+  if (v.kind == Kind::kFloat) return Value::real(-v.f);
+  if (v.as_int() == INT64_MIN) fail("OverflowError: integer result out of range");
+  return Value::integer(-v.as_int());
+}
+
+[[gnu::noinline]] Value Renderer::eval_binop(const Node& n, Scope* s) {
+  Value a = eval(*n.a, s);
+  Value b = eval(*n.b, s);
+  return eval_binary(n.name, a, b);
+}
+
+[[gnu::noinline]] Value Renderer::eval_chain(const Node& n, Scope* s) {
+  if (n.kind == NodeKind::kConcat) {
+    std::string r;
+    for (const auto& c : n.children) {
+      Value v = eval(*c, s);
+      size_t before = r.size();
+      if (v.is_string()) r += v.s;
+      else r += to_str(v);
+      check_output(r.size(), r.size() - before);
+    }
+    return Value::string(std::move(r));
+  }
+  Value left = eval(*n.a, s);
+  for (size_t k = 0; k < n.ops.size(); ++k) {
+    Value right = eval(*n.children[k], s);
+    if (!eval_compare(n.ops[k], left, right)) return Value::boolean(false);
+    left = std::move(right);
+  }
+  return Value::boolean(true);
+}
+
+[[gnu::noinline]] Value Renderer::eval_logic(const Node& n, Scope* s) {
+  if (n.kind == NodeKind::kCondExpr) {
+    if (truthy(eval(*n.b, s))) return eval(*n.a, s);
+    if (n.c) return eval(*n.c, s);
+    return Value::undefined("", "the inline if-expression on line " + std::to_string(n.line) +
+                                    " evaluated to false and no else section was defined.");
+  }
+  Value a = eval(*n.a, s);
+  if ((n.kind == NodeKind::kAnd) != truthy(a)) return a;
+  return eval(*n.b, s);
 }
 
 // Python's has_safe_repr: what jinja2's optimizer may bake into the compiled template.
@@ -984,10 +998,14 @@ void Renderer::fold(NodePtr& n, Scope* scope) {
 void fold_constants(std::vector<NodePtr>& body) {
   // jinja2's optimizer (always on) evaluates constant expressions at compile time, where a slice
   // goes through the sandbox's getitem; folding here keeps that behaviour (and saves work).
-  Renderer r(Value::make_dict(DictData()), RenderLimits());
+  // Small limits: folding gives up on big constant work and leaves it to the render's own limits.
+  RenderLimits limits;
+  limits.max_output_bytes = 1 << 20;
+  limits.max_work = 16u << 20;
+  Renderer r(Value::make_dict(DictData()), limits);
   r.const_mode_ = true;
   WorkBudget budget;
-  budget.limit = RenderLimits().max_work;
+  budget.limit = limits.max_work;
   set_work_budget(&budget);
   Scope* root = r.new_scope(nullptr);
   try {

@@ -88,6 +88,21 @@ class Renderer {
 
  private:
   Flow exec(const Node& n, Scope* s, std::string& out);
+  Flow exec_node(const Node& n, Scope* s, std::string& out);
+  void exec_output(const Node& n, Scope* s, std::string& out);
+  void exec_for(const Node& n, Scope* s, std::string& out);
+  void exec_set(const Node& n, Scope* s);
+  void exec_filtered(const Node& n, Scope* s, std::string& out);
+  void exec_macro(const Node& n, Scope* s, std::string& out);
+  Flow exec_with(const Node& n, Scope* s, std::string& out);
+  Value eval_node(const Node& n, Scope* s);
+  Value eval_literal(const Node& n, Scope* s);
+  Value eval_getitem(const Node& n, Scope* s);
+  Value eval_call(const Node& n, Scope* s);
+  Value eval_unary(const Node& n, Scope* s);
+  Value eval_binop(const Node& n, Scope* s);
+  Value eval_chain(const Node& n, Scope* s);
+  Value eval_logic(const Node& n, Scope* s);
   Value lookup(const std::string& name, Scope* s);
   void assign(const Node& target, const Value& v, Scope* s);
   Value eval_binary(const std::string& op, const Value& a, const Value& b);

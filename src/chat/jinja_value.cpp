@@ -231,7 +231,7 @@ Value Value::make_list(ValueList items, bool tuple) {
   for (const auto& e : items) nest = std::max(nest, child_nest(e));
   if (nest + 1 > kMaxNest) fail("RecursionError: containers nested deeper than " + std::to_string(kMaxNest));
   v.nest = static_cast<uint16_t>(nest + 1);
-  charge(items.size() * 16);
+  charge(items.size() * kElementCost);
   v.list = std::make_shared<const ValueList>(std::move(items));
   return v;
 }
@@ -243,7 +243,7 @@ Value Value::make_dict(DictData d) {
   for (const auto& kv : d.items) nest = std::max({nest, child_nest(kv.first), child_nest(kv.second)});
   if (nest + 1 > kMaxNest) fail("RecursionError: containers nested deeper than " + std::to_string(kMaxNest));
   v.nest = static_cast<uint16_t>(nest + 1);
-  charge(d.items.size() * 32);
+  charge(d.items.size() * 2 * kElementCost);
   v.dict = std::make_shared<const DictData>(std::move(d));
   return v;
 }
@@ -628,8 +628,8 @@ size_t py_len(const Value& v) {
 }
 
 ValueList iterate(const Value& v) {
-  if (v.kind == Kind::kList) charge(v.list->size() * 16);
-  if (v.kind == Kind::kString) charge(v.s.size() * 16);
+  if (v.kind == Kind::kList) charge(v.list->size() * kElementCost);
+  if (v.kind == Kind::kString) charge(v.s.size() * kElementCost);
   switch (v.kind) {
     case Kind::kUndefined: return {};
     case Kind::kList: return *v.list;
@@ -653,7 +653,7 @@ ValueList iterate(const Value& v) {
       ValueList out;
       Value item;
       while (it->next(item)) {
-        charge(16);
+        charge(kElementCost);
         out.push_back(std::move(item));
       }
       return out;

@@ -126,6 +126,7 @@ constexpr int kMaxNest = 256;
 
 // Work accounting for one render on this thread (set by the renderer): every string built and
 // every container element copied is charged; past the limit the render fails.
+constexpr size_t kElementCost = 64;  // work units per container element (~ its bytes)
 struct WorkBudget {
   size_t used = 0;
   size_t limit = 0;

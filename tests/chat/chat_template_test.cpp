@@ -121,6 +121,21 @@ TEST_F(ChatTemplate, HostileTemplatesHitLimitsNotTheStack) {
             std::string::npos);
   EXPECT_NE(render("{{ 'x' * 100000000000 }}", ojson::object(), small).find("MemoryError"), std::string::npos);
   EXPECT_NE(render("{{ 2 ** 100 }}", ojson::object(), small).find("OverflowError"), std::string::npos);
+  // Recursion through deep expressions and deep blocks: the evaluator's depth limit, not the stack.
+  std::string negs(150, '-');
+  EXPECT_NE(render("{% macro m(n) %}{{ " + negs + "(m(n - 1) if n > 0 else 0) }}{% endmacro %}{{ m(60) }}",
+                   ojson::object(), small)
+                .find("RecursionError"),
+            std::string::npos);
+  std::string fors, ends;
+  for (int i = 0; i < 80; ++i) fors += "{% for i in [1] %}", ends += "{% endfor %}";
+  EXPECT_NE(render("{% macro m(n) %}" + fors + "{{ m(n - 1) if n > 0 else 0 }}" + ends + "{% endmacro %}{{ m(60) }}",
+                   ojson::object(), small)
+                .find("RecursionError"),
+            std::string::npos);
+  // Self-referencing namespaces print like Python's recursive reprs and are freed.
+  EXPECT_EQ(render("{% set ns = namespace() %}{% set ns.me = ns %}{% set ns.l = [ns] %}{{ ns }}", ojson::object(), small),
+            "<Namespace {'me': <Namespace {...}>, 'l': [<Namespace {...}>]}>");
 }
 
 TEST_F(ChatTemplate, FloatReprIsPythons) {
