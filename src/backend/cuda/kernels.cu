@@ -323,7 +323,7 @@ __device__ __forceinline__ void gemv_norm_tail(const NormEpi& ne, int n, int dim
 // (docs/PERF_cuda.md). kSilu: the weight is [gate; up] (pair_off rows apart) and each warp computes
 // both rows of output i and writes silu(gate) * up, so decode needs no separate silu_mul kernel.
 // The first weight loads are issued before pdl_wait(): they overlap the previous kernel's tail.
-template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm>
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kPersist>
 __global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N,
                                                    int32_t K, int64_t pair_off, void* y, int64_t ldy, bool y_f32,
                                                    NormEpi ne) {
@@ -331,38 +331,24 @@ __global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, in
   __shared__ float red[8][kR][M];
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % kSplit;
-  const int64_t row = int64_t(blockIdx.x) * kRows + warp / kSplit;
-  const bool active = row < N;
   const int vecs = K / 8, per = (vecs + kSplit - 1) / kSplit;
   const int v0 = part * per, v1 = min(vecs, v0 + per);
-  const uint4* wr[kR];
-  wr[0] = reinterpret_cast<const uint4*>(w + (active ? row : 0) * K);
-  if (kSilu) wr[kR - 1] = wr[0] + pair_off * (K / 8);
-  float acc[kR][M];
-#pragma unroll
-  for (int r = 0; r < kR; ++r)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
-  auto fma8 = [&](const uint4 (&wv)[kR], int i) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if (m < n) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * ldx) + i);
-        const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv[r]);
-#pragma unroll
-          for (int t = 0; t < 4; ++t) {
-            const float2 xf = __bfloat1622float2(xp[t]), wf = __bfloat1622float2(wp[t]);
-            acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
-          }
-        }
-      }
-    }
+  // kPersist: the grid is what the chip holds at once and each block walks tiles (kRows rows) with a
+  // grid stride; the next tile's first four loads are issued before this tile's reduction and store,
+  // so a block's epilogue overlaps weight traffic instead of leaving its SM slot idle once per wave.
+  const int ntiles = (N + kRows - 1) / kRows;
+  int tile = blockIdx.x;
+  auto row_of = [&](int t) { return int64_t(t) * kRows + warp / kSplit; };
+  auto wrow = [&](int64_t row, bool act, const uint4* (&wr)[kR]) {
+    wr[0] = reinterpret_cast<const uint4*>(w + (act ? row : 0) * K);
+    if (kSilu) wr[kR - 1] = wr[0] + pair_off * (K / 8);
   };
-  int i = v0 + lane;
   uint4 b0[kR], b1[kR], b2[kR], b3[kR];
+  int64_t row = row_of(tile);
+  bool active = row < N;
+  const uint4* wr[kR];
+  wrow(row, active, wr);
+  int i = v0 + lane;
   bool full = active && i + 96 < v1;
   if (full)
 #pragma unroll
@@ -373,71 +359,121 @@ __global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, in
       b3[r] = __ldcs(wr[r] + i + 96);
     }
   pdl_wait();  // x is the previous kernel's output
-  // kNorm: the residual element this warp adds to, loaded now so the epilogue does not wait for it.
-  float res[M];
-  if (kNorm && active && lane == 0 && part == 0)
+  for (;;) {
+    float acc[kR][M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) res[m] = m < n ? ne.residual[int64_t(m) * N + row] : 0.0f;
-  while (full) {
-    fma8(b0, i);
-    fma8(b1, i + 32);
-    fma8(b2, i + 64);
-    fma8(b3, i + 96);
-    i += 128;
-    full = i + 96 < v1;
-    if (full)
+    for (int r = 0; r < kR; ++r)
 #pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        b0[r] = __ldcs(wr[r] + i);
-        b1[r] = __ldcs(wr[r] + i + 32);
-        b2[r] = __ldcs(wr[r] + i + 64);
-        b3[r] = __ldcs(wr[r] + i + 96);
-      }
-  }
-  for (; active && i < v1; i += 32) {
+      for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+    auto fma8 = [&](const uint4 (&wv)[kR], int i) {
 #pragma unroll
-    for (int r = 0; r < kR; ++r) b0[r] = __ldcs(wr[r] + i);
-    fma8(b0, i);
-  }
+      for (int m = 0; m < M; ++m) {
+        if (m < n) {
+          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * ldx) + i);
+          const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
 #pragma unroll
-  for (int r = 0; r < kR; ++r)
+          for (int r = 0; r < kR; ++r) {
+            const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv[r]);
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float v = acc[r][m];
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      acc[r][m] = v;
-      if (kSplit > 1 && lane == 0) red[warp][r][m] = v;
-    }
-  // No early returns: the kNorm tail needs every thread of the block.
-  bool writer = active && lane == 0;
-  if (kSplit > 1) {
-    __syncthreads();
-    writer = writer && part == 0;
-    if (part == 0)
-#pragma unroll
-      for (int r = 0; r < kR; ++r)
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float v = 0.0f;
-#pragma unroll
-          for (int q = 0; q < kSplit; ++q) v += red[warp + q][r][m];
-          acc[r][m] = v;
+            for (int t = 0; t < 4; ++t) {
+              const float2 xf = __bfloat1622float2(xp[t]), wf = __bfloat1622float2(wp[t]);
+              acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
+            }
+          }
         }
-  }
-  if (writer)
+      }
+    };
+    // kNorm: the residual element this warp adds to, loaded now so the epilogue does not wait for it.
+    float res[M];
+    if (kNorm && active && lane == 0 && part == 0)
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if (m >= n) break;
-      float v = acc[0][m];
-      if (kSilu) v = v / (1.0f + __expf(-v)) * acc[kR - 1][m];
-      if (y_f32) {
-        static_cast<float*>(y)[m * ldy + row] = v;
-      } else {
-        const bf16 vb = __float2bfloat16(v);
-        static_cast<bf16*>(y)[m * ldy + row] = vb;
-        if (kNorm) ne.residual[int64_t(m) * N + row] = res[m] + __bfloat162float(vb);
+      for (int m = 0; m < M; ++m) res[m] = m < n ? ne.residual[int64_t(m) * N + row] : 0.0f;
+    while (full) {
+      fma8(b0, i);
+      fma8(b1, i + 32);
+      fma8(b2, i + 64);
+      fma8(b3, i + 96);
+      i += 128;
+      full = i + 96 < v1;
+      if (full)
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          b0[r] = __ldcs(wr[r] + i);
+          b1[r] = __ldcs(wr[r] + i + 32);
+          b2[r] = __ldcs(wr[r] + i + 64);
+          b3[r] = __ldcs(wr[r] + i + 96);
+        }
+    }
+    for (; active && i < v1; i += 32) {
+#pragma unroll
+      for (int r = 0; r < kR; ++r) b0[r] = __ldcs(wr[r] + i);
+      fma8(b0, i);
+    }
+    // Next tile's first loads, in flight during this tile's reduction and store.
+    const int64_t cur_row = row;
+    const bool cur_active = active;
+    bool more = false;
+    if constexpr (kPersist) {
+      tile += gridDim.x;
+      more = tile < ntiles;  // block-uniform
+      if (more) {
+        row = row_of(tile);
+        active = row < N;
+        wrow(row, active, wr);
+        i = v0 + lane;
+        full = active && i + 96 < v1;
+        if (full)
+#pragma unroll
+          for (int r = 0; r < kR; ++r) {
+            b0[r] = __ldcs(wr[r] + i);
+            b1[r] = __ldcs(wr[r] + i + 32);
+            b2[r] = __ldcs(wr[r] + i + 64);
+            b3[r] = __ldcs(wr[r] + i + 96);
+          }
       }
     }
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float v = acc[r][m];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        acc[r][m] = v;
+        if (kSplit > 1 && lane == 0) red[warp][r][m] = v;
+      }
+    // No early returns: the kNorm tail needs every thread of the block.
+    bool writer = cur_active && lane == 0;
+    if (kSplit > 1) {
+      __syncthreads();
+      writer = writer && part == 0;
+      if (part == 0)
+#pragma unroll
+        for (int r = 0; r < kR; ++r)
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            float v = 0.0f;
+#pragma unroll
+            for (int q = 0; q < kSplit; ++q) v += red[warp + q][r][m];
+            acc[r][m] = v;
+          }
+      if (kPersist) __syncthreads();  // red is rewritten by the next tile
+    }
+    if (writer)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if (m >= n) break;
+        float v = acc[0][m];
+        if (kSilu) v = v / (1.0f + __expf(-v)) * acc[kR - 1][m];
+        if (y_f32) {
+          static_cast<float*>(y)[m * ldy + cur_row] = v;
+        } else {
+          const bf16 vb = __float2bfloat16(v);
+          static_cast<bf16*>(y)[m * ldy + cur_row] = vb;
+          if (kNorm) ne.residual[int64_t(m) * N + cur_row] = res[m] + __bfloat162float(vb);
+        }
+      }
+    if (!more) break;
+  }
   if constexpr (kNorm) gemv_norm_tail(ne, n, N);
 }
 
@@ -457,19 +493,45 @@ bool gemv_high_occupancy() {
   return v;
 }
 
+// KILN_GEMV_PERSISTENT=1: grid = SMs x resident blocks per SM, blocks walk tiles (docs/PERF_cuda.md,
+// decode pass 4).
+bool gemv_persistent() {
+  static const bool v = env_int("KILN_GEMV_PERSISTENT", 0) != 0;
+  return v;
+}
+
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm>
+void gemv_launch_split(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K, int64_t pair_off,
+                       void* y, int64_t ldy, bool y_f32, const NormEpi& ne, cudaStream_t s) {
+  const int tiles = (N * kSplit + 7) / 8;
+  if (gemv_persistent()) {
+    // Resident blocks of this instantiation, computed once (host-only queries, fine during capture).
+    static const int resident = [] {
+      int dev = 0, sms = 132, per_sm = 1;
+      cudaGetDevice(&dev);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true>, 256, 0);
+      // KILN_GEMV_PERSIST_SLACK blocks per SM left free for the next kernel's PDL blocks.
+      const int keep = per_sm - env_int("KILN_GEMV_PERSIST_SLACK", 0);
+      return sms * (keep < 1 ? 1 : keep);
+    }();
+    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true>, dim3(tiles < resident ? tiles : resident), dim3(256),
+               0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne);
+  } else {
+    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false>, dim3(tiles), dim3(256), 0, s, x, ldx, n, w, N, K,
+               pair_off, y, ldy, y_f32, ne);
+  }
+}
+
 template <int M, bool kSilu, int kMinBlocks, bool kNorm>
 void gemv_launch_mb(int split, const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K,
                     int64_t pair_off, void* y, int64_t ldy, bool y_f32, const NormEpi& ne, cudaStream_t s) {
-  const dim3 grid((N * split + 7) / 8);
   if (split == 1)
-    launch_pdl(gemv_kernel<M, 1, kSilu, kMinBlocks, kNorm>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32,
-               ne);
+    gemv_launch_split<M, 1, kSilu, kMinBlocks, kNorm>(x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
   else if (split == 2)
-    launch_pdl(gemv_kernel<M, 2, kSilu, kMinBlocks, kNorm>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32,
-               ne);
+    gemv_launch_split<M, 2, kSilu, kMinBlocks, kNorm>(x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
   else
-    launch_pdl(gemv_kernel<M, 4, kSilu, kMinBlocks, kNorm>, grid, dim3(256), 0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32,
-               ne);
+    gemv_launch_split<M, 4, kSilu, kMinBlocks, kNorm>(x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
 }
 
 // Batch-1 decode (M = 1) gets the register cap that fits 8 blocks per SM when KILN_GEMV_OCC allows it
