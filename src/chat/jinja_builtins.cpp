@@ -547,6 +547,7 @@ std::string format_spec(const Value& v, const std::string& spec) {
   if (i < spec.size()) sp.type = spec[i++];
   if (i != spec.size()) fail("ValueError: Invalid format specifier '" + spec + "'");
   if (sp.width > 10000) fail("ValueError: format width too large");
+  if (sp.precision > 10000) fail("ValueError: format precision too large");
   if (sp.zero && !sp.align) {  // "0" flag: fill with zeros, default alignment of the type
     sp.fill = '0';
     sp.align = (v.is_string() || !v.is_number()) ? '<' : '=';
@@ -690,6 +691,7 @@ Value python_mod_format(const std::string& fmt, const Value& args, bool markup) 
     while (i < fmt.size() && (fmt[i] == 'l' || fmt[i] == 'h' || fmt[i] == 'L')) ++i;
     if (i >= fmt.size()) fail("ValueError: incomplete format");
     if (sp.width > 10000) fail("ValueError: width too big");
+    if (sp.precision > 10000) fail("ValueError: precision too big");
     char t = fmt[i];
     if (t == '%') fail("ValueError: unsupported format character '%' (0x25)");
     if (!have_v) v = take();
@@ -719,7 +721,8 @@ Value python_mod_format(const std::string& fmt, const Value& args, bool markup) 
         p2.type = (t == 'i' || t == 'u') ? 'd' : t;
         if (p2.precision >= 0) {  // %.3d pads with zeros to the precision
           std::string digits = std::to_string(iv.i < 0 ? -iv.i : iv.i);
-          while (static_cast<int>(digits.size()) < p2.precision) digits = "0" + digits;
+          if (static_cast<int>(digits.size()) < p2.precision)
+            digits = std::string(static_cast<size_t>(p2.precision) - digits.size(), '0') + digits;
           std::string body = (iv.i < 0 ? "-" : (p2.sign == '+' ? "+" : p2.sign == ' ' ? " " : "")) + digits;
           out += pad(body, p2, '>');
         } else {
