@@ -1,4 +1,5 @@
 #include "formats/gguf.h"
+#include "core/text.h"
 
 #include <cerrno>
 #include <cinttypes>
@@ -12,26 +13,7 @@ namespace {
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as little-endian u32
 constexpr int kMaxDims = 4;              // GGML_MAX_DIMS
 
-std::string quote(std::string_view s) {
-  // Keys and names come from untrusted files: keep messages printable and short.
-  std::string out = "'";
-  size_t n = 0;
-  for (char c : s) {
-    if (++n > 200) {
-      out += "...";
-      break;
-    }
-    unsigned char u = static_cast<unsigned char>(c);
-    if (u < 0x20 || u == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", u);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "'";
-}
+std::string quote(std::string_view s) { return quote_untrusted(s); }
 
 bool is_scalar_type(uint32_t t) { return t <= 12 && t != 8 && t != 9; }
 

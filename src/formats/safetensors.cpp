@@ -1,4 +1,5 @@
 #include "formats/safetensors.h"
+#include "core/text.h"
 
 #include <dirent.h>
 
@@ -30,26 +31,7 @@ constexpr DTypeName kDTypeNames[] = {
     {"I32", DType::kI32},    {"I64", DType::kI64}, {"BOOL", DType::kBool},
 };
 
-std::string quote(std::string_view s) {
-  // Names come from untrusted files: keep messages printable and short.
-  std::string out = "'";
-  size_t n = 0;
-  for (char c : s) {
-    if (++n > 200) {
-      out += "...";
-      break;
-    }
-    unsigned char u = static_cast<unsigned char>(c);
-    if (u < 0x20 || u == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", u);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "'";
-}
+std::string quote(std::string_view s) { return quote_untrusted(s); }
 
 // Reads a non-negative integer that fits int64 from a JSON number.
 bool json_to_i64(const json& j, int64_t* out) {
