@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/greedy_run.h"
 #include "backend/cpu/cpu_executor.h"
 #include "backend/cpu/cpu_fp8.h"
 #include "build/build.h"
@@ -205,49 +206,10 @@ TEST(Fp8, CpuLinearEmulatesQuantizedActivations) {
 
 // --- Golden fixtures through convert -> load ----------------------------------------------------
 
-struct RunOut {
-  std::vector<float> logits;  // first step, all prompt rows
-  std::vector<int32_t> greedy;
-};
+using RunOut = kiln::testing::GreedyRun;
 
 RunOut run_model(std::shared_ptr<const Model> model, const std::vector<int32_t>& prompt, int n_new) {
-  LoadOptions opts;
-  opts.kv_cache_blocks = int32_t((prompt.size() + size_t(n_new) + 15) / 16);
-  auto ex = make_cpu_executor(model, opts);
-  const int32_t V = model->config.vocab_size;
-  SamplingParams greedy;
-  greedy.temperature = 0.0f;
-  RunOut r;
-  std::vector<int32_t> all = prompt;
-  std::vector<SampledToken> out;
-  int32_t computed = 0;
-  for (int step = 0; step < n_new; ++step) {
-    StepBatch b;
-    b.clear();
-    const int32_t n = int32_t(all.size()) - computed;
-    for (int32_t i = 0; i < n; ++i) {
-      b.token_ids.push_back(all[size_t(computed + i)]);
-      b.positions.push_back(computed + i);
-    }
-    b.query_start.push_back(n);
-    b.context_lens.push_back(int32_t(all.size()));
-    b.max_blocks_per_seq = opts.kv_cache_blocks;
-    for (int32_t i = 0; i < opts.kv_cache_blocks; ++i) b.block_tables.push_back(i);
-    std::vector<SeqSampling> ss;
-    for (int32_t i = step == 0 ? 0 : n - 1; i < n; ++i) {
-      b.logits_rows.push_back(i);
-      SeqSampling s;
-      s.params = &greedy;
-      ss.push_back(s);
-    }
-    Status st = ex->execute(b, ss, &out);
-    EXPECT_TRUE(st.is_ok()) << st.message();
-    if (step == 0) r.logits.assign(ex->last_logits(), ex->last_logits() + ss.size() * size_t(V));
-    computed = int32_t(all.size());
-    r.greedy.push_back(out.back().id);
-    all.push_back(out.back().id);
-  }
-  return r;
+  return kiln::testing::run_greedy(std::move(model), prompt, n_new);
 }
 
 struct Golden {

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/cpu/cpu_executor.h"
+#include "common/greedy_run.h"
 #include "core/file.h"
 
 using namespace kiln;
@@ -26,54 +27,6 @@ std::vector<float> read_floats(const std::string& path) {
   return v;
 }
 
-// One sequence through the executor: the prompt in one step (logits for `rows` of it), then greedy.
-struct Run {
-  std::vector<float> logits;  // [rows, vocab]
-  std::vector<int32_t> greedy;
-};
-
-Run run_model(std::shared_ptr<const Model> model, const std::vector<int32_t>& prompt, bool all_rows, int n_new) {
-  LoadOptions opts;
-  opts.kv_cache_blocks = int32_t((prompt.size() + size_t(n_new) + 15) / 16);
-  auto ex = make_cpu_executor(model, opts);
-  const int32_t V = model->config.vocab_size;
-  SamplingParams greedy;
-  greedy.temperature = 0.0f;
-  Run r;
-  std::vector<int32_t> all = prompt;
-  std::vector<SampledToken> out;
-  int32_t computed = 0;
-  for (int step = 0; step < n_new; ++step) {
-    StepBatch b;
-    b.clear();
-    const int32_t n = int32_t(all.size()) - computed;
-    for (int32_t i = 0; i < n; ++i) {
-      b.token_ids.push_back(all[size_t(computed + i)]);
-      b.positions.push_back(computed + i);
-    }
-    b.query_start.push_back(n);
-    b.context_lens.push_back(int32_t(all.size()));
-    b.max_blocks_per_seq = opts.kv_cache_blocks;
-    for (int32_t i = 0; i < opts.kv_cache_blocks; ++i) b.block_tables.push_back(i);
-    std::vector<SeqSampling> ss;
-    const bool want_rows = step == 0 && all_rows;
-    for (int32_t i = want_rows ? 0 : n - 1; i < n; ++i) {
-      b.logits_rows.push_back(i);
-      SeqSampling s;
-      s.params = &greedy;
-      ss.push_back(s);
-    }
-    Status st = ex->execute(b, ss, &out);
-    EXPECT_TRUE(st.is_ok()) << st.message();
-    if (step == 0) r.logits.assign(ex->last_logits(), ex->last_logits() + ss.size() * size_t(V));
-    computed = int32_t(all.size());
-    const int32_t id = out.back().id;
-    r.greedy.push_back(id);
-    all.push_back(id);
-  }
-  return r;
-}
-
 void check_against(const std::string& name, std::shared_ptr<const Model> model, const std::string& dir,
                    bool all_rows) {
   auto text = read_file(dir + "/golden.json");
@@ -83,7 +36,7 @@ void check_against(const std::string& name, std::shared_ptr<const Model> model, 
   std::vector<int32_t> expect = g["greedy_ids"].get<std::vector<int32_t>>();
   std::vector<float> gaps = g["top2_gap"].get<std::vector<float>>();
   std::vector<float> ref = read_floats(dir + "/logits.bin");
-  Run r = run_model(model, prompt, all_rows, int(expect.size()));
+  kiln::testing::GreedyRun r = kiln::testing::run_greedy(model, prompt, int(expect.size()), all_rows);
   ASSERT_EQ(r.logits.size(), ref.size()) << name;
   float max_diff = 0.0f;
   size_t worst = 0;
