@@ -1,6 +1,7 @@
 #include "model/weights.h"
 
 #include <cstring>
+#include <functional>
 #include <random>
 
 #include "core/dtype.h"
@@ -170,78 +171,94 @@ Result<Weight> gguf_weight(const GgufFile& g, const std::string& name, int64_t r
 
 }  // namespace
 
+namespace {
+
+// Where each tensor of a layer lives in one source format; the shapes and which tensors an
+// architecture has are decided once, in load_layers, for every format.
+struct LayerNames {
+  std::string (*prefix)(int32_t layer);
+  const char *attn_norm, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *q_norm, *k_norm, *ffn_norm, *gate, *up, *down;
+};
+
+using GetWeight = std::function<Result<Weight>(const std::string& name, int64_t rows, int64_t cols, bool vector)>;
+
+Status load_layers(const ModelConfig& c, const LayerNames& n, const GetWeight& get, ModelWeights* mw) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, Q = c.q_dim(), KV = c.kv_dim();
+  mw->layers.resize(size_t(c.num_layers));
+  for (int32_t i = 0; i < c.num_layers; ++i) {
+    LayerWeights& l = mw->layers[size_t(i)];
+    const std::string p = n.prefix(i);
+    KILN_ASSIGN_OR_RETURN(l.attn_norm, get(p + n.attn_norm, 1, H, true));
+    KILN_ASSIGN_OR_RETURN(l.wq, get(p + n.q, Q, H, false));
+    KILN_ASSIGN_OR_RETURN(l.wk, get(p + n.k, KV, H, false));
+    KILN_ASSIGN_OR_RETURN(l.wv, get(p + n.v, KV, H, false));
+    KILN_ASSIGN_OR_RETURN(l.wo, get(p + n.o, H, Q, false));
+    if (c.attention_bias) {
+      KILN_ASSIGN_OR_RETURN(l.bq, get(p + n.q_bias, 1, Q, true));
+      KILN_ASSIGN_OR_RETURN(l.bk, get(p + n.k_bias, 1, KV, true));
+      KILN_ASSIGN_OR_RETURN(l.bv, get(p + n.v_bias, 1, KV, true));
+    }
+    if (c.qk_norm) {
+      KILN_ASSIGN_OR_RETURN(l.q_norm, get(p + n.q_norm, 1, c.head_dim, true));
+      KILN_ASSIGN_OR_RETURN(l.k_norm, get(p + n.k_norm, 1, c.head_dim, true));
+    }
+    KILN_ASSIGN_OR_RETURN(l.ffn_norm, get(p + n.ffn_norm, 1, H, true));
+    KILN_ASSIGN_OR_RETURN(l.w_gate, get(p + n.gate, I, H, false));
+    KILN_ASSIGN_OR_RETURN(l.w_up, get(p + n.up, I, H, false));
+    KILN_ASSIGN_OR_RETURN(l.w_down, get(p + n.down, H, I, false));
+  }
+  return Status::ok();
+}
+
+const LayerNames kHfNames = {
+    [](int32_t i) { return "model.layers." + std::to_string(i) + "."; },
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"};
+
+const LayerNames kGgufNames = {
+    [](int32_t i) { return "blk." + std::to_string(i) + "."; },
+    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "attn_q.bias",
+    "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight", "ffn_norm.weight",
+    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"};
+
+}  // namespace
+
 Result<ModelWeights> load_weights_hf(const SafetensorsCheckpoint& ck, const ModelConfig& c) {
   ModelWeights mw;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, Q = c.q_dim(), KV = c.kv_dim();
-  KILN_ASSIGN_OR_RETURN(mw.embed, hf_weight(ck, "model.embed_tokens.weight", V, H, false));
-  KILN_ASSIGN_OR_RETURN(mw.final_norm, hf_weight(ck, "model.norm.weight", 1, H, true));
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  GetWeight get = [&](const std::string& name, int64_t rows, int64_t cols, bool vector) {
+    return hf_weight(ck, name, rows, cols, vector);
+  };
+  KILN_ASSIGN_OR_RETURN(mw.embed, get("model.embed_tokens.weight", V, H, false));
+  KILN_ASSIGN_OR_RETURN(mw.final_norm, get("model.norm.weight", 1, H, true));
   if (c.tie_word_embeddings || !ck.find("lm_head.weight")) {
     if (!c.tie_word_embeddings && !ck.find("lm_head.weight"))
       return Status::error((ck.files().empty() ? std::string("checkpoint") : ck.files().front()) +
                            ": missing tensor 'lm_head.weight' (config.json says tie_word_embeddings is false)");
     mw.lm_head = mw.embed;
   } else {
-    KILN_ASSIGN_OR_RETURN(mw.lm_head, hf_weight(ck, "lm_head.weight", V, H, false));
+    KILN_ASSIGN_OR_RETURN(mw.lm_head, get("lm_head.weight", V, H, false));
   }
-  mw.layers.resize(size_t(c.num_layers));
-  for (int32_t i = 0; i < c.num_layers; ++i) {
-    LayerWeights& l = mw.layers[size_t(i)];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    KILN_ASSIGN_OR_RETURN(l.attn_norm, hf_weight(ck, p + "input_layernorm.weight", 1, H, true));
-    KILN_ASSIGN_OR_RETURN(l.wq, hf_weight(ck, p + "self_attn.q_proj.weight", Q, H, false));
-    KILN_ASSIGN_OR_RETURN(l.wk, hf_weight(ck, p + "self_attn.k_proj.weight", KV, H, false));
-    KILN_ASSIGN_OR_RETURN(l.wv, hf_weight(ck, p + "self_attn.v_proj.weight", KV, H, false));
-    KILN_ASSIGN_OR_RETURN(l.wo, hf_weight(ck, p + "self_attn.o_proj.weight", H, Q, false));
-    if (c.attention_bias) {
-      KILN_ASSIGN_OR_RETURN(l.bq, hf_weight(ck, p + "self_attn.q_proj.bias", 1, Q, true));
-      KILN_ASSIGN_OR_RETURN(l.bk, hf_weight(ck, p + "self_attn.k_proj.bias", 1, KV, true));
-      KILN_ASSIGN_OR_RETURN(l.bv, hf_weight(ck, p + "self_attn.v_proj.bias", 1, KV, true));
-    }
-    if (c.qk_norm) {
-      KILN_ASSIGN_OR_RETURN(l.q_norm, hf_weight(ck, p + "self_attn.q_norm.weight", 1, c.head_dim, true));
-      KILN_ASSIGN_OR_RETURN(l.k_norm, hf_weight(ck, p + "self_attn.k_norm.weight", 1, c.head_dim, true));
-    }
-    KILN_ASSIGN_OR_RETURN(l.ffn_norm, hf_weight(ck, p + "post_attention_layernorm.weight", 1, H, true));
-    KILN_ASSIGN_OR_RETURN(l.w_gate, hf_weight(ck, p + "mlp.gate_proj.weight", I, H, false));
-    KILN_ASSIGN_OR_RETURN(l.w_up, hf_weight(ck, p + "mlp.up_proj.weight", I, H, false));
-    KILN_ASSIGN_OR_RETURN(l.w_down, hf_weight(ck, p + "mlp.down_proj.weight", H, I, false));
-  }
+  KILN_RETURN_IF_ERROR(load_layers(c, kHfNames, get, &mw));
   return mw;
 }
 
 Result<ModelWeights> load_weights_gguf(const GgufFile& g, const ModelConfig& c) {
   ModelWeights mw;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, Q = c.q_dim(), KV = c.kv_dim();
-  KILN_ASSIGN_OR_RETURN(mw.embed, gguf_weight(g, "token_embd.weight", V, H, false));
-  KILN_ASSIGN_OR_RETURN(mw.final_norm, gguf_weight(g, "output_norm.weight", 1, H, true));
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  GetWeight get = [&](const std::string& name, int64_t rows, int64_t cols, bool vector) {
+    return gguf_weight(g, name, rows, cols, vector);
+  };
+  KILN_ASSIGN_OR_RETURN(mw.embed, get("token_embd.weight", V, H, false));
+  KILN_ASSIGN_OR_RETURN(mw.final_norm, get("output_norm.weight", 1, H, true));
   if (g.find("output.weight")) {
-    KILN_ASSIGN_OR_RETURN(mw.lm_head, gguf_weight(g, "output.weight", V, H, false));
+    KILN_ASSIGN_OR_RETURN(mw.lm_head, get("output.weight", V, H, false));
   } else {
     mw.lm_head = mw.embed;
   }
-  mw.layers.resize(size_t(c.num_layers));
-  for (int32_t i = 0; i < c.num_layers; ++i) {
-    LayerWeights& l = mw.layers[size_t(i)];
-    const std::string p = "blk." + std::to_string(i) + ".";
-    KILN_ASSIGN_OR_RETURN(l.attn_norm, gguf_weight(g, p + "attn_norm.weight", 1, H, true));
-    KILN_ASSIGN_OR_RETURN(l.wq, gguf_weight(g, p + "attn_q.weight", Q, H, false));
-    KILN_ASSIGN_OR_RETURN(l.wk, gguf_weight(g, p + "attn_k.weight", KV, H, false));
-    KILN_ASSIGN_OR_RETURN(l.wv, gguf_weight(g, p + "attn_v.weight", KV, H, false));
-    KILN_ASSIGN_OR_RETURN(l.wo, gguf_weight(g, p + "attn_output.weight", H, Q, false));
-    if (c.attention_bias) {
-      KILN_ASSIGN_OR_RETURN(l.bq, gguf_weight(g, p + "attn_q.bias", 1, Q, true));
-      KILN_ASSIGN_OR_RETURN(l.bk, gguf_weight(g, p + "attn_k.bias", 1, KV, true));
-      KILN_ASSIGN_OR_RETURN(l.bv, gguf_weight(g, p + "attn_v.bias", 1, KV, true));
-    }
-    if (c.qk_norm) {
-      KILN_ASSIGN_OR_RETURN(l.q_norm, gguf_weight(g, p + "attn_q_norm.weight", 1, c.head_dim, true));
-      KILN_ASSIGN_OR_RETURN(l.k_norm, gguf_weight(g, p + "attn_k_norm.weight", 1, c.head_dim, true));
-    }
-    KILN_ASSIGN_OR_RETURN(l.ffn_norm, gguf_weight(g, p + "ffn_norm.weight", 1, H, true));
-    KILN_ASSIGN_OR_RETURN(l.w_gate, gguf_weight(g, p + "ffn_gate.weight", I, H, false));
-    KILN_ASSIGN_OR_RETURN(l.w_up, gguf_weight(g, p + "ffn_up.weight", I, H, false));
-    KILN_ASSIGN_OR_RETURN(l.w_down, gguf_weight(g, p + "ffn_down.weight", H, I, false));
-  }
+  KILN_RETURN_IF_ERROR(load_layers(c, kGgufNames, get, &mw));
   return mw;
 }
 
