@@ -9,25 +9,14 @@
 
 #include "backend/cpu/cpu_executor.h"
 #include "backend/cpu/sampler.h"
+#include "common/tiny_config.h"
 
 using namespace kiln;
 using nlohmann::json;
 
 namespace {
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.vocab_size = 97;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 128;
-  c.eos_token_ids = {2};
-  return c;
-}
+using kiln::testing::tiny_config;
 
 // Logits for rows of each sequence, with the sequences packed into one step or run one by one.
 std::vector<std::vector<float>> step_logits(std::shared_ptr<const Model> m, const std::vector<std::vector<int32_t>>& seqs,

@@ -9,23 +9,12 @@
 
 #include "backend/cpu/cpu_executor.h"
 #include "runtime/engine.h"
+#include "common/tiny_config.h"
 
 namespace kiln {
 namespace {
 
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.vocab_size = 97;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 128;
-  c.eos_token_ids = {2};
-  return c;
-}
+using kiln::testing::tiny_config;
 
 struct Run {
   std::mutex mu;
