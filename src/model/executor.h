@@ -29,6 +29,20 @@ class ModelExecutor {
   // nothing. out->size() == sampling.size() on success.
   [[nodiscard]] virtual Status execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
                                        std::vector<SampledToken>* out) = 0;
+  // execute() for a batch that may ask for prompt logprobs: samples as execute() does for the
+  // first batch.num_sampled_rows() logits rows, and fills prompt_out with one TokenLogprob per
+  // batch.prompt_logprob_rows entry (id = its target, the raw log-softmax, top k most likely
+  // first). The default serves executors that compute no prompt logprobs (test fakes): it
+  // refuses a batch that asks for them.
+  [[nodiscard]] virtual Status execute_with_prompt_logprobs(const StepBatch& batch,
+                                                            const std::vector<SeqSampling>& sampling,
+                                                            std::vector<SampledToken>* out,
+                                                            std::vector<TokenLogprob>* prompt_out) {
+    prompt_out->clear();
+    if (!batch.prompt_logprob_rows.empty())
+      return Status::error("prompt logprobs are not supported by the " + info().device + " executor");
+    return execute(batch, sampling, out);
+  }
 };
 
 }  // namespace kiln

@@ -27,6 +27,7 @@ struct Submitted {
 struct Live {
   EngineRequest req;
   std::vector<int32_t> min_tokens_banned;  // EOS (unless ignore_eos) + stop ids, while output < min_tokens
+  std::vector<TokenLogprob> prompt_logprobs;  // gathered over the prompt's chunks until sent
 };
 
 class EngineImpl final : public Engine {
@@ -63,8 +64,11 @@ class EngineImpl final : public Engine {
         return Status::error("prompt token id " + std::to_string(t) + " at position " + std::to_string(i) +
                              " is outside the vocabulary [0, " + std::to_string(info_.vocab_size) + ")");
     }
-    if (request.max_tokens < 1)
-      return Status::error("max_tokens (" + std::to_string(request.max_tokens) + ") must be at least 1");
+    if (request.max_tokens < 0)
+      return Status::error("max_tokens (" + std::to_string(request.max_tokens) + ") must not be negative");
+    if (request.prompt_logprobs > info_.vocab_size)
+      return Status::error("prompt_logprobs (" + std::to_string(request.prompt_logprobs) +
+                           ") exceeds the vocabulary (" + std::to_string(info_.vocab_size) + ")");
     if (request.min_tokens < 0 || request.min_tokens > request.max_tokens)
       return Status::error("min_tokens (" + std::to_string(request.min_tokens) + ") must be in [0, max_tokens (" +
                            std::to_string(request.max_tokens) + ")]");
@@ -119,7 +123,7 @@ class EngineImpl final : public Engine {
   void loop();
   void take_queued(std::vector<Submitted>* subs, std::vector<uint64_t>* cancels, bool* cancel_all, bool* stopping);
   void finish(uint64_t id, FinishReason reason, std::vector<SampledToken> tokens, int32_t matched = -1,
-              std::string error = {});
+              std::string error = {}, std::vector<TokenLogprob> prompt_logprobs = {});
   void run_step(const ScheduledStep& step);
   void publish_stats();
 
@@ -133,6 +137,7 @@ class EngineImpl final : public Engine {
   std::unordered_map<uint64_t, Live> live_;
   std::vector<SeqSampling> sampling_;
   std::vector<SampledToken> sampled_;
+  std::vector<TokenLogprob> prompt_lps_;
   int64_t prompt_tokens_total_ = 0;
   int64_t generation_tokens_total_ = 0;
 
@@ -161,7 +166,7 @@ void EngineImpl::take_queued(std::vector<Submitted>* subs, std::vector<uint64_t>
 }
 
 void EngineImpl::finish(uint64_t id, FinishReason reason, std::vector<SampledToken> tokens, int32_t matched,
-                        std::string error) {
+                        std::string error, std::vector<TokenLogprob> prompt_logprobs) {
   auto it = live_.find(id);
   if (it == live_.end()) return;
   const SchedRequest* r = sched_->find(id);
@@ -173,6 +178,7 @@ void EngineImpl::finish(uint64_t id, FinishReason reason, std::vector<SampledTok
   ev.num_prompt_tokens = int32_t(it->second.req.prompt.size());
   ev.num_cached_tokens = r ? std::max(0, r->num_cached_tokens) : 0;
   ev.error = std::move(error);
+  ev.prompt_logprobs = std::move(prompt_logprobs);
   auto on_event = std::move(it->second.req.on_event);
   sched_->remove(id);
   live_.erase(it);
@@ -195,7 +201,13 @@ void EngineImpl::run_step(const ScheduledStep& step) {
     sampling_.push_back(ss);
   }
   sampled_.clear();
-  Status st = executor_->execute(step.batch, sampling_, &sampled_);
+  Status st = step.batch.prompt_logprob_rows.empty()
+                  ? executor_->execute(step.batch, sampling_, &sampled_)
+                  : executor_->execute_with_prompt_logprobs(step.batch, sampling_, &sampled_, &prompt_lps_);
+  if (st.is_ok() && !step.batch.prompt_logprob_rows.empty() &&
+      prompt_lps_.size() != step.batch.prompt_logprob_rows.size())
+    st = Status::error("executor returned " + std::to_string(prompt_lps_.size()) + " prompt logprobs for " +
+                       std::to_string(step.batch.prompt_logprob_rows.size()) + " rows");
   if (st.is_ok() && sampled_.size() != sampling_.size())
     st = Status::error("executor returned " + std::to_string(sampled_.size()) + " tokens for " +
                        std::to_string(sampling_.size()) + " sampling sequences");
@@ -207,11 +219,22 @@ void EngineImpl::run_step(const ScheduledStep& step) {
     return;
   }
   sched_->commit_step();
+  for (size_t j = 0; j < step.prompt_logprob_seqs.size(); ++j) {
+    auto it = live_.find(step.seq_ids[size_t(step.prompt_logprob_seqs[j])]);
+    if (it != live_.end()) it->second.prompt_logprobs.push_back(std::move(prompt_lps_[j]));
+  }
   for (size_t k = 0; k < step.sample_seqs.size(); ++k) {
     const uint64_t id = step.seq_ids[size_t(step.sample_seqs[k])];
     auto it = live_.find(id);
     if (it == live_.end()) continue;
-    const Live& l = it->second;
+    Live& l = it->second;
+    // A request samples once its prompt is computed: its gathered prompt logprobs go out now.
+    std::vector<TokenLogprob> prompt_lps;
+    if (l.req.prompt_logprobs >= 0) prompt_lps.swap(l.prompt_logprobs);
+    if (l.req.max_tokens == 0) {  // prefill only: the sampled token is not part of the result
+      finish(id, FinishReason::kLength, {}, -1, {}, std::move(prompt_lps));
+      continue;
+    }
     SampledToken tok = std::move(sampled_[k]);
     const int32_t t = tok.id;
     sched_->append_token(id, t);
@@ -225,13 +248,14 @@ void EngineImpl::run_step(const ScheduledStep& step) {
     std::vector<SampledToken> toks;
     toks.push_back(std::move(tok));
     if (matched >= 0 && r->num_output() >= l.req.min_tokens) {
-      finish(id, FinishReason::kStop, std::move(toks), matched);
+      finish(id, FinishReason::kStop, std::move(toks), matched, {}, std::move(prompt_lps));
     } else if (r->num_output() >= l.req.max_tokens || r->num_tokens() >= limits_.max_seq_len) {
-      finish(id, FinishReason::kLength, std::move(toks));
+      finish(id, FinishReason::kLength, std::move(toks), -1, {}, std::move(prompt_lps));
     } else {
       TokenEvent ev;
       ev.request_id = id;
       ev.tokens = std::move(toks);
+      ev.prompt_logprobs = std::move(prompt_lps);
       ev.num_prompt_tokens = r->num_prompt;
       ev.num_cached_tokens = std::max(0, r->num_cached_tokens);
       if (l.req.on_event) l.req.on_event(ev);
@@ -270,7 +294,7 @@ void EngineImpl::loop() {
                                    l.req.stop_token_ids.end());
       }
       prompt_tokens_total_ += int64_t(l.req.prompt.size());
-      sched_->add(s.id, l.req.prompt);
+      sched_->add(s.id, l.req.prompt, l.req.prompt_logprobs);
       live_.emplace(s.id, std::move(l));
     }
     // Cancels apply at this step boundary; unknown or finished ids are ignored.

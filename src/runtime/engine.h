@@ -20,6 +20,11 @@ enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
 struct TokenEvent {
   uint64_t request_id = 0;
   std::vector<SampledToken> tokens;  // new tokens since the last event (usually one)
+  // With EngineRequest::prompt_logprobs >= 0, once, on the first event after the whole prompt is
+  // computed: entry i scores prompt token i + 1 given tokens 0..i (num_prompt_tokens - 1 entries;
+  // the first prompt token has no logprob). Rows of a chunked prefill are gathered first, and a
+  // recompute after preemption does not send them again.
+  std::vector<TokenLogprob> prompt_logprobs;
   FinishReason finish = FinishReason::kNone;  // set on the last event of a request
   int32_t matched_stop_token = -1;            // with kStop: the EOS/stop id that ended it
   int32_t num_prompt_tokens = 0;
@@ -30,8 +35,11 @@ struct TokenEvent {
 struct EngineRequest {
   std::vector<int32_t> prompt;
   SamplingParams sampling;
-  int32_t max_tokens = 16;
+  int32_t max_tokens = 16;        // 0: prefill only (prompt logprobs, "score this text")
   int32_t min_tokens = 0;
+  // -1: none; k >= 0: logprob of every prompt token after the first, plus the top k (see
+  // TokenEvent::prompt_logprobs). Such a request computes its whole prompt: no prefix-cache hit.
+  int32_t prompt_logprobs = -1;
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids;  // in addition to the model's EOS ids (unless ignore_eos)
   std::function<void(const TokenEvent&)> on_event;

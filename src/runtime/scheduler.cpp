@@ -9,12 +9,13 @@ Scheduler::Scheduler(SchedulerConfig config, KvBlockManager* kv) : config_(confi
   step_.batch.clear();
 }
 
-void Scheduler::add(uint64_t id, std::vector<int32_t> prompt) {
+void Scheduler::add(uint64_t id, std::vector<int32_t> prompt, int32_t prompt_logprobs) {
   KILN_CHECK_MSG(!prompt.empty(), "empty prompt");
   auto r = std::make_unique<SchedRequest>();
   r->id = id;
   r->arrival = next_arrival_++;
   r->num_prompt = int32_t(prompt.size());
+  r->prompt_logprobs = prompt_logprobs;
   r->tokens = std::move(prompt);
   SchedRequest* p = r.get();
   KILN_CHECK_MSG(requests_.emplace(id, std::move(r)).second, "duplicate request id");
@@ -68,6 +69,7 @@ const ScheduledStep& Scheduler::schedule() {
   step_.seq_ids.clear();
   step_.num_new.clear();
   step_.sample_seqs.clear();
+  step_.prompt_logprob_seqs.clear();
   step_.preempted.clear();
   step_.unschedulable.clear();
   scheduled_.clear();
@@ -78,7 +80,8 @@ const ScheduledStep& Scheduler::schedule() {
   // front, never already scheduled in this step.
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     SchedRequest* r = running_[i];
-    const int32_t n = std::min(r->num_tokens() - r->num_computed, budget);
+    int32_t n = std::min(r->num_tokens() - r->num_computed, budget);
+    if (r->owes_prompt_logprobs()) n = std::min(n, config_.max_prompt_logprob_tokens);
     if (n <= 0) {  // nothing to compute (cannot happen between steps; kept for safety)
       ++i;
       continue;
@@ -107,7 +110,19 @@ const ScheduledStep& Scheduler::schedule() {
     while (!waiting_.empty() && budget > 0 && int32_t(running_.size()) < config_.max_batch_size) {
       SchedRequest* r = waiting_.front();
       PrefixHit hit = kv_->find_cached_prefix(r->tokens);
-      const int32_t n = std::min(r->num_tokens() - hit.num_tokens, budget);
+      int32_t n = 0;
+      if (r->owes_prompt_logprobs()) {
+        // Owed rows need their logits, so the hit stops at the first owed position (no hit at
+        // all before the first pass; after a preemption, the rows already sent may be cached).
+        const size_t keep = size_t(r->prompt_logprobs_next / kv_->block_size());
+        if (hit.blocks.size() > keep) {
+          hit.blocks.resize(keep);
+          hit.num_tokens = int32_t(keep) * kv_->block_size();
+        }
+        n = std::min({r->num_tokens() - hit.num_tokens, budget, config_.max_prompt_logprob_tokens});
+      } else {
+        n = std::min(r->num_tokens() - hit.num_tokens, budget);
+      }
       if (!kv_->can_allocate(r->id, hit.num_tokens + n, &hit)) {
         if (running_.empty() && scheduled_.empty() && kv_->num_used_blocks() == 0) {
           // Even an empty pool cannot hold this request's first chunk: fail it rather than hang.
@@ -146,12 +161,24 @@ void Scheduler::fill_batch() {
   b.max_blocks_per_seq = max_blocks;
   // Unused table entries are -1: a kernel that reads past context_lens fails loudly in tests.
   b.block_tables.assign(scheduled_.size() * size_t(max_blocks), -1);
+  prompt_rows_.clear();
   for (size_t s = 0; s < scheduled_.size(); ++s) {
     const SchedRequest* r = scheduled_[s];
     const int32_t n = step_.num_new[s];
+    const int32_t row0 = int32_t(b.token_ids.size());
     for (int32_t j = 0; j < n; ++j) {
       b.token_ids.push_back(r->tokens[size_t(r->num_computed + j)]);
       b.positions.push_back(r->num_computed + j);
+    }
+    if (r->owes_prompt_logprobs()) {
+      // Position p's logits score prompt token p + 1; the last prompt position samples instead.
+      const int32_t lo = std::max(r->num_computed, r->prompt_logprobs_next);
+      const int32_t hi = std::min(r->num_computed + n, r->num_prompt - 1);
+      for (int32_t p = lo; p < hi; ++p) {
+        prompt_rows_.push_back(row0 + p - r->num_computed);
+        b.prompt_logprob_rows.push_back({r->tokens[size_t(p) + 1], r->prompt_logprobs});
+        step_.prompt_logprob_seqs.push_back(int32_t(s));
+      }
     }
     b.query_start.push_back(int32_t(b.token_ids.size()));
     b.context_lens.push_back(r->num_computed + n);
@@ -164,6 +191,7 @@ void Scheduler::fill_batch() {
       step_.sample_seqs.push_back(int32_t(s));
     }
   }
+  b.logits_rows.insert(b.logits_rows.end(), prompt_rows_.begin(), prompt_rows_.end());
 }
 
 void Scheduler::commit_step() {
@@ -172,6 +200,8 @@ void Scheduler::commit_step() {
     if (!r) continue;
     r->num_computed += step_.num_new[s];
     KILN_CHECK(r->num_computed <= r->num_tokens());
+    if (r->prompt_logprobs >= 0)
+      r->prompt_logprobs_next = std::max(r->prompt_logprobs_next, std::min(r->num_computed, r->num_prompt - 1));
     kv_->cache_full_blocks(r->id, r->tokens, r->num_computed);
   }
   scheduled_.clear();

@@ -24,6 +24,9 @@ namespace kiln {
 struct SchedulerConfig {
   int32_t max_batch_size = 64;   // sequences per step
   int32_t max_num_tokens = 2048; // tokens per step
+  // Per step, tokens of a request that still owes prompt logprobs: each is a logits row
+  // ([rows, vocab] f32), so this bounds that buffer (256 x 128k vocab = 128 MiB).
+  int32_t max_prompt_logprob_tokens = 256;
 };
 
 struct SchedRequest {
@@ -33,7 +36,13 @@ struct SchedRequest {
   int32_t num_prompt = 0;
   int32_t num_computed = 0;      // tokens whose KV is written
   int32_t num_cached_tokens = -1;  // prefix-cache hit at first admission; -1: not admitted yet
+  // Prompt logprobs: -1 none; k >= 0: a logits row (top k) for every prompt position but the last.
+  int32_t prompt_logprobs = -1;
+  // Next prompt position whose row is still owed. Advanced by commit_step, never rewound: a
+  // recompute after preemption does not send rows again.
+  int32_t prompt_logprobs_next = 0;
   bool running = false;
+  bool owes_prompt_logprobs() const { return prompt_logprobs >= 0 && prompt_logprobs_next < num_prompt - 1; }
   int32_t num_tokens() const { return int32_t(tokens.size()); }
   int32_t num_output() const { return num_tokens() - num_prompt; }
   std::span<const int32_t> prompt() const { return {tokens.data(), size_t(num_prompt)}; }
@@ -46,7 +55,10 @@ struct ScheduledStep {
   StepBatch batch;
   std::vector<uint64_t> seq_ids;       // [num_seqs]
   std::vector<int32_t> num_new;        // [num_seqs] tokens each sequence computes this step
-  std::vector<int32_t> sample_seqs;    // [num_logits_rows] batch sequence index
+  std::vector<int32_t> sample_seqs;    // [num_sampled_rows] batch sequence index
+  // [batch.prompt_logprob_rows.size()] batch sequence index of each prompt logprob row; a
+  // sequence's rows are consecutive and in position order.
+  std::vector<int32_t> prompt_logprob_seqs;
   std::vector<uint64_t> preempted;     // requests preempted while planning this step
   // A waiting request that cannot be admitted even with every other request gone (the pool
   // cannot hold it): removed from the scheduler; the caller fails it. Submit-time checks make
@@ -65,8 +77,10 @@ class Scheduler {
  public:
   Scheduler(SchedulerConfig config, KvBlockManager* kv);
 
-  // Queues a request (arrival order = call order). The id must be new.
-  void add(uint64_t id, std::vector<int32_t> prompt);
+  // Queues a request (arrival order = call order). The id must be new. prompt_logprobs >= 0 asks
+  // for prompt logprobs (with the top k): the request takes no prefix-cache hit over positions
+  // whose rows are owed, and those rows go out once each (ScheduledStep::prompt_logprob_seqs).
+  void add(uint64_t id, std::vector<int32_t> prompt, int32_t prompt_logprobs = -1);
   // Drops a waiting or running request and frees its blocks. Returns false for an unknown id.
   bool remove(uint64_t id);
   const SchedRequest* find(uint64_t id) const;
@@ -101,6 +115,7 @@ class Scheduler {
   std::deque<SchedRequest*> waiting_;  // sorted by arrival
   std::vector<SchedRequest*> running_; // sorted by arrival
   std::vector<SchedRequest*> scheduled_;  // [num_seqs] of the last planned step
+  std::vector<int32_t> prompt_rows_;      // token rows of the step's prompt logprob rows
   ScheduledStep step_;
   SchedulerStats stats_;
 };

@@ -229,7 +229,7 @@ TEST(Engine, SubmitRefusals) {
   EXPECT_NE(r.message().find("5000"), std::string::npos) << r.message();
   r = rig.engine->submit(rig.req({1, -1}, 1, 1));
   EXPECT_FALSE(r.is_ok());
-  r = rig.engine->submit(rig.req({1}, 0, 1));
+  r = rig.engine->submit(rig.req({1}, -1, 1));  // 0 is allowed: prefill only (prompt logprobs)
   EXPECT_FALSE(r.is_ok());
 
   Rig model_limit(fake_info(64, 4, 100, {}, 100), limits(8, 64, 1024, 50));

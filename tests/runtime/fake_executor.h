@@ -39,6 +39,28 @@ inline int32_t fake_next_token(uint64_t last_kv, uint64_t seed, int32_t num_outp
   return t;
 }
 
+// The fake's prompt logprob for the row at a position whose KV value is `kv`, scoring `target`:
+// a function of the whole prefix, like a real model's.
+inline TokenLogprob fake_prompt_logprob(uint64_t kv, int32_t target, int32_t top_k, int32_t vocab) {
+  TokenLogprob t;
+  t.id = target;
+  t.logprob = -float(fake_mix(kv ^ (uint64_t(uint32_t(target)) << 7)) % 10000) / 1000.0f;
+  for (int32_t i = 0; i < top_k; ++i) t.top.emplace_back(int32_t(fake_mix(kv + uint64_t(i)) % uint64_t(vocab)), -0.5f * float(i));
+  return t;
+}
+
+// The prompt logprobs of `prompt` computed alone with no KV cache: entry p scores prompt[p + 1].
+inline std::vector<TokenLogprob> fake_prompt_reference(const std::vector<int32_t>& prompt, int32_t top_k,
+                                                       int32_t vocab) {
+  std::vector<TokenLogprob> out;
+  uint64_t h = kFakeKvRoot;
+  for (size_t p = 0; p + 1 < prompt.size(); ++p) {
+    h = fake_kv(h, prompt[p], int32_t(p));
+    out.push_back(fake_prompt_logprob(h, prompt[p + 1], top_k, vocab));
+  }
+  return out;
+}
+
 // What the fake model generates for a request run alone with no KV cache at all: the ground truth
 // every scheduled/batched/preempted run must reproduce. Tokens at output index < min_tokens avoid
 // `banned`.
@@ -85,6 +107,30 @@ class FakeExecutor : public ModelExecutor {
     return st;
   }
 
+  // Prompt logprob rows: each must be a row of a sequence in this step; its value comes from the
+  // KV chain at that row's position, so a row computed over a wrong prefix gives a wrong value.
+  Status execute_with_prompt_logprobs(const StepBatch& b, const std::vector<SeqSampling>& sampling,
+                                      std::vector<SampledToken>* out, std::vector<TokenLogprob>* prompt_out) override {
+    Status st = execute(b, sampling, out);
+    prompt_out->clear();
+    if (!st.is_ok()) return st;
+    const size_t first = size_t(b.num_sampled_rows());
+    for (size_t j = 0; j < b.prompt_logprob_rows.size(); ++j) {
+      const int32_t row = b.logits_rows[first + j];
+      int32_t s = 0;
+      while (s < b.num_seqs() && b.query_start[size_t(s) + 1] <= row) ++s;
+      if (row < 0 || s >= b.num_seqs()) {
+        ADD_FAILURE() << "prompt logprob row " << row << " outside the batch";
+        return Status::error("bad prompt logprob row");
+      }
+      const uint64_t h = kv_hash_[slot(b.block_table(s), b.positions[size_t(row)])];
+      const StepBatch::PromptLogprobRow& p = b.prompt_logprob_rows[j];
+      prompt_out->push_back(fake_prompt_logprob(h, p.target_id, p.top_k, info_.vocab_size));
+    }
+    prompt_rows_total += int32_t(b.prompt_logprob_rows.size());
+    return st;
+  }
+
   void close_gate() {
     std::lock_guard<std::mutex> lock(gate_mu_);
     gate_open_ = false;
@@ -105,6 +151,7 @@ class FakeExecutor : public ModelExecutor {
   std::atomic<int32_t> steps_{0};
   std::atomic<int32_t> max_tokens_seen{0};
   std::atomic<int32_t> max_seqs_seen{0};
+  std::atomic<int32_t> prompt_rows_total{0};  // prompt logprob rows computed, over all steps
 
  private:
   size_t slot(const int32_t* table, int32_t pos) const {
@@ -119,7 +166,7 @@ class FakeExecutor : public ModelExecutor {
       return fail("query_start malformed");
     if (b.positions.size() != b.token_ids.size()) return fail("positions size");
     if (b.block_tables.size() != size_t(ns) * size_t(b.max_blocks_per_seq)) return fail("block_tables size");
-    if (b.logits_rows.size() != sampling.size()) return fail("logits_rows and sampling differ in size");
+    if (size_t(b.num_sampled_rows()) != sampling.size()) return fail("sampled logits rows and sampling differ in size");
     // Blocks written this step must belong to exactly one sequence.
     std::vector<int32_t> writer(size_t(info_.num_kv_blocks), -1);
     for (int32_t s = 0; s < ns; ++s) {

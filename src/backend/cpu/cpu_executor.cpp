@@ -26,8 +26,16 @@ CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, const LoadOptions& 
 
 Status CpuExecutor::execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
                             std::vector<SampledToken>* out) {
-  if (sampling.size() != batch.logits_rows.size())
-    return Status::error("internal: " + std::to_string(sampling.size()) + " sampling entries for " +
+  std::vector<TokenLogprob> none;
+  return execute_with_prompt_logprobs(batch, sampling, out, &none);
+}
+
+Status CpuExecutor::execute_with_prompt_logprobs(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                                                 std::vector<SampledToken>* out,
+                                                 std::vector<TokenLogprob>* prompt_out) {
+  if (sampling.size() + batch.prompt_logprob_rows.size() != batch.logits_rows.size())
+    return Status::error("internal: " + std::to_string(sampling.size()) + " sampling entries and " +
+                         std::to_string(batch.prompt_logprob_rows.size()) + " prompt logprob rows for " +
                          std::to_string(batch.logits_rows.size()) + " logits rows");
   for (int32_t id : batch.token_ids)
     if (id < 0 || id >= info_.vocab_size)
@@ -38,6 +46,11 @@ Status CpuExecutor::execute(const StepBatch& batch, const std::vector<SeqSamplin
   const float* logits = ops_->logits();
   const int32_t V = info_.vocab_size;
   for (size_t i = 0; i < sampling.size(); ++i) (*out)[i] = sample_token(logits + i * size_t(V), V, sampling[i]);
+  prompt_out->clear();
+  for (size_t j = 0; j < batch.prompt_logprob_rows.size(); ++j) {
+    const StepBatch::PromptLogprobRow& p = batch.prompt_logprob_rows[j];
+    prompt_out->push_back(token_logprob(logits + (sampling.size() + j) * size_t(V), V, p.target_id, p.top_k));
+  }
   return Status::ok();
 }
 

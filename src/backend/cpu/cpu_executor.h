@@ -24,6 +24,8 @@ class CpuExecutor final : public ModelExecutor {
   const ExecutorInfo& info() const override { return info_; }
   Status execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
                  std::vector<SampledToken>* out) override;
+  Status execute_with_prompt_logprobs(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                                      std::vector<SampledToken>* out, std::vector<TokenLogprob>* prompt_out) override;
   // Logits of the last step, [logits_rows, vocab] (tests, golden comparisons).
   const float* last_logits() const { return ops_->logits(); }
   const Model& model() const { return *model_; }

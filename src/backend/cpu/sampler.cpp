@@ -19,22 +19,38 @@ double sampler_uniform(uint64_t seed, uint64_t step) {
   return double(r >> 11) * (1.0 / 9007199254740992.0);  // 53 bits
 }
 
-static void log_softmax(const std::vector<float>& x, std::vector<float>* out) {
-  float mx = *std::max_element(x.begin(), x.end());
+static void log_softmax(const float* x, int32_t n, std::vector<float>* out) {
+  const float mx = *std::max_element(x, x + n);
   double sum = 0.0;
-  for (float v : x) sum += std::exp(double(v - mx));
+  for (int32_t i = 0; i < n; ++i) sum += std::exp(double(x[i] - mx));
   const float lse = mx + float(std::log(sum));
-  out->resize(x.size());
-  for (size_t i = 0; i < x.size(); ++i) (*out)[i] = x[i] - lse;
+  out->resize(size_t(n));
+  for (int32_t i = 0; i < n; ++i) (*out)[size_t(i)] = x[i] - lse;
+}
+
+TokenLogprob token_logprob(const float* logits, int32_t vocab, int32_t target, int32_t top_k) {
+  thread_local std::vector<float> lp;
+  log_softmax(logits, vocab, &lp);
+  TokenLogprob tl;
+  tl.id = target;
+  tl.logprob = target >= 0 && target < vocab ? lp[size_t(target)] : -INFINITY;
+  const int32_t k = std::min<int32_t>(top_k, vocab);
+  if (k > 0) {
+    thread_local std::vector<int32_t> order;
+    order.resize(size_t(vocab));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return lp[size_t(a)] > lp[size_t(b)] || (lp[size_t(a)] == lp[size_t(b)] && a < b);
+    });
+    for (int32_t i = 0; i < k; ++i) tl.top.emplace_back(order[size_t(i)], lp[size_t(order[size_t(i)])]);
+  }
+  return tl;
 }
 
 SampledToken sample_token(const float* logits, int32_t vocab, const SeqSampling& s) {
   const SamplingParams& p = *s.params;
-  thread_local std::vector<float> x, lp;
+  thread_local std::vector<float> x;
   x.assign(logits, logits + vocab);
-
-  // Logprobs are reported from the model's raw distribution (vLLM's default "raw_logprobs").
-  if (p.logprobs >= 0) log_softmax(x, &lp);
 
   if (p.repetition_penalty != 1.0f) {  // transformers: over prompt and output tokens, once each
     thread_local std::vector<uint8_t> seen;
@@ -117,22 +133,9 @@ SampledToken sample_token(const float* logits, int32_t vocab, const SeqSampling&
 
   SampledToken out;
   out.id = chosen;
-  if (p.logprobs >= 0) {
-    TokenLogprob tl;
-    tl.id = chosen;
-    tl.logprob = lp[size_t(chosen)];
-    const int32_t k = std::min<int32_t>(p.logprobs, vocab);
-    if (k > 0) {
-      thread_local std::vector<int32_t> order;
-      order.resize(size_t(vocab));
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-        return lp[size_t(a)] > lp[size_t(b)] || (lp[size_t(a)] == lp[size_t(b)] && a < b);
-      });
-      for (int32_t i = 0; i < k; ++i) tl.top.emplace_back(order[size_t(i)], lp[size_t(order[size_t(i)])]);
-    }
-    out.logprob = std::move(tl);
-  }
+  // Logprobs are reported from the model's raw distribution (vLLM's default "raw_logprobs"):
+  // `logits` is the unpenalized row.
+  if (p.logprobs >= 0) out.logprob = token_logprob(logits, vocab, chosen, p.logprobs);
   return out;
 }
 

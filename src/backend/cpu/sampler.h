@@ -15,4 +15,9 @@ double sampler_uniform(uint64_t seed, uint64_t step);
 // logits: [vocab]; scratch may be reused across calls.
 SampledToken sample_token(const float* logits, int32_t vocab, const SeqSampling& s);
 
+// The raw distribution of one logits row [vocab]: log-softmax, then `target`'s logprob and the
+// top_k most likely tokens (ties: lower id first). The one place logprobs are computed: sampled
+// tokens (sample_token) and prompt tokens (prompt logprobs, any backend with host logits) share it.
+TokenLogprob token_logprob(const float* logits, int32_t vocab, int32_t target, int32_t top_k);
+
 }  // namespace kiln
