@@ -1,6 +1,7 @@
 // Element-wise, normalization, rotary, KV-write, gather and argmax kernels. Each is memory-bound:
 // 16-byte accesses where rows allow it, one block per row for reductions.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <cfloat>
 #include <cstdint>
@@ -322,16 +323,20 @@ __device__ __forceinline__ void gemv_norm_tail(const NormEpi& ne, int n, int dim
 // chip: with one warp per row, o and qkv ran at 1.65-1.85 TB/s against 2.8-3.1 for the large shapes
 // (docs/PERF_cuda.md). kSilu: the weight is [gate; up] (pair_off rows apart) and each warp computes
 // both rows of output i and writes silu(gate) * up, so decode needs no separate silu_mul kernel.
+// kFp8: the weight is FP8 E4M3 (one 16-byte vector = 16 weights, so the same four loads per lane
+// carry twice the K range); weights are widened in registers, the dot runs in f32 against the bf16
+// activations and is multiplied once by its row's dequantization scale (row_scales, or wscale).
 // The first weight loads are issued before pdl_wait(): they overlap the previous kernel's tail.
-template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kPersist>
-__global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N,
-                                                   int32_t K, int64_t pair_off, void* y, int64_t ldy, bool y_f32,
-                                                   NormEpi ne) {
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kPersist, bool kFp8>
+__global__ void __launch_bounds__(256, kMinBlocks)
+    gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const void* w, int32_t N, int32_t K, int64_t pair_off, void* y,
+                int64_t ldy, bool y_f32, NormEpi ne, float wscale, const float* row_scales) {
   constexpr int kRows = 8 / kSplit, kR = kSilu ? 2 : 1;
+  constexpr int kPerVec = kFp8 ? 16 : 8;  // weights per 16-byte vector
   __shared__ float red[8][kR][M];
   pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % kSplit;
-  const int vecs = K / 8, per = (vecs + kSplit - 1) / kSplit;
+  const int vecs = K / kPerVec, per = (vecs + kSplit - 1) / kSplit;
   const int v0 = part * per, v1 = min(vecs, v0 + per);
   // kPersist: the grid is what the chip holds at once and each block walks tiles (kRows rows) with a
   // grid stride; the next tile's first four loads are issued before this tile's reduction and store,
@@ -340,8 +345,8 @@ __global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, in
   int tile = blockIdx.x;
   auto row_of = [&](int t) { return int64_t(t) * kRows + warp / kSplit; };
   auto wrow = [&](int64_t row, bool act, const uint4* (&wr)[kR]) {
-    wr[0] = reinterpret_cast<const uint4*>(w + (act ? row : 0) * K);
-    if (kSilu) wr[kR - 1] = wr[0] + pair_off * (K / 8);
+    wr[0] = reinterpret_cast<const uint4*>(w) + (act ? row : 0) * vecs;
+    if (kSilu) wr[kR - 1] = wr[0] + pair_off * vecs;
   };
   uint4 b0[kR], b1[kR], b2[kR], b3[kR];
   int64_t row = row_of(tile);
@@ -365,29 +370,56 @@ __global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, in
     for (int r = 0; r < kR; ++r)
 #pragma unroll
       for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+    // One weight vector (per row r) against the matching K range of each activation row.
     auto fma8 = [&](const uint4 (&wv)[kR], int i) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         if (m < n) {
-          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * ldx) + i);
-          const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
+          if constexpr (kFp8) {
+            const uint4* xr = reinterpret_cast<const uint4*>(x + m * ldx) + 2 * i;
+            const uint4 xv[2] = {__ldg(xr), __ldg(xr + 1)};
+            const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(xv);
 #pragma unroll
-          for (int r = 0; r < kR; ++r) {
-            const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv[r]);
+            for (int r = 0; r < kR; ++r) {
+              const __nv_fp8x2_storage_t* wp = reinterpret_cast<const __nv_fp8x2_storage_t*>(&wv[r]);
 #pragma unroll
-            for (int t = 0; t < 4; ++t) {
-              const float2 xf = __bfloat1622float2(xp[t]), wf = __bfloat1622float2(wp[t]);
-              acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
+              for (int t = 0; t < 8; ++t) {
+                const float2 wf = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(wp[t], __NV_E4M3)));
+                const float2 xf = __bfloat1622float2(xp[t]);
+                acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
+              }
+            }
+          } else {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * ldx) + i);
+            const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+            for (int r = 0; r < kR; ++r) {
+              const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&wv[r]);
+#pragma unroll
+              for (int t = 0; t < 4; ++t) {
+                const float2 xf = __bfloat1622float2(xp[t]), wf = __bfloat1622float2(wp[t]);
+                acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
+              }
             }
           }
         }
       }
     };
-    // kNorm: the residual element this warp adds to, loaded now so the epilogue does not wait for it.
+    // kNorm: the residual element this warp adds to, loaded now so the epilogue does not wait for it
+    // (a dependent load in the epilogue cost ~8 us per GEMV, PERF_cuda.md pass 3); same for the FP8
+    // row scales.
     float res[M];
     if (kNorm && active && lane == 0 && part == 0)
 #pragma unroll
       for (int m = 0; m < M; ++m) res[m] = m < n ? ne.residual[int64_t(m) * N + row] : 0.0f;
+    float rs[kR];
+    if constexpr (kFp8) {
+#pragma unroll
+      for (int r = 0; r < kR; ++r) rs[r] = wscale;
+      if (row_scales && active && lane == 0 && part == 0)
+#pragma unroll
+        for (int r = 0; r < kR; ++r) rs[r] = __ldg(row_scales + row + r * pair_off);
+    }
     while (full) {
       fma8(b0, i);
       fma8(b1, i + 32);
@@ -463,7 +495,12 @@ __global__ void __launch_bounds__(256, kMinBlocks) gemv_kernel(const bf16* x, in
       for (int m = 0; m < M; ++m) {
         if (m >= n) break;
         float v = acc[0][m];
-        if (kSilu) v = v / (1.0f + __expf(-v)) * acc[kR - 1][m];
+        if constexpr (kFp8) v *= rs[0];
+        if (kSilu) {
+          float u = acc[kR - 1][m];
+          if constexpr (kFp8) u *= rs[kR - 1];
+          v = v / (1.0f + __expf(-v)) * u;
+        }
         if (y_f32) {
           static_cast<float*>(y)[m * ldy + cur_row] = v;
         } else {
@@ -500,65 +537,82 @@ bool gemv_persistent() {
   return v;
 }
 
-template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm>
-void gemv_launch_split(const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K, int64_t pair_off,
-                       void* y, int64_t ldy, bool y_f32, const NormEpi& ne, cudaStream_t s) {
-  const int tiles = (N * kSplit + 7) / 8;
+// Everything a launch passes down unchanged (shapes, pointers, epilogue, stream).
+struct GemvArgs {
+  const bf16* x;
+  int64_t ldx;
+  int32_t n;
+  GemvW w;
+  int32_t N, K;
+  int64_t pair_off;
+  void* y;
+  int64_t ldy;
+  bool y_f32;
+  NormEpi ne;
+  cudaStream_t s;
+};
+
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kFp8>
+void gemv_launch_split(const GemvArgs& a) {
+  const int tiles = (a.N * kSplit + 7) / 8;
+  const float* rows = kFp8 ? a.w.row_scales : nullptr;
   if (gemv_persistent()) {
     // Resident blocks of this instantiation, computed once (host-only queries, fine during capture).
     static const int resident = [] {
       int dev = 0, sms = 132, per_sm = 1;
       cudaGetDevice(&dev);
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true>, 256, 0);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true, kFp8>,
+                                                    256, 0);
       // KILN_GEMV_PERSIST_SLACK blocks per SM left free for the next kernel's PDL blocks.
       const int keep = per_sm - env_int("KILN_GEMV_PERSIST_SLACK", 0);
       return sms * (keep < 1 ? 1 : keep);
     }();
-    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true>, dim3(tiles < resident ? tiles : resident), dim3(256),
-               0, s, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne);
+    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true, kFp8>, dim3(tiles < resident ? tiles : resident),
+               dim3(256), 0, a.s, a.x, a.ldx, a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale,
+               rows);
   } else {
-    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false>, dim3(tiles), dim3(256), 0, s, x, ldx, n, w, N, K,
-               pair_off, y, ldy, y_f32, ne);
+    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false, kFp8>, dim3(tiles), dim3(256), 0, a.s, a.x, a.ldx,
+               a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale, rows);
   }
 }
 
-template <int M, bool kSilu, int kMinBlocks, bool kNorm>
-void gemv_launch_mb(int split, const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K,
-                    int64_t pair_off, void* y, int64_t ldy, bool y_f32, const NormEpi& ne, cudaStream_t s) {
-  if (split == 1)
-    gemv_launch_split<M, 1, kSilu, kMinBlocks, kNorm>(x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
-  else if (split == 2)
-    gemv_launch_split<M, 2, kSilu, kMinBlocks, kNorm>(x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
-  else
-    gemv_launch_split<M, 4, kSilu, kMinBlocks, kNorm>(x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
+template <int M, bool kSilu, int kMinBlocks, bool kNorm, bool kFp8>
+void gemv_launch_mb(int split, const GemvArgs& a) {
+  if (split == 1) gemv_launch_split<M, 1, kSilu, kMinBlocks, kNorm, kFp8>(a);
+  else if (split == 2) gemv_launch_split<M, 2, kSilu, kMinBlocks, kNorm, kFp8>(a);
+  else gemv_launch_split<M, 4, kSilu, kMinBlocks, kNorm, kFp8>(a);
 }
 
 // Batch-1 decode (M = 1) gets the register cap that fits 8 blocks per SM when KILN_GEMV_OCC allows it
-template <int M, bool kSilu, bool kNorm>
-void gemv_launch(int split, const bf16* x, int64_t ldx, int32_t n, const bf16* w, int32_t N, int32_t K, int64_t pair_off,
-                 void* y, int64_t ldy, bool y_f32, const NormEpi& ne, cudaStream_t s) {
-  if (M == 1 && gemv_high_occupancy())
-    gemv_launch_mb<M, kSilu, kSilu ? 5 : 8, kNorm>(split, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
-  else
-    gemv_launch_mb<M, kSilu, 1, kNorm>(split, x, ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s);
+template <int M, bool kSilu, bool kNorm, bool kFp8>
+void gemv_launch(int split, const GemvArgs& a) {
+  if (M == 1 && gemv_high_occupancy()) gemv_launch_mb<M, kSilu, kSilu ? 5 : 8, kNorm, kFp8>(split, a);
+  else gemv_launch_mb<M, kSilu, 1, kNorm, kFp8>(split, a);
+}
+
+template <bool kSilu, bool kNorm, bool kFp8>
+void gemv_launch_n(int split, const GemvArgs& a) {
+  if (a.n == 1) gemv_launch<1, kSilu, kNorm, kFp8>(split, a);
+  else if (a.n == 2) gemv_launch<2, kSilu, kNorm, kFp8>(split, a);
+  else gemv_launch<4, kSilu, kNorm, kFp8>(split, a);
 }
 
 template <bool kSilu, bool kNorm = false>
-bool gemv_dispatch(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, int64_t pair_off,
+bool gemv_dispatch(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, int64_t pair_off,
                    void* y, int64_t ldy, bool y_f32, cudaStream_t s, const NormEpi& ne = {}) {
-  if (K % 8 || ldx % 8 || n < 1 || n > 4 || N < 1) return false;
+  const int per_vec = w.fp8 ? 16 : 8;  // weights per 16-byte load: rows must start 16-byte aligned
+  if (!w.data || K % per_vec || ldx % 8 || n < 1 || n > 4 || N < 1) return false;
+  if (reinterpret_cast<uintptr_t>(w.data) % 16 || reinterpret_cast<uintptr_t>(x) % 16) return false;
   if (kNorm && (N % 4 || N > 4096 || ne.ldo % 4 || reinterpret_cast<uintptr_t>(ne.w) % 16)) return false;
   // Enough warps for ~1.5 waves of 8-warp blocks (132 SMs x 8), while each warp keeps >= 64
   // 16-byte vectors of K; pair mode already streams two rows per warp.
   int split = 1;
   if (!kSilu)
-    while (split < 4 && int64_t(N) * split < gemv_split_target() && K / 8 / (split * 2) >= 64) split *= 2;
-  const bf16* xb = reinterpret_cast<const bf16*>(x);
-  const bf16* wb = reinterpret_cast<const bf16*>(w);
-  if (n == 1) gemv_launch<1, kSilu, kNorm>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, ne, s);
-  else if (n == 2) gemv_launch<2, kSilu, kNorm>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, ne, s);
-  else gemv_launch<4, kSilu, kNorm>(split, xb, ldx, n, wb, N, K, pair_off, y, ldy, y_f32, ne, s);
+    while (split < 4 && int64_t(N) * split < gemv_split_target() && K / per_vec / (split * 2) >= 64) split *= 2;
+  const GemvArgs a{reinterpret_cast<const bf16*>(x), ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s};
+  if (w.fp8) gemv_launch_n<kSilu, kNorm, true>(split, a);
+  else gemv_launch_n<kSilu, kNorm, false>(split, a);
   return true;
 }
 
@@ -667,21 +721,37 @@ void launch_read_bandwidth(const void* p, int64_t bytes, float* sink, cudaStream
   read_bandwidth_kernel<<<sms * 8, 512, 0, s>>>(static_cast<const uint4*>(p), bytes / 16, sink);
 }
 
-bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
+bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, void* y, int64_t ldy,
                  bool y_f32, cudaStream_t s) {
   return gemv_dispatch<false>(x, ldx, n, w, N, K, 0, y, ldy, y_f32, s);
 }
 
+bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w_gate_up, int32_t I, int32_t K, bf16_t* y,
+                      int64_t ldy, cudaStream_t s) {
+  return gemv_dispatch<true>(x, ldx, n, w_gate_up, I, K, I, y, ldy, false, s);
+}
+
+bool launch_gemv_add_rms_norm(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, bf16_t* y,
+                              int64_t ldy, float* residual, const float* norm_w, float eps, bf16_t* out, int64_t ldo,
+                              unsigned int* counter, cudaStream_t s) {
+  const NormEpi ne{residual, norm_w, reinterpret_cast<bf16*>(out), ldo, eps, counter};
+  return gemv_dispatch<false, true>(x, ldx, n, w, N, K, 0, y, ldy, false, s, ne);
+}
+
+bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
+                 bool y_f32, cudaStream_t s) {
+  return launch_gemv(x, ldx, n, GemvW{w}, N, K, y, ldy, y_f32, s);
+}
+
 bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w_gate_up, int32_t I, int32_t K,
                       bf16_t* y, int64_t ldy, cudaStream_t s) {
-  return gemv_dispatch<true>(x, ldx, n, w_gate_up, I, K, I, y, ldy, false, s);
+  return launch_gemv_silu(x, ldx, n, GemvW{w_gate_up}, I, K, y, ldy, s);
 }
 
 bool launch_gemv_add_rms_norm(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, bf16_t* y,
                               int64_t ldy, float* residual, const float* norm_w, float eps, bf16_t* out, int64_t ldo,
                               unsigned int* counter, cudaStream_t s) {
-  const NormEpi ne{residual, norm_w, reinterpret_cast<bf16*>(out), ldo, eps, counter};
-  return gemv_dispatch<false, true>(x, ldx, n, w, N, K, 0, y, ldy, false, s, ne);
+  return launch_gemv_add_rms_norm(x, ldx, n, GemvW{w}, N, K, y, ldy, residual, norm_w, eps, out, ldo, counter, s);
 }
 
 bool pdl_enabled() {

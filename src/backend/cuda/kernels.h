@@ -89,17 +89,35 @@ void launch_add_bias(void* y, bool y_f32, int64_t ldy, const float* bias, int32_
 // ids[r] = argmax(logits[r, :]) (first maximum), r < L                  logits: [L, V] f32
 void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cudaStream_t s);
 
-// y[n, N] = x[n, K] W[N, K]^T for n <= 4 (decode). Returns false (nothing launched) for shapes it
-// does not take.
-bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
+// A decode weight [N, K] row-major: bf16, or FP8 E4M3 with a per-tensor dequantization scale or
+// device per-row scales (real = fp8 * scale). Activations stay bf16 (weight-only dequantization).
+struct GemvW {
+  const void* data = nullptr;
+  bool fp8 = false;
+  float scale = 1.0f;
+  const float* row_scales = nullptr;  // device [N] (fp8 only; for the silu pair: [2 I]); replaces scale
+};
+
+// y[n, N] = x[n, K] W[N, K]^T for n <= 4 (decode); y bf16 or f32 rows of stride ldy. x and the
+// weight 16-byte aligned, K % 8 == 0 (bf16) or K % 16 == 0 (fp8). Returns false (nothing launched)
+// for shapes it does not take.
+bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, void* y, int64_t ldy,
                  bool y_f32, cudaStream_t s);
 // y[n, I] = silu(x W_gate^T) * (x W_up^T) for n <= 4, w_gate_up: [2 I, K] (gate rows, then up rows).
 // Returns false (nothing launched) for shapes it does not take.
-bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w_gate_up, int32_t I, int32_t K,
-                      bf16_t* y, int64_t ldy, cudaStream_t s);
+bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w_gate_up, int32_t I, int32_t K, bf16_t* y,
+                      int64_t ldy, cudaStream_t s);
 // Decode fold of linear + add_rms_norm (n <= 4): y = x W^T (bf16, W: [N, K]), residual[n, N] += y,
 // out = rms_norm(residual) * norm_w. `counter` is a device word at 0 (left at 0). Returns false
 // (nothing launched) for shapes it does not take.
+bool launch_gemv_add_rms_norm(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, bf16_t* y,
+                              int64_t ldy, float* residual, const float* norm_w, float eps, bf16_t* out, int64_t ldo,
+                              unsigned int* counter, cudaStream_t s);
+// BF16 weights: the same three entry points (GemvW{w}).
+bool launch_gemv(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, void* y, int64_t ldy,
+                 bool y_f32, cudaStream_t s);
+bool launch_gemv_silu(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w_gate_up, int32_t I, int32_t K,
+                      bf16_t* y, int64_t ldy, cudaStream_t s);
 bool launch_gemv_add_rms_norm(const bf16_t* x, int64_t ldx, int32_t n, const bf16_t* w, int32_t N, int32_t K, bf16_t* y,
                               int64_t ldy, float* residual, const float* norm_w, float eps, bf16_t* out, int64_t ldo,
                               unsigned int* counter, cudaStream_t s);
