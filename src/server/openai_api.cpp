@@ -253,7 +253,8 @@ MaybeError parse_generation(const json& o, const ApiLimits& limits, bool chat, G
     KILN_API_TRY(read_bool(*so, "include_usage", &g->include_usage));
   }
   std::optional<int64_t> max_tokens;
-  KILN_API_TRY(read_int(o, "max_tokens", 1, std::numeric_limits<int64_t>::max(), &max_tokens));
+  // Completions take 0 with echo (checked by the caller): score the prompt, generate nothing.
+  KILN_API_TRY(read_int(o, "max_tokens", chat ? 1 : 0, std::numeric_limits<int64_t>::max(), &max_tokens));
   if (chat) {
     std::optional<int64_t> mct;
     KILN_API_TRY(read_int(o, "max_completion_tokens", 1, std::numeric_limits<int64_t>::max(), &mct));
@@ -425,9 +426,10 @@ std::optional<ApiError> parse_completion_request(const json& o, const ApiLimits&
   KILN_API_TRY(read_bool(o, "echo", &out->echo));
   KILN_API_TRY(parse_generation(o, limits, /*chat=*/false, &out->gen));
   KILN_API_TRY(read_int_into(o, "logprobs", 0, limits.max_logprobs, &out->gen.logprobs));
-  if (out->echo && out->gen.logprobs >= 0)
-    return api_bad_request("'echo' together with 'logprobs' is not supported (kiln computes no prompt logprobs)",
-                           "echo");
+  if (out->gen.max_tokens && *out->gen.max_tokens == 0 && !out->echo)
+    return api_bad_request("'max_tokens' must be at least 1, got 0 (0 is allowed only with 'echo': the prompt comes "
+                           "back, with its logprobs when 'logprobs' is set)",
+                           "max_tokens");
   if (const json* b = find(o, "best_of")) {
     int64_t best_of = 0;
     bool overflow = false;
@@ -627,6 +629,13 @@ json completion_logprobs_json(const std::vector<LogprobItem>& items, int64_t tex
   for (const LogprobItem& it : items) {
     std::string tok = token_display(it.token);
     tokens.push_back(tok);
+    text_offset.push_back(offset);
+    offset += utf8_length(tok);
+    if (!it.has_logprob) {  // the first echoed prompt token: nothing before it to condition on
+      token_logprobs.push_back(nullptr);
+      top_logprobs.push_back(nullptr);
+      continue;
+    }
     token_logprobs.push_back(clamp_logprob(it.logprob));
     // vLLM's shape: the sampled token plus the top alternatives, keyed by their text.
     json top = json::object();
@@ -636,8 +645,6 @@ json completion_logprobs_json(const std::vector<LogprobItem>& items, int64_t tex
       if (!top.contains(k)) top[k] = clamp_logprob(lp);
     }
     top_logprobs.push_back(std::move(top));
-    text_offset.push_back(offset);
-    offset += utf8_length(tok);
   }
   return {{"tokens", tokens}, {"token_logprobs", token_logprobs}, {"top_logprobs", top_logprobs},
           {"text_offset", text_offset}};

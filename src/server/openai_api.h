@@ -62,7 +62,7 @@ struct CompletionRequest {
   std::string model;                               // "" if not given
   std::vector<std::string> text_prompts;           // exactly one of the two lists is non-empty
   std::vector<std::vector<int32_t>> token_prompts;
-  bool echo = false;
+  bool echo = false;  // with logprobs: the prompt tokens' logprobs come first (vLLM, legacy OpenAI)
   GenerationOptions gen;
 };
 
@@ -110,6 +110,7 @@ struct LogprobItem {
   std::string token;
   float logprob = 0.0f;
   std::vector<std::pair<std::string, float>> top;  // most likely first
+  bool has_logprob = true;  // false: the first echoed prompt token (logprob and top are null)
 };
 
 struct Usage {
@@ -125,7 +126,7 @@ struct ChoiceResult {
   std::string finish_reason;  // "stop", "length", "abort"; "" -> null
   bool has_logprobs = false;
   std::vector<LogprobItem> logprobs;
-  int64_t text_offset0 = 0;   // completions: text_offset of the first logprob entry (echoed prompt)
+  int64_t text_offset0 = 0;   // completions: text_offset of the first logprob entry
 };
 
 struct ResponseMeta {

@@ -189,6 +189,10 @@ struct Choice {
   bool done = false;
   std::unique_ptr<IncrementalDecoder> dec;
   std::string echo;              // completions with echo: the prompt's text
+  // echo + logprobs: the prompt's logprobs are still to come (the first event brings them), and
+  // when streaming the echoed text waits for them so both go out in one chunk.
+  bool prompt_lps_pending = false;
+  bool echo_unsent = false;
   std::string text;              // generated text (cut at a stop string)
   size_t sent = 0;               // bytes of `text` already streamed
   size_t stop_scan_from = 0;     // bytes of `text` that cannot start a stop string any more
@@ -212,6 +216,7 @@ class Job : public std::enable_shared_from_this<Job> {
   ResponseMeta meta;
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> echoes;  // per prompt, completions with echo
+  bool echo_logprobs = false;       // completions with echo and logprobs: prompt logprobs first
   std::vector<Choice> choices;
   // Per prompt, as a JSON literal (text or token ids); only filled with --log_requests.
   std::vector<std::string> prompt_log;
@@ -234,7 +239,9 @@ class Job : public std::enable_shared_from_this<Job> {
         c.dec->set_prefix(std::span<const int32_t>(ids.data() + ids.size() - k, k));
         if (p < echoes.size()) {
           c.echo = echoes[p];
-          c.lp_offset = utf8_length(c.echo);
+          // text_offset runs over the echoed prompt tokens first when they are listed.
+          c.lp_offset = echo_logprobs ? 0 : utf8_length(c.echo);
+          c.prompt_lps_pending = c.echo_unsent = echo_logprobs;
         }
       }
     for (const std::string& s : gen.stop) max_stop_len_ = std::max(max_stop_len_, s.size());
@@ -252,6 +259,8 @@ class Job : public std::enable_shared_from_this<Job> {
       er.sampling = gen.sampling;
       er.sampling.seed = c.seed;
       er.sampling.logprobs = gen.logprobs;
+      // Every choice computes them (each is its own engine request); they are equal across the n.
+      er.prompt_logprobs = echo_logprobs ? gen.logprobs : -1;
       er.max_tokens = max_tokens[c.prompt_idx];
       er.min_tokens = gen.min_tokens;
       er.ignore_eos = gen.ignore_eos;
@@ -278,7 +287,7 @@ class Job : public std::enable_shared_from_this<Job> {
         d.index = c.index;
         if (chat_) {
           write_event(chat_chunk(meta, d, /*role_chunk=*/true, gen.include_usage));
-        } else if (!c.echo.empty()) {
+        } else if (!c.echo.empty() && !c.echo_unsent) {
           d.text = c.echo;
           write_event(completion_chunk(meta, d, gen.include_usage));
         }
@@ -352,6 +361,10 @@ class Job : public std::enable_shared_from_this<Job> {
     Choice& c = choices[ci];
     if (c.done) return;  // stopped by a stop string; the engine's last events are moot
     if (ev.num_cached_tokens > 0) c.cached_tokens = ev.num_cached_tokens;
+    if (c.prompt_lps_pending && ev.finish != FinishReason::kError && ev.finish != FinishReason::kCancelled) {
+      add_prompt_logprobs(c, ev.prompt_logprobs);
+      c.prompt_lps_pending = false;
+    }
     if (!ev.tokens.empty()) {
       if (!any_token_) {
         any_token_ = true;
@@ -411,6 +424,29 @@ class Job : public std::enable_shared_from_this<Job> {
     finish();
   }
 
+  // The echoed prompt's entries, ahead of any generated token's: the first prompt token with a null
+  // logprob, then each later one scored given those before it (entries[i] is prompt token i + 1).
+  void add_prompt_logprobs(Choice& c, const std::vector<TokenLogprob>& entries) {
+    const std::vector<int32_t>& ids = prompts[c.prompt_idx];
+    auto piece = [&](int32_t id) { return be_->tok->decode(std::span<const int32_t>(&id, 1), false); };
+    std::vector<LogprobItem> items;
+    items.reserve(ids.size() + c.lps.size());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      LogprobItem item;
+      item.token = piece(ids[i]);
+      if (i == 0 || i - 1 >= entries.size()) {
+        item.has_logprob = false;  // an entry missing (cannot happen) shows as null, never as a wrong number
+      } else {
+        const TokenLogprob& e = entries[i - 1];
+        item.logprob = e.logprob;
+        for (const auto& [id, lp] : e.top) item.top.emplace_back(piece(id), lp);
+      }
+      items.push_back(std::move(item));
+    }
+    items.insert(items.end(), std::make_move_iterator(c.lps.begin()), std::make_move_iterator(c.lps.end()));
+    c.lps = std::move(items);
+  }
+
   void stream_delta(Choice& c) {
     c.sent = std::min(c.sent, c.text.size());  // holdback keeps sent <= any stop's start; stay safe anyway
     size_t end = c.text.size();
@@ -420,6 +456,10 @@ class Job : public std::enable_shared_from_this<Job> {
     d.index = c.index;
     d.text = c.text.substr(c.sent, end - c.sent);
     c.sent = end;
+    if (c.echo_unsent) {  // echo + logprobs: the prompt goes out with its logprobs, in the first chunk
+      d.text = c.echo + d.text;
+      c.echo_unsent = false;
+    }
     if (gen.logprobs >= 0 && c.lps.size() > c.lps_sent) {
       d.has_logprobs = true;
       d.logprobs.assign(c.lps.begin() + std::ptrdiff_t(c.lps_sent), c.lps.end());
@@ -471,7 +511,7 @@ class Job : public std::enable_shared_from_this<Job> {
       r.finish_reason = c.finish;
       r.has_logprobs = gen.logprobs >= 0;
       r.logprobs = std::move(c.lps);
-      r.text_offset0 = utf8_length(c.echo);
+      r.text_offset0 = echo_logprobs ? 0 : utf8_length(c.echo);
       results.push_back(std::move(r));
     }
     send_json(*w_, 200, chat_ ? chat_response(meta, results, u) : completion_response(meta, results, u));
@@ -529,6 +569,7 @@ void Server::Impl::handle_completions(const HttpRequest& r, std::shared_ptr<Resp
   if (auto e = check_model(req.model)) return send_error(*w, *e);
   auto job = std::make_shared<Job>(this, be, w, /*chat=*/false);
   job->gen = std::move(req.gen);
+  job->echo_logprobs = req.echo && job->gen.logprobs >= 0;
   for (const std::string& text : req.text_prompts) {
     job->prompts.push_back(be->tok->encode(text, /*add_special_tokens=*/true));
     if (req.echo) job->echoes.push_back(text);

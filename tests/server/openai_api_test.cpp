@@ -96,7 +96,10 @@ TEST(OpenAiApi, CompletionValidationTable) {
       {R"({"prompt": "hi", "repetition_penalty": 0})", 400, "@repetition_penalty"},
       {R"({"prompt": "hi", "logprobs": 21})", 400, "'logprobs' must be between 0 and 20"},
       {R"({"prompt": "hi", "logprobs": true})", 400, "@logprobs"},
-      {R"({"prompt": "hi", "echo": true, "logprobs": 1})", 400, "@echo"},
+      {R"({"prompt": "hi", "echo": true, "logprobs": 1})", 0, ""},  // prompt logprobs (issue #4)
+      {R"({"prompt": "hi", "echo": true, "logprobs": 0, "max_tokens": 0})", 0, ""},  // score the prompt
+      {R"({"prompt": "hi", "echo": true, "max_tokens": 0})", 0, ""},
+      {R"({"prompt": "hi", "logprobs": 2, "max_tokens": 0})", 400, "allowed only with 'echo'"},
       {R"({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]})", 400, "at most 4"},
       {R"({"prompt": "hi", "stop": 5})", 400, "@stop"},
       {R"({"prompt": "hi", "stop": [5]})", 400, "@stop"},
@@ -147,6 +150,7 @@ TEST(OpenAiApi, ChatValidationTable) {
       {R"({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21})", 400, "@top_logprobs"},
       {R"({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1})", 400, "@logprobs"},
       {R"({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0})", 400, "@max_completion_tokens"},
+      {R"({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})", 400, "'max_tokens' must be at least 1"},
       {R"({"messages": [{"role": "user", "content": "hi"}], "tools": {}})", 400, "@tools"},
       {R"({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "retrieval"}]})", 400, "@tools"},
       {R"({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"})", 400, "@tool_choice"},
@@ -311,6 +315,18 @@ TEST(OpenAiApi, ResponseShapes) {
   EXPECT_EQ(lp["token_logprobs"], json::parse(R"([-0.5, -9999.0])"));  // -inf is clamped as vLLM does
   EXPECT_EQ(lp["top_logprobs"][0], json::parse(R"({"h": -0.5, "x": -1.0})"));
   EXPECT_EQ(lp["text_offset"], json::parse(R"([0, 1])"));
+
+  // echo + logprobs: the first prompt token has null logprob and top; offsets run from 0 over the
+  // prompt tokens' text into the generated ones.
+  ChoiceResult e = c;
+  e.text = "ab\xc3\xa9hi";
+  e.logprobs.insert(e.logprobs.begin(), {{"ab", 0.0f, {}, false}, {"\xc3\xa9", -2.0f, {{"x", -0.25f}}}});
+  json elp = json::parse(dump_json(completion_response(meta, {e}, u)))["choices"][0]["logprobs"];
+  EXPECT_EQ(elp["tokens"], json::parse(R"(["ab", "\u00e9", "h", "i"])"));
+  EXPECT_EQ(elp["token_logprobs"], json::parse(R"([null, -2.0, -0.5, -9999.0])"));
+  EXPECT_EQ(elp["top_logprobs"][0], nullptr);
+  EXPECT_EQ(elp["top_logprobs"][1], json::parse(R"({"\u00e9": -2.0, "x": -0.25})"));
+  EXPECT_EQ(elp["text_offset"], json::parse(R"([0, 2, 3, 4])"));
 
   j = json::parse(dump_json(chat_response(meta, {c}, u)));
   EXPECT_EQ(j["object"], "chat.completion");

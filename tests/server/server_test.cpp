@@ -68,6 +68,83 @@ TEST(Server, CompletionGreedyEchoAndUsage) {
   EXPECT_EQ(r["usage"]["prompt_tokens"], 3);
 }
 
+// echo + logprobs (issue #4): the prompt's tokens lead the legacy logprobs object, the first with
+// null logprob and top, each later one scored by the (echo) model; text_offset runs on into the
+// generated tokens. The echo model scores target t with -t/100 and tops t+1.. at -5, -6, ...
+TEST(Server, EchoWithLogprobsListsThePromptFirst) {
+  TestServer s;
+  auto check_prompt_part = [](const json& lp, const std::string& where) {
+    ASSERT_GE(lp["tokens"].size(), 3u) << where;
+    EXPECT_EQ(lp["tokens"][0], "a") << where;
+    EXPECT_EQ(lp["tokens"][1], "b") << where;
+    EXPECT_EQ(lp["tokens"][2], "c") << where;
+    EXPECT_TRUE(lp["token_logprobs"][0].is_null()) << where;
+    EXPECT_TRUE(lp["top_logprobs"][0].is_null()) << where;
+    EXPECT_NEAR(lp["token_logprobs"][1].get<double>(), -0.98, 1e-6) << where;  // 'b' = 98
+    EXPECT_NEAR(lp["token_logprobs"][2].get<double>(), -0.99, 1e-6) << where;
+    // The target plus the top 2 ('c', 'd' after 'b'), keyed by text.
+    const json& top1 = lp["top_logprobs"][1];
+    EXPECT_EQ(top1.size(), 3u) << where << top1.dump();
+    EXPECT_NEAR(top1["b"].get<double>(), -0.98, 1e-6) << where;
+    EXPECT_NEAR(top1["c"].get<double>(), -5.0, 1e-6) << where;
+    EXPECT_NEAR(top1["d"].get<double>(), -6.0, 1e-6) << where;
+  };
+  // max_tokens 3: prompt "abc" then "abc" generated.
+  json r = completion(s.port, {{"prompt", "abc"}, {"max_tokens", 3}, {"echo", true}, {"logprobs", 2}});
+  EXPECT_EQ(r["choices"][0]["text"], "abcabc");
+  json lp = r["choices"][0]["logprobs"];
+  check_prompt_part(lp, "max_tokens 3");
+  EXPECT_EQ(lp["tokens"].size(), 6u);
+  EXPECT_EQ(lp["text_offset"], json::parse("[0, 1, 2, 3, 4, 5]"));
+  EXPECT_NEAR(lp["token_logprobs"][3].get<double>(), -0.25, 1e-6);  // generated: the sampler's logprob
+  EXPECT_EQ(r["usage"]["completion_tokens"], 3);
+
+  // max_tokens 0: scoring only (lm-eval-harness's loglikelihood call).
+  r = completion(s.port, {{"prompt", "abc"}, {"max_tokens", 0}, {"echo", true}, {"logprobs", 2}});
+  EXPECT_EQ(r["choices"][0]["text"], "abc");
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "length");
+  lp = r["choices"][0]["logprobs"];
+  check_prompt_part(lp, "max_tokens 0");
+  EXPECT_EQ(lp["tokens"].size(), 3u);
+  EXPECT_EQ(lp["text_offset"], json::parse("[0, 1, 2]"));
+  EXPECT_EQ(r["usage"]["completion_tokens"], 0);
+  EXPECT_EQ(r["usage"]["prompt_tokens"], 3);
+
+  // n = 2 and two prompts: every choice carries its prompt's logprobs.
+  r = completion(s.port, {{"prompt", {"abc", "abcd"}}, {"n", 2}, {"max_tokens", 1}, {"echo", true}, {"logprobs", 2}});
+  ASSERT_EQ(r["choices"].size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    check_prompt_part(r["choices"][i]["logprobs"], "choice " + std::to_string(i));
+    EXPECT_EQ(r["choices"][i]["logprobs"]["tokens"].size(), i < 2 ? 4u : 5u);
+  }
+
+  // Echo without logprobs and max_tokens 0: just the prompt.
+  r = completion(s.port, {{"prompt", "xyz"}, {"max_tokens", 0}, {"echo", true}});
+  EXPECT_EQ(r["choices"][0]["text"], "xyz");
+  EXPECT_TRUE(r["choices"][0]["logprobs"].is_null());
+  // Without echo, max_tokens 0 stays a 400.
+  EXPECT_EQ(gpost(s.port, "/v1/completions", {{"prompt", "xyz"}, {"max_tokens", 0}}).status, 400);
+
+  // Streaming: the first chunk holds the echoed prompt with its logprobs.
+  for (int max_tokens : {0, 2}) {
+    const std::string where = "stream max_tokens " + std::to_string(max_tokens);
+    HttpResponse h = gpost(s.port, "/v1/completions",
+                           {{"prompt", "abc"}, {"max_tokens", max_tokens}, {"echo", true}, {"logprobs", 2}, {"stream", true}});
+    ASSERT_EQ(h.status, 200) << h.body;
+    std::vector<json> ev = sse_events(h.body);
+    EXPECT_EQ(streamed_text(ev), max_tokens ? "abcab" : "abc") << where;
+    ASSERT_FALSE(ev.empty());
+    const json& first = ev[0]["choices"][0];
+    EXPECT_EQ(first["text"].get<std::string>().substr(0, 3), "abc") << where;
+    check_prompt_part(first["logprobs"], where);
+    std::vector<json> offsets;
+    for (const json& e : ev)
+      if (e.is_object() && e.contains("choices") && !e["choices"].empty() && e["choices"][0]["logprobs"].is_object())
+        for (const json& o : e["choices"][0]["logprobs"]["text_offset"]) offsets.push_back(o);
+    EXPECT_EQ(json(offsets), max_tokens ? json::parse("[0, 1, 2, 3, 4]") : json::parse("[0, 1, 2]")) << where;
+  }
+}
+
 TEST(Server, EosEndsWithStopAndIsNotInText) {
   TestServer s;
   // Prompt "ab<eos>": the echo model emits a, b, then EOS.

@@ -126,6 +126,21 @@ class EchoExecutor : public ModelExecutor {
     }
     return Status::ok();
   }
+  // Prompt logprobs: the row scoring target t reports logprob -t/100 and top k = t+1, t+2, ...
+  // with -5, -6, ... (values a test can predict from the prompt alone).
+  Status execute_with_prompt_logprobs(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                                      std::vector<SampledToken>* out, std::vector<TokenLogprob>* prompt_out) override {
+    KILN_RETURN_IF_ERROR(execute(batch, sampling, out));
+    prompt_out->clear();
+    for (const StepBatch::PromptLogprobRow& r : batch.prompt_logprob_rows) {
+      TokenLogprob lp;
+      lp.id = r.target_id;
+      lp.logprob = -float(r.target_id) / 100.0f;
+      for (int32_t i = 0; i < r.top_k; ++i) lp.top.emplace_back((r.target_id + 1 + i) % kVocab, -5.0f - float(i));
+      prompt_out->push_back(lp);
+    }
+    return Status::ok();
+  }
   std::atomic<int> step_delay_ms{0};
   std::atomic<int> steps{0};
 
