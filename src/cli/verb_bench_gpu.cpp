@@ -33,7 +33,7 @@ namespace {
 using clock_type = std::chrono::steady_clock;
 
 struct BenchArgs {
-  std::string model, device = "cuda", output = "text";
+  std::string model, device = "cuda", output = "text", kv_cache_dtype = "auto", quantization = "auto";
   bool dummy_weights = false;
   int32_t batch_size = 1, input_len = 128, output_len = 128, reps = 5, num_requests = 256;
   int32_t max_batch_size = 256, max_num_tokens = 8192, kv_cache_blocks = 0;
@@ -117,7 +117,9 @@ int latency(const BenchArgs& a) {
   if (a.batch_size < 1 || a.input_len < 1 || a.output_len < 1) return fail("bench latency", "sizes must be >= 1");
   LoadOptions opts;
   opts.device = a.device;
+  opts.kv_cache_dtype = a.kv_cache_dtype;
   opts.max_seq_len = a.input_len + a.output_len;
+  opts.quantization = a.quantization;
   const int32_t blocks_per_seq = (opts.max_seq_len + opts.block_size - 1) / opts.block_size;
   opts.kv_cache_blocks = a.kv_cache_blocks > 0 ? a.kv_cache_blocks : a.batch_size * blocks_per_seq + 1;
   ModelConfig c;
@@ -145,12 +147,15 @@ int latency(const BenchArgs& a) {
     auto bw = cx->bench_read_bandwidth(size_t(4) << 30, 10);
     if (!bw) return fail("bench latency", bw.message());
     bw_gbs = *bw;
+    // GEMM ceilings in the precision the linears run in (FP8 E4M3 with unit scales when FP8).
+    const bool fp8 = cx->weights_fp8();
+    j["gemm_dtype"] = fp8 ? "fp8_e4m3" : "bf16";
     // The prefill's GEMMs, as the forward pass issues them (fused qkv and gate_up).
     const int64_t M = int64_t(a.batch_size) * a.input_len, H = c.hidden_size, I = c.intermediate_size;
     const int64_t shapes[4][2] = {{c.q_dim() + 2 * c.kv_dim(), H}, {H, c.q_dim()}, {2 * I, H}, {H, I}};
     double flops = 0, secs = 0;
     for (auto& s : shapes) {
-      auto t = cx->bench_gemm_seconds(M, s[0], s[1], 20);
+      auto t = cx->bench_gemm_seconds(M, s[0], s[1], 20, false, fp8);
       if (!t) return fail("bench latency", t.message());
       flops += 2.0 * double(M) * double(s[0]) * double(s[1]);
       secs += *t;
@@ -159,17 +164,19 @@ int latency(const BenchArgs& a) {
     gemm_tflops = flops / secs / 1e12;
     // Decode shapes at M = batch: kiln's GEMV (used up to M=4) against cuBLASLt.
     const int64_t dec[5][2] = {{c.q_dim() + 2 * c.kv_dim(), H}, {H, c.q_dim()}, {2 * I, H}, {H, I}, {c.vocab_size, H}};
-    std::printf("decode GEMMs   M=%d   N x K          kiln us (GB/s)     cuBLASLt us (GB/s)\n", a.batch_size);
+    std::printf("decode GEMMs   M=%d   N x K          kiln us (GB/s)     cuBLASLt us (GB/s)   %s\n", a.batch_size,
+                fp8 ? "FP8 weights (lm_head BF16)" : "BF16");
     for (auto& s : dec) {
-      auto ours = cx->bench_gemm_seconds(a.batch_size, s[0], s[1], 50);
-      auto lt = cx->bench_gemm_seconds(a.batch_size, s[0], s[1], 50, /*cublas_only=*/true);
+      const bool f = fp8 && s[0] != c.vocab_size;  // the lm_head stays BF16
+      auto ours = cx->bench_gemm_seconds(a.batch_size, s[0], s[1], 50, false, f);
+      auto lt = cx->bench_gemm_seconds(a.batch_size, s[0], s[1], 50, /*cublas_only=*/true, f);
       if (!ours || !lt) return fail("bench latency", !ours ? ours.message() : lt.message());
-      const double bytes = double(s[0]) * double(s[1]) * 2.0;
+      const double bytes = double(s[0]) * double(s[1]) * (f ? 1.0 : 2.0);
       std::printf("              %6lld x %-6lld   %8.1f (%6.0f)    %8.1f (%6.0f)\n", (long long)s[0], (long long)s[1],
                   *ours * 1e6, bytes / *ours / 1e9, *lt * 1e6, bytes / *lt / 1e9);
       j["decode_gemm_us"][std::to_string(s[0]) + "x" + std::to_string(s[1])] = {*ours * 1e6, *lt * 1e6};
     }
-    auto big = cx->bench_gemm_seconds(8192, 8192, 8192, 10);
+    auto big = cx->bench_gemm_seconds(8192, 8192, 8192, 10, false, fp8);
     if (!big) return fail("bench latency", big.message());
     gemm_big_tflops = 2.0 * 8192.0 * 8192.0 * 8192.0 / *big / 1e12;
     j["read_bandwidth_gbs"] = bw_gbs;
@@ -218,7 +225,8 @@ int latency(const BenchArgs& a) {
   const double decode_tps = double(a.batch_size) / t_step;
   // Model FLOPs of the prefill: linears over every token, lm_head over the last, causal attention.
   const double S = a.input_len, tokens = double(a.batch_size) * S;
-  const double lin_params = double(weight_bytes) / 2.0 - double(c.vocab_size) * c.hidden_size;
+  const double lin_params = double(c.num_layers) * double(c.hidden_size) *
+                            (double(c.q_dim()) + 2.0 * c.kv_dim() + c.q_dim() + 3.0 * c.intermediate_size);
   const double attn_flops = 4.0 * a.batch_size * c.num_layers * c.num_heads * double(c.head_dim) * S * (S + 1) / 2.0;
   const double prefill_flops = 2.0 * tokens * lin_params + 2.0 * a.batch_size * double(c.vocab_size) * c.hidden_size + attn_flops;
   j["prefill_s"] = t_prefill;
@@ -249,7 +257,8 @@ int latency(const BenchArgs& a) {
                 "cache read)\n",
                 double(weight_bytes) / 1e9, roof * 1e3, 100.0 * roof / t_step, 100.0 * roof_kv / t_step);
     if (gemm_tflops > 0) {
-      std::printf("gemm          cuBLASLt BF16 at the prefill's shapes (M=%lld): %.0f TFLOP/s; 8192^3: %.0f TFLOP/s\n",
+      std::printf("gemm          cuBLASLt %s at the prefill's shapes (M=%lld): %.0f TFLOP/s; 8192^3: %.0f TFLOP/s\n",
+                  j.value("gemm_dtype", "BF16") == "fp8_e4m3" ? "FP8" : "BF16",
                   (long long)(int64_t(a.batch_size) * a.input_len), gemm_tflops, gemm_big_tflops);
       std::printf("prefill rate  %.0f TFLOP/s of model math = %.1f%% of the GEMM rate\n", prefill_rate,
                   100.0 * prefill_rate / gemm_tflops);
@@ -263,7 +272,9 @@ int throughput(const BenchArgs& a) {
   if (a.num_requests < 1 || a.input_len < 1 || a.output_len < 1) return fail("bench throughput", "sizes must be >= 1");
   LoadOptions opts;
   opts.device = a.device;
+  opts.kv_cache_dtype = a.kv_cache_dtype;
   opts.max_seq_len = a.input_len + a.output_len;
+  opts.quantization = a.quantization;
   opts.kv_cache_blocks = a.kv_cache_blocks;
   opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
   ModelConfig c;
@@ -351,8 +362,13 @@ void common_flags(CLI::App* cmd, BenchArgs& a) {
   add_flag(*cmd, "input_len", a.input_len, "prompt tokens per request");
   add_flag(*cmd, "output_len", a.output_len, "generated tokens per request");
   add_flag(*cmd, "kv_cache_blocks", a.kv_cache_blocks, "KV cache blocks (default: sized for the run / memory fraction)");
+  add_flag(*cmd, "kv_cache_dtype", a.kv_cache_dtype,
+           "auto (the checkpoint's choice) | fp8 (E4M3, the checkpoint's k/v scales or 1.0) | bf16")
+      ->check(CLI::IsMember({"auto", "fp8", "bf16"}));
   add_flag(*cmd, "seed", a.seed, "seed for dummy weights and prompts");
   add_flag(*cmd, "output", a.output, "text | json (adds one JSON line)");
+  add_flag(*cmd, "quantization", a.quantization,
+           "GPU weights: auto (FP8 checkpoints stay FP8 on sm_89+), bf16, or fp8 (also FP8 dummy weights)");
 }
 
 }  // namespace

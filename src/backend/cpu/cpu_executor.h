@@ -16,7 +16,20 @@ struct LoadOptions {
   size_t kv_cache_memory_bytes = size_t(1) << 30;  // CPU default budget: 1 GiB
   int32_t block_size = 16;
   int32_t max_seq_len = 0;           // 0: the model's max_position_embeddings
+  // KV cache element type: "auto" (env KILN_KV_CACHE_DTYPE if set, else what the checkpoint says:
+  // ModelWeights::fp8_kv_cache), "fp8" (E4M3 with the layers' k_scale/v_scale, 1.0 when the
+  // checkpoint has none) or "bf16" (the CPU keeps f32). The CPU stores f32 either way but rounds
+  // every k/v value through FP8 as the GPU stores it, so it stays the reference.
+  std::string kv_cache_dtype = "auto";
+  // Weight precision on the GPU: "auto" keeps FP8 matrices FP8 where the GPU has FP8 tensor cores
+  // (sm_89+; else they are dequantized to bf16 on upload), "bf16" always dequantizes, "fp8" also
+  // makes dummy weights FP8 (benchmarks). The CPU backend reads weights as they are stored.
+  std::string quantization = "auto";
 };
+
+// True when the run uses an FP8 KV cache: `dtype` as in LoadOptions::kv_cache_dtype. An unknown
+// value is an error naming the accepted ones.
+[[nodiscard]] Result<bool> resolve_kv_cache_fp8(const std::string& dtype, bool checkpoint_fp8);
 
 class CpuExecutor final : public ModelExecutor {
  public:

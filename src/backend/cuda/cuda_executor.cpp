@@ -12,6 +12,7 @@
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/sampler.h"
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/fp8.h"
 #include "core/dtype.h"
 #include "core/log.h"
 #include "core/thread_pool.h"
@@ -95,7 +96,18 @@ void CudaExecutor::clear_graphs() {
   graphs_.clear();
 }
 
-size_t CudaExecutor::kv_bytes_per_token() const { return size_t(2) * config_.num_layers * config_.kv_dim() * 2; }
+size_t CudaExecutor::kv_bytes_per_token() const {
+  return size_t(2) * config_.num_layers * config_.kv_dim() * (kv_ && kv_->fp8 ? 1 : 2);
+}
+
+// The checkpoint's FP8 KV-cache request and per-layer scales travel with the device weights.
+static void copy_kv_cache_scales(const ModelWeights& host, ModelWeights* dw) {
+  dw->fp8_kv_cache = host.fp8_kv_cache;
+  for (size_t i = 0; i < dw->layers.size() && i < host.layers.size(); ++i) {
+    dw->layers[i].k_scale = host.layers[i].k_scale;
+    dw->layers[i].v_scale = host.layers[i].v_scale;
+  }
+}
 
 Status CudaExecutor::init_common(const LoadOptions& opts) {
   std::string why;
@@ -180,30 +192,94 @@ Status upload_vector(const Weight& hw, void* dst) {
 
 }  // namespace
 
-// Fills dw_ with device weights: from `host` when given, else random on the device.
-static Status build_weights(const ModelConfig& c, const ModelWeights* host, uint64_t seed, ModelWeights* dw,
-                            std::vector<void*>* allocs, cudaStream_t s) {
-  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, Q = c.q_dim(), KV = c.kv_dim();
-  uint64_t tensor = 0;
-  auto alloc = [&](size_t bytes, const std::string& what, void** p) -> Status {
-    KILN_RETURN_IF_ERROR(device_alloc(p, bytes, "weights (" + what + ")"));
-    allocs->push_back(*p);
-    return Status::ok();
-  };
-  // A matrix of rows x cols at dst: uploaded from hw, or uniform with the dummy model's stddev.
-  auto fill = [&](const Weight* hw, void* dst, int64_t rows, int64_t cols, float stddev, const std::string& name) -> Status {
-    if (hw) {
-      if (hw->rows != rows || hw->cols != cols)
-        return Status::error("weight " + hw->name + ": shape [" + std::to_string(hw->rows) + ", " +
-                             std::to_string(hw->cols) + "], expected [" + std::to_string(rows) + ", " +
-                             std::to_string(cols) + "]");
-      return upload_matrix(*hw, dst, s);
+namespace {
+
+Fp8Act fp8_act_of(ActQuant a) {
+  switch (a) {
+    case ActQuant::kStaticTensor: return Fp8Act::kStatic;
+    case ActQuant::kDynamicTensor: return Fp8Act::kDynamicTensor;
+    case ActQuant::kNone:  // weight-only on the CPU; per token is the closest the FP8 GEMM gets
+    case ActQuant::kDynamicToken: return Fp8Act::kDynamicToken;
+  }
+  return Fp8Act::kDynamicToken;
+}
+
+// Dummy FP8 weights' activation quantization (KILN_FP8_ACT: static | dynamic_per_tensor |
+// dynamic_per_token). Static by default, as NVIDIA's calibrated FP8 checkpoints are.
+Fp8Act dummy_fp8_act() {
+  const char* e = std::getenv("KILN_FP8_ACT");
+  const std::string v = e ? e : "static";
+  if (v == "dynamic_per_token") return Fp8Act::kDynamicToken;
+  if (v == "dynamic_per_tensor") return Fp8Act::kDynamicTensor;
+  return Fp8Act::kStatic;
+}
+
+// Uploads (or generates) the model's weights. Fused groups (q|k|v, gate|up) are one allocation so
+// one GEMM/GEMV covers them; an FP8 group stays FP8 (1 byte per weight, scales per row when its
+// members' scales differ) when the GPU has FP8 tensor cores, else it is dequantized to bf16 here.
+class WeightBuilder {
+ public:
+  WeightBuilder(const ModelConfig& c, const ModelWeights* host, uint64_t seed, bool fp8_ok, bool dummy_fp8,
+                std::vector<void*>* allocs, std::vector<std::pair<const void*, Fp8Weight>>* fp8_regs, cudaStream_t s)
+      : c_(c), host_(host), seed_(seed), fp8_ok_(fp8_ok), dummy_fp8_(dummy_fp8), allocs_(allocs), regs_(fp8_regs),
+        s_(s) {}
+
+  Status build(ModelWeights* dw) {
+    const int64_t H = c_.hidden_size, I = c_.intermediate_size, V = c_.vocab_size, Q = c_.q_dim(), KV = c_.kv_dim();
+    const ModelWeights* h = host_;
+    KILN_RETURN_IF_ERROR(group({{h ? &h->embed : nullptr, V, "embed"}}, H, 1.0f, /*may_fp8=*/false, {&dw->embed}));
+    const bool tied = h ? h->lm_head.data == h->embed.data : c_.tie_word_embeddings;
+    if (tied) dw->lm_head = dw->embed;
+    else KILN_RETURN_IF_ERROR(group({{h ? &h->lm_head : nullptr, V, "lm_head"}}, H, 0.02f, false, {&dw->lm_head}));
+    KILN_RETURN_IF_ERROR(vec(h ? &h->final_norm : nullptr, H, 1.0f, "norm", &dw->final_norm));
+    dw->layers.resize(size_t(c_.num_layers));
+    for (int32_t i = 0; i < c_.num_layers; ++i) {
+      const LayerWeights* hl = h ? &h->layers[size_t(i)] : nullptr;
+      LayerWeights& l = dw->layers[size_t(i)];
+      const std::string pre = "layer " + std::to_string(i) + " ";
+      KILN_RETURN_IF_ERROR(vec(hl ? &hl->attn_norm : nullptr, H, 1.0f, pre + "attn_norm", &l.attn_norm));
+      KILN_RETURN_IF_ERROR(vec(hl ? &hl->ffn_norm : nullptr, H, 1.0f, pre + "ffn_norm", &l.ffn_norm));
+      KILN_RETURN_IF_ERROR(group({{hl ? &hl->wq : nullptr, Q, pre + "wq"},
+                                  {hl ? &hl->wk : nullptr, KV, pre + "wk"},
+                                  {hl ? &hl->wv : nullptr, KV, pre + "wv"}},
+                                 H, 0.02f, true, {&l.wq, &l.wk, &l.wv}));
+      KILN_RETURN_IF_ERROR(group({{hl ? &hl->wo : nullptr, H, pre + "wo"}}, Q, 0.02f, true, {&l.wo}));
+      KILN_RETURN_IF_ERROR(group({{hl ? &hl->w_gate : nullptr, I, pre + "w_gate"},
+                                  {hl ? &hl->w_up : nullptr, I, pre + "w_up"}},
+                                 H, 0.02f, true, {&l.w_gate, &l.w_up}));
+      KILN_RETURN_IF_ERROR(group({{hl ? &hl->w_down : nullptr, H, pre + "w_down"}}, I, 0.02f, true, {&l.w_down}));
+      if (hl && !hl->bq.empty()) {
+        KILN_RETURN_IF_ERROR(vec(&hl->bq, Q, 0.0f, pre + "bq", &l.bq));
+        KILN_RETURN_IF_ERROR(vec(&hl->bk, KV, 0.0f, pre + "bk", &l.bk));
+        KILN_RETURN_IF_ERROR(vec(&hl->bv, KV, 0.0f, pre + "bv", &l.bv));
+      }
+      if (c_.qk_norm) {
+        KILN_RETURN_IF_ERROR(vec(hl ? &hl->q_norm : nullptr, c_.head_dim, 1.0f, pre + "q_norm", &l.q_norm));
+        KILN_RETURN_IF_ERROR(vec(hl ? &hl->k_norm : nullptr, c_.head_dim, 1.0f, pre + "k_norm", &l.k_norm));
+      }
+      if (hl) {
+        l.k_scale = hl->k_scale;
+        l.v_scale = hl->v_scale;
+      }
     }
-    launch_fill_uniform_bf16(static_cast<bf16_t*>(dst), rows * cols, seed * 0x9E3779B97F4A7C15ull + (++tensor),
-                             stddev * std::sqrt(3.0f), s);
-    return cuda_status(cudaGetLastError(), "dummy " + name);
+    if (h) dw->fp8_kv_cache = h->fp8_kv_cache;
+    return cuda_status(cudaStreamSynchronize(s_), "weight upload");
+  }
+
+ private:
+  struct Member {
+    const Weight* hw;  // null: dummy
+    int64_t rows;
+    std::string name;
   };
-  auto vec = [&](const Weight* hw, int64_t n, float value, const std::string& name, Weight* out) -> Status {
+
+  Status alloc(size_t bytes, const std::string& what, void** p) {
+    KILN_RETURN_IF_ERROR(device_alloc(p, bytes, "weights (" + what + ")"));
+    allocs_->push_back(*p);
+    return Status::ok();
+  }
+
+  Status vec(const Weight* hw, int64_t n, float value, const std::string& name, Weight* out) {
     void* p = nullptr;
     KILN_RETURN_IF_ERROR(alloc(size_t(n) * 4, name, &p));
     if (hw) {
@@ -212,61 +288,138 @@ static Status build_weights(const ModelConfig& c, const ModelWeights* host, uint
                              std::to_string(n));
       KILN_RETURN_IF_ERROR(upload_vector(*hw, p));
     } else {
-      launch_fill_f32(static_cast<float*>(p), n, value, s);
+      launch_fill_f32(static_cast<float*>(p), n, value, s_);
     }
     *out = device_vector(p, n, name);
     return Status::ok();
-  };
-  auto matrix = [&](const Weight* hw, int64_t rows, int64_t cols, float stddev, const std::string& name,
-                    Weight* out) -> Status {
-    void* p = nullptr;
-    KILN_RETURN_IF_ERROR(alloc(size_t(rows * cols) * 2, name, &p));
-    KILN_RETURN_IF_ERROR(fill(hw, p, rows, cols, stddev, name));
-    *out = device_matrix(p, rows, cols, name);
-    return Status::ok();
-  };
-
-  KILN_RETURN_IF_ERROR(matrix(host ? &host->embed : nullptr, V, H, 1.0f, "embed", &dw->embed));
-  const bool tied = host ? host->lm_head.data == host->embed.data : c.tie_word_embeddings;
-  if (tied) dw->lm_head = dw->embed;
-  else KILN_RETURN_IF_ERROR(matrix(host ? &host->lm_head : nullptr, V, H, 0.02f, "lm_head", &dw->lm_head));
-  KILN_RETURN_IF_ERROR(vec(host ? &host->final_norm : nullptr, H, 1.0f, "norm", &dw->final_norm));
-  dw->layers.resize(size_t(c.num_layers));
-  for (int32_t i = 0; i < c.num_layers; ++i) {
-    const LayerWeights* hl = host ? &host->layers[size_t(i)] : nullptr;
-    LayerWeights& l = dw->layers[size_t(i)];
-    const std::string pre = "layer " + std::to_string(i) + " ";
-    KILN_RETURN_IF_ERROR(vec(hl ? &hl->attn_norm : nullptr, H, 1.0f, pre + "attn_norm", &l.attn_norm));
-    KILN_RETURN_IF_ERROR(vec(hl ? &hl->ffn_norm : nullptr, H, 1.0f, pre + "ffn_norm", &l.ffn_norm));
-    void* qkv = nullptr;
-    KILN_RETURN_IF_ERROR(alloc(size_t((Q + 2 * KV) * H) * 2, pre + "qkv", &qkv));
-    uint16_t* qb = static_cast<uint16_t*>(qkv);
-    KILN_RETURN_IF_ERROR(fill(hl ? &hl->wq : nullptr, qb, Q, H, 0.02f, pre + "wq"));
-    KILN_RETURN_IF_ERROR(fill(hl ? &hl->wk : nullptr, qb + Q * H, KV, H, 0.02f, pre + "wk"));
-    KILN_RETURN_IF_ERROR(fill(hl ? &hl->wv : nullptr, qb + (Q + KV) * H, KV, H, 0.02f, pre + "wv"));
-    l.wq = device_matrix(qb, Q, H, pre + "wq");
-    l.wk = device_matrix(qb + Q * H, KV, H, pre + "wk");
-    l.wv = device_matrix(qb + (Q + KV) * H, KV, H, pre + "wv");
-    KILN_RETURN_IF_ERROR(matrix(hl ? &hl->wo : nullptr, H, Q, 0.02f, pre + "wo", &l.wo));
-    void* gu = nullptr;
-    KILN_RETURN_IF_ERROR(alloc(size_t(2 * I * H) * 2, pre + "gate_up", &gu));
-    uint16_t* gb = static_cast<uint16_t*>(gu);
-    KILN_RETURN_IF_ERROR(fill(hl ? &hl->w_gate : nullptr, gb, I, H, 0.02f, pre + "w_gate"));
-    KILN_RETURN_IF_ERROR(fill(hl ? &hl->w_up : nullptr, gb + I * H, I, H, 0.02f, pre + "w_up"));
-    l.w_gate = device_matrix(gb, I, H, pre + "w_gate");
-    l.w_up = device_matrix(gb + I * H, I, H, pre + "w_up");
-    KILN_RETURN_IF_ERROR(matrix(hl ? &hl->w_down : nullptr, H, I, 0.02f, pre + "w_down", &l.w_down));
-    if (hl && !hl->bq.empty()) {
-      KILN_RETURN_IF_ERROR(vec(&hl->bq, Q, 0.0f, pre + "bq", &l.bq));
-      KILN_RETURN_IF_ERROR(vec(&hl->bk, KV, 0.0f, pre + "bk", &l.bk));
-      KILN_RETURN_IF_ERROR(vec(&hl->bv, KV, 0.0f, pre + "bv", &l.bv));
-    }
-    if (c.qk_norm) {
-      KILN_RETURN_IF_ERROR(vec(hl ? &hl->q_norm : nullptr, c.head_dim, 1.0f, pre + "q_norm", &l.q_norm));
-      KILN_RETURN_IF_ERROR(vec(hl ? &hl->k_norm : nullptr, c.head_dim, 1.0f, pre + "k_norm", &l.k_norm));
-    }
   }
-  return cuda_status(cudaStreamSynchronize(s), "weight upload");
+
+  Status check_shape(const Member& m, int64_t cols) const {
+    if (m.hw && (m.hw->rows != m.rows || m.hw->cols != cols))
+      return Status::error("weight " + m.hw->name + ": shape [" + std::to_string(m.hw->rows) + ", " +
+                           std::to_string(m.hw->cols) + "], expected [" + std::to_string(m.rows) + ", " +
+                           std::to_string(cols) + "]");
+    return Status::ok();
+  }
+
+  // One allocation holding the members' rows back to back; outs[i] views member i.
+  Status group(std::vector<Member> members, int64_t cols, float stddev, bool may_fp8, std::vector<Weight*> outs) {
+    int64_t total = 0;
+    for (const Member& m : members) {
+      KILN_RETURN_IF_ERROR(check_shape(m, cols));
+      total += m.rows;
+    }
+    bool fp8 = may_fp8 && fp8_ok_ && cols % 16 == 0;
+    for (const Member& m : members) fp8 = fp8 && (m.hw ? m.hw->format == WeightFormat::kF8E4M3 : dummy_fp8_);
+    const size_t esize = fp8 ? 1 : 2;
+    const std::string& gname = members.front().name;
+    void* base = nullptr;
+    KILN_RETURN_IF_ERROR(alloc(size_t(total * cols) * esize, gname, &base));
+    std::vector<float> row_scales;  // fp8: every row's dequantization scale
+    Fp8Act act = dummy_fp8_act();
+    float input_scale = 0.0f;
+    int64_t r0 = 0;
+    for (size_t i = 0; i < members.size(); ++i) {
+      const Member& m = members[i];
+      uint8_t* dst = static_cast<uint8_t*>(base) + size_t(r0 * cols) * esize;
+      if (!fp8) {
+        KILN_RETURN_IF_ERROR(m.hw ? upload_matrix(*m.hw, dst, s_) : fill_dummy_bf16(dst, m.rows * cols, stddev, m.name));
+      } else if (m.hw) {
+        if (m.hw->row_bytes != size_t(cols))
+          return Status::error("weight " + m.hw->name + ": FP8 rows of " + std::to_string(m.hw->row_bytes) +
+                               " bytes, expected " + std::to_string(cols));
+        KILN_RETURN_IF_ERROR(cuda_status(cudaMemcpy(dst, m.hw->data, size_t(m.rows * cols), cudaMemcpyHostToDevice),
+                                         "upload " + m.hw->name));
+        for (int64_t r = 0; r < m.rows; ++r) row_scales.push_back(m.hw->row_scale(r));
+        if (i == 0) act = fp8_act_of(m.hw->act_quant);
+        input_scale = std::max(input_scale, m.hw->input_scale);
+      } else {
+        // Dummy FP8: uniform with the bf16 dummy's stddev, per-tensor scale = amax / 448.
+        const float a = stddev * std::sqrt(3.0f), scale = a / 448.0f;
+        launch_fill_uniform_fp8(dst, m.rows * cols, seed_ * 0x9E3779B97F4A7C15ull + (++tensor_), a, scale, s_);
+        KILN_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "dummy " + m.name));
+        row_scales.insert(row_scales.end(), size_t(m.rows), scale);
+        input_scale = 0.05f;  // any positive scale: dummy activations are not calibrated
+      }
+      Weight& w = *outs[i];
+      w = device_matrix(dst, m.rows, cols, m.name);
+      if (fp8) {
+        w.format = WeightFormat::kF8E4M3;
+        w.row_bytes = size_t(cols);
+        w.scale = row_scales[size_t(r0)];
+      }
+      r0 += m.rows;
+    }
+    if (fp8) KILN_RETURN_IF_ERROR(register_fp8(members, outs, row_scales, act, input_scale));
+    return Status::ok();
+  }
+
+  // Device scales of an FP8 group; one registration per member (a member's rows are a suffix of
+  // the group's, so its d_row_scales point into the group's array).
+  Status register_fp8(const std::vector<Member>& members, const std::vector<Weight*>& outs,
+                      const std::vector<float>& row_scales,
+                      Fp8Act act, float input_scale) {
+    const size_t n = row_scales.size();
+    bool per_channel = false;
+    for (float v : row_scales) per_channel = per_channel || v != row_scales[0];
+    if (act == Fp8Act::kStatic && !(input_scale > 0.0f))
+      return Status::error("weight " + members.front().name + ": static FP8 activations without a positive input_scale");
+    std::vector<float> host(n + 2);
+    std::copy(row_scales.begin(), row_scales.end(), host.begin());
+    host[n] = row_scales[0];
+    host[n + 1] = input_scale > 0.0f ? input_scale : 1.0f;
+    void* p = nullptr;
+    KILN_RETURN_IF_ERROR(alloc(host.size() * 4, members.front().name + " scales", &p));
+    KILN_RETURN_IF_ERROR(
+        cuda_status(cudaMemcpy(p, host.data(), host.size() * 4, cudaMemcpyHostToDevice), "upload FP8 scales"));
+    const float* d = static_cast<const float*>(p);
+    int64_t r0 = 0;
+    for (size_t i = 0; i < members.size(); ++i) {
+      Fp8Weight f;
+      f.scale = row_scales[size_t(r0)];
+      f.d_scale = d + n;  // the group's first scale: exact when !per_channel
+      f.d_row_scales = d + r0;
+      f.per_channel = per_channel;
+      f.act = act;
+      f.d_input_scale = d + n + 1;
+      regs_->emplace_back(outs[i]->data, f);
+      r0 += members[i].rows;
+    }
+    return Status::ok();
+  }
+
+  Status fill_dummy_bf16(void* dst, int64_t n, float stddev, const std::string& name) {
+    launch_fill_uniform_bf16(static_cast<bf16_t*>(dst), n, seed_ * 0x9E3779B97F4A7C15ull + (++tensor_),
+                             stddev * std::sqrt(3.0f), s_);
+    return cuda_status(cudaGetLastError(), "dummy " + name);
+  }
+
+  const ModelConfig& c_;
+  const ModelWeights* host_;
+  uint64_t seed_;
+  bool fp8_ok_, dummy_fp8_;
+  std::vector<void*>* allocs_;
+  std::vector<std::pair<const void*, Fp8Weight>>* regs_;
+  cudaStream_t s_;
+  uint64_t tensor_ = 0;
+};
+
+}  // namespace
+
+Status CudaExecutor::build_weights(const ModelWeights* host, uint64_t seed, const LoadOptions& opts) {
+  const std::string& q = opts.quantization;
+  if (q != "auto" && q != "bf16" && q != "fp8")
+    return Status::error("quantization '" + q + "': expected auto, bf16 or fp8");
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_);
+  const bool fp8_hw = major * 10 + minor >= 89;
+  if (q == "fp8" && !fp8_hw)
+    return Status::error("quantization fp8 needs FP8 tensor cores (sm_89 or newer); this GPU is sm_" +
+                         std::to_string(major) + std::to_string(minor) + ": use bf16");
+  WeightBuilder b(config_, host, seed, fp8_hw && q != "bf16", !host && q == "fp8", &allocations_, &fp8_regs_,
+                  as_stream(stream_));
+  return b.build(&dw_);
 }
 
 Status CudaExecutor::finish_init(const LoadOptions& opts) {
@@ -277,6 +430,7 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
     ops_->register_fused(l.wq.data, c.q_dim() + 2 * c.kv_dim(), Buf::kQ, {{l.wk.data, Buf::kK}, {l.wv.data, Buf::kV}});
     ops_->register_fused(l.w_gate.data, 2 * int64_t(c.intermediate_size), Buf::kGate, {{l.w_up.data, Buf::kUp}});
   }
+  for (const auto& [data, f] : fp8_regs_) ops_->register_fp8(data, f);
   weight_bytes_per_token_ = size_t(c.vocab_size) * c.hidden_size * 2;  // lm_head
   for (const LayerWeights& l : dw_.layers)
     for (const Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) weight_bytes_per_token_ += w->nbytes();
@@ -296,8 +450,17 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
   KILN_RETURN_IF_ERROR(cuda_status(cudaMallocHost(reinterpret_cast<void**>(&h_ids_), size_t(caps.logit_rows) * 4),
                                    "pinned ids"));
 
-  // KV cache: a block count, or a fraction of what is free now.
-  const size_t per_block = size_t(2) * c.num_layers * bs * c.kv_dim() * 2;
+  // KV cache: a block count, or a fraction of what is free now; bf16, or FP8 E4M3 (1 byte an
+  // element) when the checkpoint or --kv_cache_dtype / KILN_KV_CACHE_DTYPE asks for it.
+  Result<bool> kv_fp8 = resolve_kv_cache_fp8(opts.kv_cache_dtype, dw_.fp8_kv_cache);
+  if (!kv_fp8) return kv_fp8.status();
+  for (int32_t l = 0; *kv_fp8 && l < c.num_layers; ++l)
+    for (float sc : {dw_.layers[size_t(l)].k_scale, dw_.layers[size_t(l)].v_scale})
+      if (!(sc > 0.0f && sc < 3.0e38f))
+        return Status::error("layer " + std::to_string(l) + ": FP8 KV-cache scale " + std::to_string(sc) +
+                             " must be positive and finite (self_attn.k_scale / v_scale)");
+  const size_t kv_elem = *kv_fp8 ? 1 : 2;
+  const size_t per_block = size_t(2) * c.num_layers * bs * c.kv_dim() * kv_elem;
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
   int64_t blocks = opts.kv_cache_blocks;
@@ -312,10 +475,13 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
   kv_ = std::make_unique<DeviceKv>();
   kv_->num_blocks = int32_t(blocks);
   kv_->block_size = bs;
-  const size_t per_layer = size_t(blocks) * bs * c.kv_dim();  // elements
+  kv_->fp8 = *kv_fp8;
+  const size_t per_layer = size_t(blocks) * bs * c.kv_dim() * kv_elem;  // bytes
   for (int32_t l = 0; l < c.num_layers; ++l) {
-    kv_->k.push_back(static_cast<bf16_t*>(kv_base_) + size_t(2 * l) * per_layer);
-    kv_->v.push_back(static_cast<bf16_t*>(kv_base_) + size_t(2 * l + 1) * per_layer);
+    kv_->k.push_back(static_cast<uint8_t*>(kv_base_) + size_t(2 * l) * per_layer);
+    kv_->v.push_back(static_cast<uint8_t*>(kv_base_) + size_t(2 * l + 1) * per_layer);
+    kv_->k_scale.push_back(dw_.layers[size_t(l)].k_scale);
+    kv_->v_scale.push_back(dw_.layers[size_t(l)].v_scale);
   }
   ops_->set_kv(kv_.get());
 
@@ -328,7 +494,8 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
   info_.eos_ids = c.eos_token_ids;
   info_.device = "cuda:" + std::to_string(device_) + " (" + prop.name + ")";
   log_info("cuda: " + info_.device + ", weights " + mib(weight_bytes_per_token_) + " streamed per decode step, KV " +
-           std::to_string(blocks) + " blocks (" + mib(size_t(blocks) * per_block) + "), activations " +
+           std::to_string(blocks) + " blocks (" + mib(size_t(blocks) * per_block) + (*kv_fp8 ? ", fp8" : ", bf16") +
+           "), activations " +
            mib(ops_->reserved_bytes()) + ", " + gemm_->library());
   return Status::ok();
 }
@@ -338,8 +505,8 @@ Result<std::unique_ptr<CudaExecutor>> CudaExecutor::create(std::shared_ptr<const
   std::unique_ptr<CudaExecutor> ex(new CudaExecutor());
   ex->config_ = host_model->config;
   KILN_RETURN_IF_ERROR(ex->init_common(opts));
-  KILN_RETURN_IF_ERROR(build_weights(ex->config_, &host_model->weights, 0, &ex->dw_, &ex->allocations_,
-                                     as_stream(ex->stream_)));
+  KILN_RETURN_IF_ERROR(ex->build_weights(&host_model->weights, 0, opts));
+  copy_kv_cache_scales(host_model->weights, &ex->dw_);
   KILN_RETURN_IF_ERROR(ex->finish_init(opts));
   return ex;
 }
@@ -349,7 +516,7 @@ Result<std::unique_ptr<CudaExecutor>> CudaExecutor::create_dummy(const ModelConf
   std::unique_ptr<CudaExecutor> ex(new CudaExecutor());
   ex->config_ = c;
   KILN_RETURN_IF_ERROR(ex->init_common(opts));
-  KILN_RETURN_IF_ERROR(build_weights(ex->config_, nullptr, seed, &ex->dw_, &ex->allocations_, as_stream(ex->stream_)));
+  KILN_RETURN_IF_ERROR(ex->build_weights(nullptr, seed, opts));
   KILN_RETURN_IF_ERROR(ex->finish_init(opts));
   return ex;
 }
@@ -532,17 +699,28 @@ Result<double> CudaExecutor::bench_read_bandwidth(size_t bytes, int reps) {
   return best;
 }
 
-Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps, bool cublas_only) {
+Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps, bool cublas_only,
+                                                bool fp8) {
   cudaSetDevice(device_);
   cudaStream_t s = as_stream(stream_);
+  const size_t wsize = fp8 ? 1 : 2;
   // Several weight copies rotate so a weight never sits in L2 from the previous rep.
-  const int copies = std::max<int>(2, int(std::min<int64_t>(8, (int64_t(200) << 20) / std::max<int64_t>(1, N * K * 2) + 1)));
-  void *x = nullptr, *y = nullptr, *w = nullptr;
+  const int copies =
+      std::max<int>(2, int(std::min<int64_t>(8, (int64_t(200) << 20) / std::max<int64_t>(1, N * K * int64_t(wsize)) + 1)));
+  void *x = nullptr, *xq = nullptr, *y = nullptr, *w = nullptr, *one = nullptr;
   KILN_RETURN_IF_ERROR(device_alloc(&x, size_t(M * K) * 2, "gemm bench x"));
+  KILN_RETURN_IF_ERROR(device_alloc(&xq, size_t(M * K), "gemm bench xq"));
   KILN_RETURN_IF_ERROR(device_alloc(&y, size_t(M * N) * 2, "gemm bench y"));
-  KILN_RETURN_IF_ERROR(device_alloc(&w, size_t(copies) * size_t(N * K) * 2, "gemm bench w"));
+  KILN_RETURN_IF_ERROR(device_alloc(&w, size_t(copies) * size_t(N * K) * wsize, "gemm bench w"));
+  KILN_RETURN_IF_ERROR(device_alloc(&one, sizeof(float), "gemm bench scale"));
   launch_fill_uniform_bf16(static_cast<bf16_t*>(x), M * K, 11, 1.0f, s);
-  launch_fill_uniform_bf16(static_cast<bf16_t*>(w), copies * N * K, 12, 0.05f, s);
+  launch_fill_f32(static_cast<float*>(one), 1, 1.0f, s);
+  if (fp8) {
+    launch_fill_uniform_fp8(static_cast<uint8_t*>(w), copies * N * K, 12, 0.05f, 0.05f / 448.0f, s);
+    launch_fill_uniform_fp8(static_cast<uint8_t*>(xq), M * K, 13, 1.0f, 1.0f / 448.0f, s);
+  } else {
+    launch_fill_uniform_bf16(static_cast<bf16_t*>(w), copies * N * K, 12, 0.05f, s);
+  }
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
@@ -550,9 +728,21 @@ Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K,
   const int gemv_m = gemm_->gemv_max_m();
   if (cublas_only) gemm_->set_gemv_max_m(0);
   for (int r = 0; r < reps + 3; ++r) {
-    const void* wr = static_cast<const uint16_t*>(w) + size_t(r % copies) * size_t(N * K);
+    const void* wr = static_cast<const uint8_t*>(w) + size_t(r % copies) * size_t(N * K) * wsize;
     cudaEventRecord(e0, s);
-    gemm_->linear(x, M, K, wr, N, K, y, N, false, s);
+    if (!fp8) {
+      gemm_->linear(x, M, K, wr, N, K, y, N, false, s);
+    } else {
+      GemvW g;
+      g.data = wr;
+      g.fp8 = true;
+      g.scale = 0.05f / 448.0f;
+      // kiln's FP8 path: the GEMV for small M (bf16 activations), else cuBLASLt on quantized x.
+      if (!(M <= gemm_->gemv_max_m() && launch_gemv(static_cast<const bf16_t*>(x), K, int32_t(M), g, int32_t(N),
+                                                    int32_t(K), y, N, false, s)))
+        gemm_->linear_fp8(xq, M, K, static_cast<const float*>(one), false, wr, N, K, static_cast<const float*>(one),
+                          false, y, N, s);
+    }
     cudaEventRecord(e1, s);
     cudaEventSynchronize(e1);
     float ms = 0;
@@ -563,13 +753,13 @@ Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K,
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   Status st = cuda_status(cudaGetLastError(), "gemm bench");
-  cudaFree(x);
-  cudaFree(y);
-  cudaFree(w);
+  for (void* p : {x, xq, y, w, one}) cudaFree(p);
   KILN_RETURN_IF_ERROR(st);
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
 }
+
+bool CudaExecutor::weights_fp8() const { return !fp8_regs_.empty(); }
 
 }  // namespace cuda
 

@@ -1,4 +1,4 @@
-// ModelExecutor on one CUDA device: bf16 weights uploaded once, a paged bf16 KV cache sized from a
+// ModelExecutor on one CUDA device: bf16 (or FP8 E4M3, sm_89+) weights uploaded once, a paged bf16 KV cache sized from a
 // memory fraction or a block count, step metadata uploaded once per step, decode steps replayed
 // from CUDA graphs per batch-size bucket, sampling on the device with the host sampler's semantics
 // and RNG (cuda/sampler.h; rows that ask for logprobs are read back and sampled on the host).
@@ -16,10 +16,12 @@
 
 namespace kiln {
 
-// path: an HF directory or .gguf file; opts.device "cuda" or "cuda:N". Weights are converted to
-// bf16 on upload (GGUF quantized rows are dequantized on the host row by row first).
+// path: an HF directory, .gguf file or engine dir; opts.device "cuda" or "cuda:N". Weights are
+// converted to bf16 on upload (GGUF quantized rows are dequantized on the host row by row first),
+// except FP8 matrices, which stay FP8 where the GPU has FP8 tensor cores (LoadOptions::quantization).
 Result<std::unique_ptr<ModelExecutor>> load_cuda_executor(const std::string& path, const LoadOptions& opts);
-// Random bf16 weights generated on the device (8B-scale benchmarks with no host copy).
+// Random weights generated on the device (8B-scale benchmarks with no host copy): bf16, or FP8
+// linears with opts.quantization == "fp8".
 Result<std::unique_ptr<ModelExecutor>> make_cuda_executor_dummy(const ModelConfig& c, const LoadOptions& opts,
                                                                  uint64_t seed);
 
@@ -32,6 +34,7 @@ class CudaOps;
 class DeviceSampler;
 class Gemm;
 struct DeviceKv;
+struct Fp8Weight;
 
 class CudaExecutor final : public ModelExecutor {
  public:
@@ -57,12 +60,17 @@ class CudaExecutor final : public ModelExecutor {
   // Measurements in the same process (bench): best streaming-read rate over `bytes` (GB/s), and
   // the median time of one bf16 GEMM y[M,N] = x[M,K] W[N,K]^T through the same cuBLASLt path.
   [[nodiscard]] Result<double> bench_read_bandwidth(size_t bytes, int reps);
-  // cublas_only: bypass kiln's small-M GEMV (to compare the two).
-  [[nodiscard]] Result<double> bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps, bool cublas_only = false);
+  // cublas_only: bypass kiln's small-M GEMV (to compare the two). fp8: E4M3 weights (and inputs
+  // for cuBLASLt), unit scales.
+  [[nodiscard]] Result<double> bench_gemm_seconds(int64_t M, int64_t N, int64_t K, int reps, bool cublas_only = false,
+                                                  bool fp8 = false);
+  // Whether any linear runs in FP8 on this GPU.
+  bool weights_fp8() const;
 
  private:
   CudaExecutor() = default;
   Status init_common(const LoadOptions& opts);
+  Status build_weights(const ModelWeights* host, uint64_t seed, const LoadOptions& opts);
   Status finish_init(const LoadOptions& opts);
   Status run_forward(const StepBatch& b, bool* graphed);
   void clear_graphs();
@@ -70,6 +78,7 @@ class CudaExecutor final : public ModelExecutor {
   ModelConfig config_;
   ModelWeights dw_;  // Weight::data are device pointers
   std::vector<void*> allocations_;
+  std::vector<std::pair<const void*, cuda::Fp8Weight>> fp8_regs_;  // FP8 matrices, for CudaOps
   ExecutorInfo info_;
   int device_ = 0;
   void* stream_ = nullptr;  // cudaStream_t

@@ -36,8 +36,43 @@ static bool fused_norm_enabled() {
 void CudaOps::flush_pending() {
   if (!pending_.on) return;
   pending_.on = false;
-  gemm_->linear(pending_.x, pending_.n, pending_.ldx, pending_.w, pending_.rows, pending_.cols, pending_.y, pending_.ldy,
-                false, stream_);
+  matmul(pending_.x, pending_.ldx, pending_.n, pending_.w, pending_.rows, pending_.cols, pending_.y, pending_.ldy, false);
+}
+
+GemvW CudaOps::gemv_weight(const void* w) const {
+  GemvW g;
+  g.data = w;
+  auto f = fp8_.find(w);
+  if (f != fp8_.end()) {
+    g.fp8 = true;
+    g.scale = f->second.scale;
+    g.row_scales = f->second.per_channel ? f->second.d_row_scales : nullptr;
+  }
+  return g;
+}
+
+void CudaOps::matmul(const void* x, int64_t ldx, int64_t n, const void* w, int64_t rows, int64_t cols, void* y,
+                     int64_t ldy, bool y_f32) {
+  auto f = fp8_.find(w);
+  if (f == fp8_.end()) {
+    gemm_->linear(x, n, ldx, w, rows, cols, y, ldy, y_f32, stream_);
+    return;
+  }
+  if (n == 0) return;
+  const Fp8Weight& q = f->second;
+  KILN_CHECK_MSG(!y_f32, "FP8 linears write bf16 activations");
+  if (n <= gemm_->gemv_max_m() &&
+      launch_gemv(static_cast<const bf16_t*>(x), ldx, int32_t(n), gemv_weight(w), int32_t(rows), int32_t(cols), y, ldy,
+                  false, stream_))
+    return;
+  KILN_CHECK_MSG(n <= caps_.tokens && cols <= fp8_cols_, "FP8 input larger than the reserved quantization buffer");
+  // Vector scales whenever either side has them: per-token activations, or per-channel weights
+  // (the per-tensor side is then repeated: d_row_scales / the quantizer's per-row output).
+  const bool vec = q.per_channel || q.act == Fp8Act::kDynamicToken;
+  launch_quantize_fp8(static_cast<const bf16_t*>(x), ldx, int32_t(n), int32_t(cols), q.act, q.d_input_scale, xq_,
+                      x_scales_, vec, amax_, stream_);
+  gemm_->linear_fp8(xq_, n, cols, x_scales_, vec, w, rows, cols, vec ? q.d_row_scales : q.d_scale, vec, y, ldy,
+                    stream_);
 }
 
 // q/k/v and gate/up are interior pointers of qkv_ and gate_up_: only the owners are freed.
@@ -54,6 +89,9 @@ CudaOps::~CudaOps() {
   cudaFree(counters_);
   cudaFree(d_meta_);
   if (h_meta_) cudaFreeHost(h_meta_);
+  cudaFree(xq_);
+  cudaFree(x_scales_);
+  cudaFree(amax_);
 }
 
 Status CudaOps::reserve(const StepCaps& want) {
@@ -76,6 +114,12 @@ Status CudaOps::reserve(const StepCaps& want) {
   cudaFree(counters_);
   cudaFree(d_meta_);
   if (h_meta_) cudaFreeHost(h_meta_);
+  cudaFree(xq_);
+  cudaFree(x_scales_);
+  cudaFree(amax_);
+  xq_ = nullptr;
+  x_scales_ = nullptr;
+  amax_ = nullptr;
   qkv_ = gate_up_ = nullptr;
   partials_ = nullptr;
   counters_ = nullptr;
@@ -97,6 +141,11 @@ Status CudaOps::reserve(const StepCaps& want) {
   KILN_RETURN_IF_ERROR(alloc(&gate_up_, T * 2 * I * 2, "activations (gate/up)"));
   KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kLogitsIn)], size_t(n.logit_rows) * H * 2, "activations (logit rows)"));
   KILN_RETURN_IF_ERROR(alloc(&bufs_[size_t(Buf::kLogits)], size_t(n.logit_rows) * size_t(c_.vocab_size) * 4, "logits"));
+  // FP8 GEMM inputs: the widest K of any projection (q_dim for o_proj, inter for down_proj).
+  fp8_cols_ = std::max<int64_t>({c_.hidden_size, c_.intermediate_size, c_.q_dim()});
+  KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&xq_), T * size_t(fp8_cols_), "activations (fp8 inputs)"));
+  KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&x_scales_), T * 4, "activations (fp8 scales)"));
+  KILN_RETURN_IF_ERROR(alloc(reinterpret_cast<void**>(&amax_), 4, "fp8 amax"));
   bf16_t* q = static_cast<bf16_t*>(qkv_);
   bufs_[size_t(Buf::kQ)] = q;
   bufs_[size_t(Buf::kK)] = q + c_.q_dim();
@@ -221,7 +270,7 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
   KILN_CHECK_MSG(rv.f32 && rv.ld == dim, "add_rms_norm: the residual is the dense f32 buffer");
   if (pending_.on && pending_.y == dv.ptr && pending_.n == n && pending_.rows == dim && !ov.f32 &&
       launch_gemv_add_rms_norm(static_cast<const bf16_t*>(pending_.x), pending_.ldx, int32_t(n),
-                               static_cast<const bf16_t*>(pending_.w), int32_t(dim), int32_t(pending_.cols),
+                               gemv_weight(pending_.w), int32_t(dim), int32_t(pending_.cols),
                                static_cast<bf16_t*>(pending_.y), pending_.ldy, static_cast<float*>(rv.ptr),
                                static_cast<const float*>(w.data), eps, static_cast<bf16_t*>(ov.ptr), ov.ld,
                                norm_counter_, stream_)) {
@@ -251,7 +300,7 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
   if (f != fused_.end() && y == bufs_[size_t(f->second.out)] && !yv.f32) {
     const Fused& fu = f->second;
     if (fu.is_head && yv.ld == fu.rows) {
-      gemm_->linear(xv.ptr, n, xv.ld, w.data, fu.rows, w.cols, yv.ptr, yv.ld, false, stream_);
+      matmul(xv.ptr, xv.ld, n, w.data, fu.rows, w.cols, yv.ptr, yv.ld, false);
       last_fused_ = {fu.head, x, n};
       add_bias();
       return;
@@ -262,7 +311,7 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
     }
   }
   last_fused_ = {};
-  gemm_->linear(xv.ptr, n, xv.ld, w.data, w.rows, w.cols, yv.ptr, yv.ld, yv.f32, stream_);
+  matmul(xv.ptr, xv.ld, n, w.data, w.rows, w.cols, yv.ptr, yv.ld, yv.f32);
   add_bias();
 }
 
@@ -274,7 +323,7 @@ void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act g
   if (n <= gemm_->gemv_max_m() && f != fused_.end() && f->second.is_head && f->second.rows == 2 * I &&
       gate == bufs_[size_t(Buf::kGate)]) {
     View xv = view(x, l.w_gate.cols), gv = view(gate, I);
-    if (launch_gemv_silu(static_cast<const bf16_t*>(xv.ptr), xv.ld, int32_t(n), static_cast<const bf16_t*>(l.w_gate.data),
+    if (launch_gemv_silu(static_cast<const bf16_t*>(xv.ptr), xv.ld, int32_t(n), gemv_weight(l.w_gate.data),
                          int32_t(I), int32_t(l.w_gate.cols), static_cast<bf16_t*>(gv.ptr), gv.ld, stream_)) {
       last_fused_ = {};
       return;
@@ -306,6 +355,9 @@ AttnParams CudaOps::attn_params(int32_t layer, Act q, Act out, const ModelConfig
   p.ldq = qv.ld;
   p.k_cache = kv_->k[size_t(layer)];
   p.v_cache = kv_->v[size_t(layer)];
+  p.kv_fp8 = kv_->fp8;
+  p.k_scale = kv_->fp8 ? kv_->k_scale[size_t(layer)] : 1.0f;
+  p.v_scale = kv_->fp8 ? kv_->v_scale[size_t(layer)] : 1.0f;
   p.out = static_cast<bf16_t*>(ov.ptr);
   p.ldo = ov.ld;
   p.tokens = d_tokens_;
@@ -330,8 +382,14 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
   flush_pending();
   last_fused_ = {};
   View kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim());
-  launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
-                  kv_->k[size_t(layer)], kv_->v[size_t(layer)], c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
+  if (kv_->fp8)
+    launch_kv_write_fp8(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_,
+                        T_, kv_->k[size_t(layer)], kv_->v[size_t(layer)], c.num_kv_heads, c.head_dim, kv_->block_size,
+                        kv_->k_scale[size_t(layer)], kv_->v_scale[size_t(layer)], stream_);
+  else
+    launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
+                    static_cast<bf16_t*>(kv_->k[size_t(layer)]), static_cast<bf16_t*>(kv_->v[size_t(layer)]),
+                    c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
   const AttnParams p = attn_params(layer, q, out, c);
   if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
   if (n_prefill_tiles_ > 0) launch_prefill_attention(p, stream_);

@@ -12,16 +12,32 @@
 #include <unordered_map>
 #include <vector>
 
+#include "backend/cuda/fp8.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
 #include "model/ops.h"
 
 namespace kiln::cuda {
 
-// Paged KV cache on the device: per layer [num_blocks, n_kv, block_size, head_dim] bf16.
+// Paged KV cache on the device: per layer [num_blocks, n_kv, block_size, head_dim] bf16, or FP8
+// E4M3 (1 byte per element) with per-layer scales, real = fp8 * scale (ModelOpt's convention).
 struct DeviceKv {
   int32_t num_blocks = 0, block_size = 16;
-  std::vector<bf16_t*> k, v;
+  bool fp8 = false;
+  std::vector<void*> k, v;
+  std::vector<float> k_scale, v_scale;  // [layers], with fp8
+  size_t elem_bytes() const { return fp8 ? 1 : 2; }
+};
+
+// An FP8 E4M3 weight on the device (the executor registers one per FP8 matrix, keyed by its data
+// pointer; fused members point into their head's rows). real = fp8 * scale.
+struct Fp8Weight {
+  float scale = 1.0f;                    // per tensor (the GEMVs take it by value)
+  const float* d_scale = nullptr;        // device [1]: the same
+  const float* d_row_scales = nullptr;   // device [rows]: per channel, or the tensor scale repeated
+  bool per_channel = false;              // rows differ in scale (d_row_scales is the truth)
+  Fp8Act act = Fp8Act::kDynamicToken;    // how the GEMM path quantizes the input
+  const float* d_input_scale = nullptr;  // device [1] (Fp8Act::kStatic)
 };
 
 struct StepCaps {
@@ -42,6 +58,9 @@ class CudaOps final : public Ops {
   // Fused projections: `head` (wq or w_gate) computes all `rows` output columns into `out`'s slot;
   // the members (wk, wv or w_up) write nothing of their own. Pointers are device weight data.
   void register_fused(const void* head, int64_t rows, Buf out, std::vector<std::pair<const void*, Buf>> members);
+  // Marks a weight as FP8: linear() runs it through the FP8 GEMV (decode) or quantizes the input
+  // and runs cuBLASLt's FP8 GEMM.
+  void register_fp8(const void* data, const Fp8Weight& w) { fp8_[data] = w; }
 
   // Host side of begin_step: validate-free packing of the metadata into pinned memory.
   void pack_step(const StepBatch& b);
@@ -88,6 +107,11 @@ class CudaOps final : public Ops {
   // launch_gemv_add_rms_norm). Every other entry point launches a recorded projection first, so the
   // ops keep their meaning in any order. KILN_FUSED_NORM=0 turns the fold off.
   void flush_pending();
+  // Every projection goes through here: bf16 -> Gemm::linear (GEMV or cuBLASLt); FP8 -> GEMV for
+  // small n, else quantize x then Gemm::linear_fp8.
+  void matmul(const void* x, int64_t ldx, int64_t n, const void* w, int64_t rows, int64_t cols, void* y, int64_t ldy,
+              bool y_f32);
+  GemvW gemv_weight(const void* w) const;
   struct Fused {
     const void* head;
     int64_t rows;
@@ -121,6 +145,11 @@ class CudaOps final : public Ops {
   int32_t T_ = 0, S_ = 0, L_ = 0, n_prefill_tiles_ = 0, n_decode_seqs_ = 0;
   bool external_upload_ = false;
   std::unordered_map<const void*, Fused> fused_;
+  std::unordered_map<const void*, Fp8Weight> fp8_;
+  uint8_t* xq_ = nullptr;          // [T, max(hidden, inter, q_dim)] quantized GEMM inputs
+  float* x_scales_ = nullptr;      // [T]
+  unsigned int* amax_ = nullptr;   // dynamic per-tensor amax word
+  int64_t fp8_cols_ = 0;
   struct {
     bool on = false;
     const void* x = nullptr;

@@ -1,0 +1,175 @@
+// FP8 E4M3 activation quantization, scale epilogue and dummy-weight fill (fp8.h). The conversions
+// use cuda_fp8.h's saturating round-to-nearest-even, the same rounding as torch's float8_e4m3fn
+// cast and kiln's CPU emulation (model/fp8.cpp): x is divided by the scale, not multiplied by 1/s.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "backend/cuda/fp8.h"
+
+namespace kiln::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+constexpr float kFp8Max = 448.0f;
+
+__device__ __forceinline__ uint8_t to_fp8(float v) {
+  return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}
+
+__device__ __forceinline__ float from_fp8(uint8_t b) {
+  const __half_raw h = __nv_cvt_fp8_to_halfraw(b, __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// Scale for an amax, as model/fp8.h fp8_scale_for_amax: 1 for zero or non-finite.
+__device__ __forceinline__ float scale_for_amax(float amax) {
+  return (amax > 0.0f && amax < 3.0e38f) ? amax / kFp8Max : 1.0f;
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float m = 0.0f;
+  for (int i = 0; i < nw; ++i) m = fmaxf(m, red[i]);
+  return m;
+}
+
+// Row amax over K (8 bf16 per 16-byte load when aligned).
+__device__ float row_amax(const bf16* x, int32_t K, float* red) {
+  float m = 0.0f;
+  if ((K & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+      const uint4 u = xv[i];
+      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const float2 f = __bfloat1622float2(p[t]);
+        m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < K; i += blockDim.x) m = fmaxf(m, fabsf(__bfloat162float(x[i])));
+  }
+  return block_max(m, red);
+}
+
+__device__ void quantize_row(const bf16* x, int32_t K, float s, uint8_t* q) {
+  if ((K & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (reinterpret_cast<uintptr_t>(q) & 7) == 0) {
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
+      const uint4 u = xv[i];
+      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+      uint8_t o[8];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const float2 f = __bfloat1622float2(p[t]);
+        o[2 * t] = to_fp8(f.x / s);
+        o[2 * t + 1] = to_fp8(f.y / s);
+      }
+      *reinterpret_cast<uint2*>(q + 8 * int64_t(i)) = *reinterpret_cast<const uint2*>(o);
+    }
+  } else {
+    for (int i = threadIdx.x; i < K; i += blockDim.x) q[i] = to_fp8(__bfloat162float(x[i]) / s);
+  }
+}
+
+// One block per row. kDynamicToken: amax then quantize; kStatic / kDynamicTensor: the scale is
+// already in *scale_in (the tensor amax as float bits when `from_amax`).
+__global__ void quantize_rows_kernel(const bf16* x, int64_t ldx, int32_t K, int mode, const float* scale_in,
+                                     const unsigned int* amax_bits, uint8_t* xq, float* scales_out,
+                                     bool scales_per_row) {
+  __shared__ float red[32];
+  const int64_t r = blockIdx.x;
+  const bf16* xr = x + r * ldx;
+  float s;
+  if (mode == int(Fp8Act::kDynamicToken)) {
+    s = scale_for_amax(row_amax(xr, K, red));
+    if (threadIdx.x == 0) scales_out[r] = s;
+  } else if (mode == int(Fp8Act::kDynamicTensor)) {
+    s = scale_for_amax(__uint_as_float(*amax_bits));
+  } else {
+    s = *scale_in;
+  }
+  if (mode != int(Fp8Act::kDynamicToken) && threadIdx.x == 0 && (scales_per_row || r == 0))
+    scales_out[scales_per_row ? r : 0] = s;
+  quantize_row(xr, K, s, xq + r * int64_t(K));
+}
+
+// Tensor amax: per-row block maxima folded with atomicMax on the float's bits (non-negative floats
+// order like their bit patterns).
+__global__ void amax_rows_kernel(const bf16* x, int64_t ldx, int32_t K, unsigned int* amax_bits) {
+  __shared__ float red[32];
+  const float m = row_amax(x + int64_t(blockIdx.x) * ldx, K, red);
+  if (threadIdx.x == 0) atomicMax(amax_bits, __float_as_uint(m));
+}
+
+__global__ void scale_outer_kernel(bf16* y, int64_t ldy, int32_t N, const float* a, bool a_per_row, const float* b,
+                                   bool b_per_col) {
+  const int64_t m = blockIdx.y;
+  const float am = a[a_per_row ? m : 0];
+  bf16* row = y + m * ldy;
+  for (int32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < N; j += gridDim.x * blockDim.x)
+    row[j] = __float2bfloat16(__bfloat162float(row[j]) * am * b[b_per_col ? j : 0]);
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+__global__ void fill_uniform_fp8_kernel(uint8_t* p, int64_t n, uint64_t seed, float a, float scale) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed ^ mix64(uint64_t(i)));
+    const float u = float(r >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    p[i] = to_fp8((2.0f * u - 1.0f) * a / scale);
+  }
+}
+
+__global__ void fp8_to_bf16_kernel(const uint8_t* in, bf16* out, int64_t n, float scale) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16(from_fp8(in[i]) * scale);
+}
+
+int grid_for(int64_t n, int block) {
+  const int64_t g = (n + block - 1) / block;
+  return int(g < 65536 ? (g > 0 ? g : 1) : 65536);
+}
+
+}  // namespace
+
+void launch_quantize_fp8(const bf16_t* x, int64_t ldx, int32_t n, int32_t K, Fp8Act mode, const float* static_scale,
+                         uint8_t* xq, float* scales_out, bool scales_per_row, unsigned int* amax_scratch,
+                         cudaStream_t s) {
+  if (n <= 0) return;
+  const bf16* xb = reinterpret_cast<const bf16*>(x);
+  if (mode == Fp8Act::kDynamicTensor) {
+    cudaMemsetAsync(amax_scratch, 0, sizeof(unsigned int), s);
+    amax_rows_kernel<<<n, 256, 0, s>>>(xb, ldx, K, amax_scratch);
+  }
+  quantize_rows_kernel<<<n, 256, 0, s>>>(xb, ldx, K, int(mode), static_scale, amax_scratch, xq, scales_out,
+                                       scales_per_row || mode == Fp8Act::kDynamicToken);
+}
+
+void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const float* a, bool a_per_row, const float* b,
+                        bool b_per_col, cudaStream_t s) {
+  if (n <= 0 || N <= 0) return;
+  const int bx = (N + 255) / 256 < 64 ? (N + 255) / 256 : 64;
+  scale_outer_kernel<<<dim3(bx, n), 256, 0, s>>>(reinterpret_cast<bf16*>(y), ldy, N, a, a_per_row, b, b_per_col);
+}
+
+void launch_fill_uniform_fp8(uint8_t* p, int64_t n, uint64_t seed, float a, float scale, cudaStream_t s) {
+  fill_uniform_fp8_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, n, seed, a, scale);
+}
+
+void launch_fp8_to_bf16(const uint8_t* in, bf16_t* out, int64_t n, float scale, cudaStream_t s) {
+  fp8_to_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(in, reinterpret_cast<bf16*>(out), n, scale);
+}
+
+}  // namespace kiln::cuda
