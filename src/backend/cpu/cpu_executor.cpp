@@ -1,10 +1,23 @@
 #include "backend/cpu/cpu_executor.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "backend/cpu/sampler.h"
+#include "core/log.h"
 
 namespace kiln {
+
+Result<bool> resolve_kv_cache_fp8(const std::string& dtype, bool checkpoint_fp8) {
+  std::string d = dtype.empty() ? "auto" : dtype;
+  std::string from = "--kv_cache_dtype";
+  if (d == "auto")
+    if (const char* e = std::getenv("KILN_KV_CACHE_DTYPE"); e && *e) d = e, from = "KILN_KV_CACHE_DTYPE";
+  if (d == "auto") return checkpoint_fp8;
+  if (d == "fp8") return true;
+  if (d == "bf16") return false;
+  return Status::error(from + " '" + d + "': expected auto, fp8 or bf16");
+}
 
 CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, const LoadOptions& opts) : model_(std::move(model)) {
   const ModelConfig& c = model_->config;
@@ -15,6 +28,16 @@ CpuExecutor::CpuExecutor(std::shared_ptr<const Model> model, const LoadOptions& 
     blocks = int32_t(std::max<size_t>(1, opts.kv_cache_memory_bytes / per));
   }
   kv_.init(c, blocks, opts.block_size);
+  Result<bool> fp8 = resolve_kv_cache_fp8(opts.kv_cache_dtype, model_->weights.fp8_kv_cache);
+  if (!fp8) log_warn(fp8.message() + "; using the checkpoint's KV cache type");  // a constructor: no status to return
+  if (fp8 ? *fp8 : model_->weights.fp8_kv_cache) {
+    std::vector<float> ks, vs;
+    for (const LayerWeights& l : model_->weights.layers) {
+      ks.push_back(l.k_scale);
+      vs.push_back(l.v_scale);
+    }
+    kv_.set_fp8(std::move(ks), std::move(vs));
+  }
   ops_ = std::make_unique<CpuOps>(model_->config, &kv_);
   info_.vocab_size = c.vocab_size;
   info_.block_size = opts.block_size;
@@ -62,6 +85,7 @@ Result<std::unique_ptr<ModelExecutor>> load_cpu_executor(const std::string& mode
   if (opts.device != "cpu")
     return Status::error("device '" + opts.device + "' is not available in this build (cpu is)");
   KILN_ASSIGN_OR_RETURN(auto model, load_model(model_path));
+  KILN_RETURN_IF_ERROR(resolve_kv_cache_fp8(opts.kv_cache_dtype, model->weights.fp8_kv_cache).status());
   std::unique_ptr<ModelExecutor> ex = make_cpu_executor(std::move(model), opts);
   return ex;
 }

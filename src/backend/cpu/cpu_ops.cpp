@@ -10,7 +10,9 @@
 
 #include "backend/cpu/cpu_fp8.h"
 #include "backend/cpu/quant_dot.h"
+#include "core/dtype.h"
 #include "core/thread_pool.h"
+#include "model/fp8.h"
 
 namespace kiln {
 
@@ -49,6 +51,22 @@ void CpuKvCache::init(const ModelConfig& c, int32_t blocks, int32_t bs) {
   const size_t per_layer = size_t(blocks) * size_t(bs) * size_t(c.kv_dim());
   k.assign(size_t(c.num_layers), std::vector<float>(per_layer, 0.0f));
   v.assign(size_t(c.num_layers), std::vector<float>(per_layer, 0.0f));
+}
+
+void kv_fp8_store(const float* src, int64_t n, float scale, float* dst) {
+  // Division, as the GPU's KV write (and torch's (x / scale).to(float8_e4m3fn)) does.
+  const float* lut = fp8_decode_table();
+  for (int64_t i = 0; i < n; ++i) dst[i] = lut[f32_to_fp8e4m3(src[i] / scale)] * scale;
+}
+
+void CpuKvCache::set_fp8(std::vector<float> k_scales, std::vector<float> v_scales) {
+  KILN_CHECK(k_scales.size() == k.size() && v_scales.size() == v.size());
+  for (auto* s : {&k_scales, &v_scales})
+    for (float& x : *s)
+      if (!(x > 0.0f && x < 3.0e38f)) x = 1.0f;
+  fp8 = true;
+  k_scale = std::move(k_scales);
+  v_scale = std::move(v_scales);
 }
 
 size_t CpuKvCache::bytes() const {
@@ -302,8 +320,13 @@ void CpuOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c,
     const int32_t pos = b.positions[size_t(t)];
     const int32_t block = b.block_table(seq_of[size_t(t)])[pos / bs];
     const size_t slot = (size_t(block) * size_t(bs) + size_t(pos % bs)) * size_t(kvd);
-    std::memcpy(kc + slot, ks + size_t(t) * kvd, size_t(kvd) * 4);
-    std::memcpy(vc + slot, vs + size_t(t) * kvd, size_t(kvd) * 4);
+    if (kv_->fp8) {
+      kv_fp8_store(ks + size_t(t) * kvd, kvd, kv_->k_scale[size_t(layer)], kc + slot);
+      kv_fp8_store(vs + size_t(t) * kvd, kvd, kv_->v_scale[size_t(layer)], vc + slot);
+    } else {
+      std::memcpy(kc + slot, ks + size_t(t) * kvd, size_t(kvd) * 4);
+      std::memcpy(vc + slot, vs + size_t(t) * kvd, size_t(kvd) * 4);
+    }
   }
 
   // 2. each (token, head): softmax(q . K[0..pos]) V

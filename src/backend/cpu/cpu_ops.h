@@ -15,10 +15,16 @@ namespace kiln {
 std::vector<float> rope_inv_freq(const ModelConfig& c);
 
 // Paged KV cache in host memory, one K and one V array per layer.
+// With fp8 set it emulates an FP8 E4M3 cache: every k/v value written is stored as
+// fp8(x / scale) * scale (the layer's k or v scale), exactly what the GPU's 1-byte cache reads back.
 struct CpuKvCache {
   int32_t num_blocks = 0, block_size = 16, num_kv_heads = 0, head_dim = 0;
   std::vector<std::vector<float>> k, v;  // [layers][num_blocks, block_size, n_kv_heads, head_dim]
+  bool fp8 = false;
+  std::vector<float> k_scale, v_scale;  // [layers], with fp8
   void init(const ModelConfig& c, int32_t blocks, int32_t block_size);
+  // Per-layer scales (real = fp8 * scale); non-positive or non-finite scales become 1.
+  void set_fp8(std::vector<float> k_scales, std::vector<float> v_scales);
   size_t bytes() const;
   static size_t bytes_per_block(const ModelConfig& c, int32_t block_size) {
     return size_t(2) * c.num_layers * block_size * c.kv_dim() * sizeof(float);
@@ -51,6 +57,8 @@ class CpuOps final : public Ops {
 };
 
 // Plain free functions, also used by tests as the reference for other backends.
+// dst[i] = fp8_e4m3(src[i] / scale) * scale: one value of an FP8 KV cache, read back (in place ok).
+void kv_fp8_store(const float* src, int64_t n, float scale, float* dst);
 void cpu_linear(const float* x, int64_t m, const Weight& w, const float* bias, float* y);
 float cpu_dot(const float* a, const float* b, int64_t n);
 

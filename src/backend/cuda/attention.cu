@@ -8,11 +8,19 @@
 //    (4x fewer bytes for Llama-3-8B's GQA); each group of head_dim/8 lanes streams two tokens'
 //    16-byte K/V slices at a time; splits are merged by a second kernel (flash-decoding), so
 //    batch 1 still fills the GPU.
+// FP8 KV cache (p.kv_fp8): the same kernels instantiated on __nv_fp8_e4m3 cache elements (half the
+// bytes streamed). E4M3 values are all exact in bf16 and f16, so prefill converts the fp8 tiles to
+// bf16 while gathering them into shared memory (the wmma path is unchanged) and decode converts in
+// registers; real = fp8 * scale, and the scales are folded where they cost nothing: k_scale into the
+// softmax scale, v_scale into the output's final normalization.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <mma.h>
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/launch.cuh"
@@ -21,7 +29,80 @@ namespace kiln::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using fp8 = __nv_fp8_e4m3;
 namespace wmma = nvcuda::wmma;
+
+// Eight consecutive cache elements of one lane: 16 bytes of bf16 or 8 bytes of fp8.
+template <typename C>
+struct Vec8 {
+  using T = uint4;
+};
+template <>
+struct Vec8<fp8> {
+  using T = uint2;
+};
+
+__device__ __forceinline__ void to_float8(const uint4& r, float (&x)[8]) {
+  const bf16* b = reinterpret_cast<const bf16*>(&r);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(b[i]);
+}
+
+// fp8x2 -> f16x2 is one instruction on sm_89+ and exact; f16 -> f32 is exact too.
+__device__ __forceinline__ void to_float8(const uint2& r, float (&x)[8]) {
+  const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3)));
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
+
+// Eight cache elements as eight bf16 (exact for fp8) in one 16-byte word, for the wmma tiles.
+__device__ __forceinline__ uint4 load_bf16x8(const bf16* src) { return *reinterpret_cast<const uint4*>(src); }
+__device__ __forceinline__ uint4 load_bf16x8(const fp8* src) {
+  float x[8];
+  to_float8(*reinterpret_cast<const uint2*>(src), x);
+  uint4 r;
+  __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+  return r;
+}
+
+// fp8(x / scale), saturated to +-448 as torch's float8_e4m3fn cast (and the CPU emulation, which
+// divides too: kv_fp8_store in cpu_ops.h) does. __fdiv_rn: IEEE division even under fast math, so
+// the stored codes match the CPU's bit for bit.
+__device__ __forceinline__ uint2 to_fp8x8(const float (&x)[8], float scale) {
+  uint2 r;
+  fp8* o = reinterpret_cast<fp8*>(&r);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = fp8(__fdiv_rn(x[i], scale));
+  return r;
+}
+
+// k, v rows [T, ld] bf16 -> FP8 caches at tokens[t].slot; one block per token, one thread per 8 values.
+__global__ void kv_write_fp8_kernel(const bf16* k, int64_t ldk, const bf16* v, int64_t ldv, const TokenMeta* tokens,
+                                    fp8* kc, fp8* vc, int32_t n_kv, int32_t hd, int32_t bs, float k_scale,
+                                    float v_scale) {
+  pdl_trigger();
+  pdl_wait();
+  const int t = blockIdx.x;
+  const int32_t slot = tokens[t].slot;
+  if (slot < 0) return;
+  const int64_t block = slot / bs, off = slot % bs;
+  const int vecs = hd / 8;
+  for (int idx = threadIdx.x; idx < n_kv * vecs; idx += blockDim.x) {
+    const int h = idx / vecs, c = idx % vecs;
+    const int64_t dst = ((block * n_kv + h) * bs + off) * hd + c * 8;
+    float x[8];
+    to_float8(*reinterpret_cast<const uint4*>(k + int64_t(t) * ldk + int64_t(h) * hd + c * 8), x);
+    *reinterpret_cast<uint2*>(kc + dst) = to_fp8x8(x, k_scale);
+    to_float8(*reinterpret_cast<const uint4*>(v + int64_t(t) * ldv + int64_t(h) * hd + c * 8), x);
+    *reinterpret_cast<uint2*>(vc + dst) = to_fp8x8(x, v_scale);
+  }
+}
 
 constexpr int kBM = 64, kBN = 64, kWarps = 4;
 
@@ -37,7 +118,7 @@ struct PrefillSmem {
 // accumulator held by lane l sits at row l/4 + 8*((j>>1)&1), column 2*(l%4) + (j&1) + 8*(j>>2)
 // (two m16n8 mma tiles; sm_80 and later), so the online-softmax rescale touches registers only:
 // no S or O round trip through shared memory, and 3 blocks per SM instead of 2 at head_dim 128.
-template <int D>
+template <int D, typename C>
 __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
   using S = PrefillSmem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -56,8 +137,11 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
   const int rows = min(kBM, sm.q_len - q0);
   const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
   const bf16* q = reinterpret_cast<const bf16*>(p.q);
-  const bf16* kc = reinterpret_cast<const bf16*>(p.k_cache);
-  const bf16* vc = reinterpret_cast<const bf16*>(p.v_cache);
+  const C* kc = static_cast<const C*>(p.k_cache);
+  const C* vc = static_cast<const C*>(p.v_cache);
+  constexpr bool kFp8 = std::is_same<C, fp8>::value;
+  const float qk_scale = kFp8 ? p.scale * p.k_scale : p.scale;
+  const float v_scale = kFp8 ? p.v_scale : 1.0f;
   constexpr int kVecs = D / 8;
 
   for (int i = tid; i < kBM * kVecs; i += 128) {
@@ -88,8 +172,8 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
       uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
       if (j < kv_len) {
         const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + c * 8;
-        kval = *reinterpret_cast<const uint4*>(kc + base);
-        vval = *reinterpret_cast<const uint4*>(vc + base);
+        kval = load_bf16x8(kc + base);
+        vval = load_bf16x8(vc + base);
       }
       *reinterpret_cast<uint4*>(sK + r * S::kLdq + c * 8) = kval;
       *reinterpret_cast<uint4*>(sV + r * S::kLdq + c * 8) = vval;
@@ -118,7 +202,7 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
       for (int j = 0; j < 8; ++j) {
         const int col = kv0 + n * 16 + cb + (j & 1) + 8 * (j >> 2);
         const bool row_b = (j >> 1) & 1;
-        float s = sf[n].x[j] * p.scale;
+        float s = sf[n].x[j] * qk_scale;
         if (col >= kv_len || col > (row_b ? pos_b : pos_a)) s = -INFINITY;
         sf[n].x[j] = s;
         if (row_b) mx_b = fmaxf(mx_b, s);
@@ -174,7 +258,7 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
     __syncwarp();
   }
 
-  const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f, inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+  const float inv_a = l_a > 0.0f ? v_scale / l_a : 0.0f, inv_b = l_b > 0.0f ? v_scale / l_b : 0.0f;
   bf16* out = reinterpret_cast<bf16*>(p.out);
 #pragma unroll
   for (int n = 0; n < D / 16; ++n)
@@ -192,7 +276,7 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
 // With p.rope, the block also applies the rotary embedding to q (in registers) and, in the block
 // whose split holds the new token, ropes its k and writes k, v into the cache first: one kernel
 // instead of rope + KV write + attention + split reduce (each boundary ~2-3 us at batch 1).
-template <int D, int G>
+template <int D, int G, typename C>
 __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   constexpr int kTpt = D / 8, kGroups = 128 / kTpt;
   __shared__ float red[kGroups][G][D + 2];
@@ -214,8 +298,12 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   if (split >= n_eff) return;
   const int j0 = split * per, j1 = min(ctx, j0 + per);
   const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
-  bf16* kc = reinterpret_cast<bf16*>(const_cast<bf16_t*>(p.k_cache));
-  bf16* vc = reinterpret_cast<bf16*>(const_cast<bf16_t*>(p.v_cache));
+  C* kc = static_cast<C*>(const_cast<void*>(p.k_cache));
+  C* vc = static_cast<C*>(const_cast<void*>(p.v_cache));
+  using V8 = typename Vec8<C>::T;
+  constexpr bool kFp8 = std::is_same<C, fp8>::value;
+  const float qk_scale = kFp8 ? p.scale * p.k_scale : p.scale;
+  const float v_scale = kFp8 ? p.v_scale : 1.0f;
 
   // Rotary angles of this lane's 8 dims (sincosf, as the rope kernel: positions reach 131072).
   float cs[8], sn[8];
@@ -264,7 +352,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
     if (p.rope) rope8(qf[h]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      qf[h][i] *= p.scale;
+      qf[h][i] *= qk_scale;
       acc[h][i] = 0.0f;
     }
     m[h] = -INFINITY;
@@ -278,28 +366,35 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
     if (g == 0 && tok_slot >= 0 && ctx > 0 && (ctx - 1) / per == split) {
       const int64_t dst = ((int64_t(tok_slot / p.block_size) * p.n_kv + kvh) * p.block_size + tok_slot % p.block_size) * D +
                           li * 8;
-      uint4 kr;
-      bf16* kb = reinterpret_cast<bf16*>(&kr);
+      const uint4 vn = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.v_new) +
+                                                       int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D + li * 8);
+      if constexpr (kFp8) {
+        // kn is already rounded to bf16, so the codes equal launch_kv_write_fp8's on the unfused path
+        float vf[8];
+        to_float8(vn, vf);
+        *reinterpret_cast<uint2*>(kc + dst) = to_fp8x8(kn, p.k_scale);
+        *reinterpret_cast<uint2*>(vc + dst) = to_fp8x8(vf, p.v_scale);
+      } else {
+        uint4 kr;
+        bf16* kb = reinterpret_cast<bf16*>(&kr);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) kb[i] = __float2bfloat16(kn[i]);
-      *reinterpret_cast<uint4*>(kc + dst) = kr;
-      *reinterpret_cast<uint4*>(vc + dst) = *reinterpret_cast<const uint4*>(
-          reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D + li * 8);
+        for (int i = 0; i < 8; ++i) kb[i] = __float2bfloat16(kn[i]);
+        *reinterpret_cast<uint4*>(kc + dst) = kr;
+        *reinterpret_cast<uint4*>(vc + dst) = vn;
+      }
     }
     __syncthreads();  // global writes of this block are visible to its threads after the barrier
   }
-  auto load = [&](int j, uint4* kr, uint4* vr) {
+  auto load = [&](int j, V8* kr, V8* vr) {
     const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + li * 8;
-    *kr = *reinterpret_cast<const uint4*>(kc + base);
-    *vr = *reinterpret_cast<const uint4*>(vc + base);
+    *kr = *reinterpret_cast<const V8*>(kc + base);
+    *vr = *reinterpret_cast<const V8*>(vc + base);
   };
   // All lanes run every step (the shuffles need the whole warp); `valid` gates the update.
-  auto step = [&](const uint4& kr, const uint4& vr, bool valid) {
-    const bf16* kb = reinterpret_cast<const bf16*>(&kr);
-    const bf16* vb = reinterpret_cast<const bf16*>(&vr);
-    float kf[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) kf[i] = __bfloat162float(kb[i]);
+  auto step = [&](const V8& kr, const V8& vr, bool valid) {
+    float kf[8], vf[8];
+    to_float8(kr, kf);
+    to_float8(vr, vf);
 #pragma unroll
     for (int h = 0; h < G; ++h) {
       float s = 0.0f;
@@ -313,7 +408,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
         const float e = __expf(s - m_new);
         l[h] = l[h] * alpha + e;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[h][i] = acc[h][i] * alpha + e * __bfloat162float(vb[i]);
+        for (int i = 0; i < 8; ++i) acc[h][i] = acc[h][i] * alpha + e * vf[i];
         m[h] = m_new;
       }
     }
@@ -321,7 +416,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   for (int jb = j0; jb < j1; jb += 2 * kGroups) {
     const int ja = jb + g, jc = ja + kGroups;
     const bool va = ja < j1, vc2 = jc < j1;
-    uint4 ka = make_uint4(0, 0, 0, 0), wa = ka, kc2 = ka, wc = ka;
+    V8 ka{}, wa{}, kc2{}, wc{};
     if (va) load(ja, &ka, &wa);
     if (vc2) load(jc, &kc2, &wc);
     step(ka, wa, va);
@@ -350,7 +445,7 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
       L += red[gg][h][D + 1] * w;
     }
     if (n_eff == 1) {
-      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(L > 0.0f ? sum / L : 0.0f);
+      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(L > 0.0f ? sum / L * v_scale : 0.0f);
     } else {
       float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
       part[d] = sum;  // d == D: the merged l
@@ -403,30 +498,42 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
     float o = 0.0f;
 #pragma unroll 8
     for (int sp = 0; sp < n_eff; ++sp) o += __ldcg(ph + sp * (D + 2)) * sm_m[sp * G + h];
-    out[int64_t(head0 + h) * D + d] = __float2bfloat16(o);
+    out[int64_t(head0 + h) * D + d] = __float2bfloat16(o * v_scale);
   }
+}
+
+template <int D, typename C>
+void prefill_launch_as(const AttnParams& p, cudaStream_t s) {
+  static bool configured = false;  // the attribute is per function; set once per process
+  if (!configured) {
+    cudaFuncSetAttribute(prefill_kernel<D, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PrefillSmem<D>::kBytes));
+    configured = true;
+  }
+  launch_pdl(prefill_kernel<D, C>, dim3(p.num_tiles, p.n_heads), dim3(128), PrefillSmem<D>::kBytes, s, p);
 }
 
 template <int D>
 void prefill_launch(const AttnParams& p, cudaStream_t s) {
-  static bool configured = false;  // the attribute is per function; set once per process
-  if (!configured) {
-    cudaFuncSetAttribute(prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PrefillSmem<D>::kBytes));
-    configured = true;
+  if (p.kv_fp8) prefill_launch_as<D, fp8>(p, s);
+  else prefill_launch_as<D, bf16>(p, s);
+}
+
+template <int D, typename C>
+void decode_launch_as(const AttnParams& p, cudaStream_t s) {
+  const int G = decode_heads_per_block(p.n_heads, p.n_kv);
+  const dim3 grid(p.num_seqs, p.n_heads / G, p.splits);
+  switch (G) {
+    case 1: launch_pdl(decode_kernel<D, 1, C>, grid, dim3(128), 0, s, p); break;
+    case 2: launch_pdl(decode_kernel<D, 2, C>, grid, dim3(128), 0, s, p); break;
+    case 4: launch_pdl(decode_kernel<D, 4, C>, grid, dim3(128), 0, s, p); break;
+    default: launch_pdl(decode_kernel<D, 8, C>, grid, dim3(128), 0, s, p); break;
   }
-  launch_pdl(prefill_kernel<D>, dim3(p.num_tiles, p.n_heads), dim3(128), PrefillSmem<D>::kBytes, s, p);
 }
 
 template <int D>
 void decode_launch(const AttnParams& p, cudaStream_t s) {
-  const int G = decode_heads_per_block(p.n_heads, p.n_kv);
-  const dim3 grid(p.num_seqs, p.n_heads / G, p.splits);
-  switch (G) {
-    case 1: launch_pdl(decode_kernel<D, 1>, grid, dim3(128), 0, s, p); break;
-    case 2: launch_pdl(decode_kernel<D, 2>, grid, dim3(128), 0, s, p); break;
-    case 4: launch_pdl(decode_kernel<D, 4>, grid, dim3(128), 0, s, p); break;
-    default: launch_pdl(decode_kernel<D, 8>, grid, dim3(128), 0, s, p); break;
-  }
+  if (p.kv_fp8) decode_launch_as<D, fp8>(p, s);
+  else decode_launch_as<D, bf16>(p, s);
 }
 
 }  // namespace
@@ -446,6 +553,15 @@ void launch_prefill_attention(const AttnParams& p, cudaStream_t s) {
     case 64: return prefill_launch<64>(p, s);
     case 128: return prefill_launch<128>(p, s);
   }
+}
+
+void launch_kv_write_fp8(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv, const TokenMeta* tokens, int32_t T,
+                         void* k_cache, void* v_cache, int32_t n_kv, int32_t head_dim, int32_t block_size, float k_scale,
+                         float v_scale, cudaStream_t s) {
+  if (T == 0) return;
+  launch_pdl(kv_write_fp8_kernel, dim3(T), dim3(128), 0, s, reinterpret_cast<const bf16*>(k), ldk,
+             reinterpret_cast<const bf16*>(v), ldv, tokens, static_cast<fp8*>(k_cache), static_cast<fp8*>(v_cache), n_kv,
+             head_dim, block_size, k_scale, v_scale);
 }
 
 void launch_decode_attention(const AttnParams& p, cudaStream_t s) {

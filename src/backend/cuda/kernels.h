@@ -28,8 +28,12 @@ struct SeqMeta {
 struct AttnParams {
   const bf16_t* q;  // [T, ldq] with head h at column h * head_dim
   int64_t ldq;
-  const bf16_t* k_cache;  // [num_blocks, n_kv, block_size, head_dim]
-  const bf16_t* v_cache;
+  // [num_blocks, n_kv, block_size, head_dim] bf16, or FP8 E4M3 (1 byte) when kv_fp8 with
+  // real = fp8 * k_scale (v_scale); the kernels fold the scales into the q scale and the output.
+  const void* k_cache;
+  const void* v_cache;
+  bool kv_fp8;
+  float k_scale, v_scale;
   bf16_t* out;  // [T, ldo]
   int64_t ldo;
   const TokenMeta* tokens;
@@ -81,6 +85,10 @@ void launch_rope(bf16_t* q, int64_t ldq, bf16_t* k, int64_t ldk, const TokenMeta
 // k, v rows [T, ld] -> caches at tokens[t].slot ([num_blocks, n_kv, block_size, head_dim])
 void launch_kv_write(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv, const TokenMeta* tokens, int32_t T,
                      bf16_t* k_cache, bf16_t* v_cache, int32_t n_kv, int32_t head_dim, int32_t block_size, cudaStream_t s);
+// The same into an FP8 E4M3 cache (attention.cu): stored = saturate(fp8(x / scale)), per layer scales.
+void launch_kv_write_fp8(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv, const TokenMeta* tokens, int32_t T,
+                         void* k_cache, void* v_cache, int32_t n_kv, int32_t head_dim, int32_t block_size, float k_scale,
+                         float v_scale, cudaStream_t s);
 void launch_silu_mul(const bf16_t* gate, int64_t ld_gate, const bf16_t* up, int64_t ld_up, bf16_t* out, int64_t ldo,
                      int32_t n, int32_t dim, cudaStream_t s);
 void launch_gather_rows(const bf16_t* x, int64_t ldx, const int32_t* rows, int32_t L, int32_t dim, bf16_t* out,
