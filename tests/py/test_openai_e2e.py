@@ -1,8 +1,10 @@
 """`kiln serve` end to end with the official openai SDK against the default model (SmolLM2-135M
 Q4_1 GGUF, KILN_DEFAULT_MODEL): chat and completions, streamed and not, n, stop, logprobs,
-include_usage, seed reproducibility, errors as the SDK's exception classes, and 32 concurrent
+include_usage, seed reproducibility, echo + logprobs (prompt logprobs), errors as the SDK's exception classes, and 32 concurrent
 streams that must match their solo greedy outputs. max_tokens stay small: the model runs on CPU."""
 import concurrent.futures
+import json
+import urllib.request
 
 import openai
 import pytest
@@ -117,6 +119,77 @@ def test_logprobs(client):
         assert item.logprob <= 0 and len(item.top_logprobs) == 3
         assert item.bytes == list(item.token.encode())
         assert item.top_logprobs[0].logprob >= item.top_logprobs[-1].logprob
+
+
+def _tokenize(server, text):
+    req = urllib.request.Request(server.base + "/tokenize", data=json.dumps({"prompt": text}).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["tokens"]
+
+
+def _check_echo_logprobs(lp, n_prompt, n_total, k):
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n_total
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing before the first token
+    for tok, v, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert v <= 0 and top[tok] == pytest.approx(v, abs=1e-6)
+        assert 1 <= len(top) <= k + 1  # the top k plus the actual token
+        assert max(top.values()) >= v - 1e-6
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_echo_logprobs_scores_the_prompt(server, client):
+    """echo + logprobs (issue #4): the prompt's tokens lead the logprobs, with max_tokens 3 and with
+    max_tokens 0 (lm-eval-harness's loglikelihood call), streamed and not."""
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8,"
+    ids = _tokenize(server, prompt)
+    n = len(ids)
+    gen = client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+    r = client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    c = r.choices[0]
+    assert c.text == prompt + gen.choices[0].text
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens == 3
+    _check_echo_logprobs(c.logprobs, n, n + 3, 2)
+    # The generated part is what a plain logprobs request reports.
+    assert c.logprobs.tokens[n:] == gen.choices[0].logprobs.tokens
+    assert c.logprobs.token_logprobs[n:] == pytest.approx(gen.choices[0].logprobs.token_logprobs, abs=1e-4)
+
+    score = client.completions.create(model="smol", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    s = score.choices[0]
+    assert s.text == prompt and s.finish_reason == "length"
+    assert score.usage.completion_tokens == 0
+    _check_echo_logprobs(s.logprobs, n, n, 2)
+    assert s.logprobs.tokens == c.logprobs.tokens[:n]
+    assert s.logprobs.token_logprobs[1:] == pytest.approx(c.logprobs.token_logprobs[1:n], abs=1e-4)
+
+    # Consistency with generation: prompt token i's logprob is what kiln reports for token i when it
+    # is a candidate after tokens < i (the top 20 of a plain request from that prefix).
+    matched = 0
+    for i in range(1, n):
+        step = client.completions.create(model="smol", prompt=ids[:i], max_tokens=1, temperature=0, logprobs=20)
+        top = step.choices[0].logprobs.top_logprobs[0]
+        tok = s.logprobs.tokens[i]
+        if tok in top:
+            assert top[tok] == pytest.approx(s.logprobs.token_logprobs[i], abs=1e-3), (i, tok)
+            matched += 1
+    assert matched >= n // 2, f"only {matched} of {n - 1} prompt tokens were in the model's top 20"
+
+    # Streaming: the first chunk carries the echoed prompt and its logprobs.
+    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    first = chunks[0].choices[0]
+    assert first.text.startswith(prompt)
+    assert first.logprobs.tokens[:n] == s.logprobs.tokens and first.logprobs.token_logprobs[0] is None
+    streamed_tokens = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert streamed_tokens == c.logprobs.tokens
+    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                            stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == prompt
+    assert chunks[0].choices[0].logprobs.tokens == s.logprobs.tokens
+    # Without echo, max_tokens 0 is refused.
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="smol", prompt=prompt, max_tokens=0)
 
 
 def test_errors_map_to_sdk_exceptions(server, client):
