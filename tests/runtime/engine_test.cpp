@@ -400,5 +400,123 @@ TEST(Engine, RandomClientsWithCancels) {
   EXPECT_EQ(rig.engine->stats().kv_blocks_used, 0);
 }
 
+// --- prompt logprobs (EngineRequest::prompt_logprobs: `echo` + `logprobs`) ---------------------
+// Every prompt row is computed (no prefix-cache hit), rows of a chunked prefill are gathered into
+// the first event, and a recompute after preemption sends nothing twice. The fake's row value
+// depends on the whole prefix's KV, so a row computed at the wrong position or over a wrong
+// prefix differs from fake_prompt_reference.
+
+using test::fake_prompt_reference;
+
+EngineRequest scored_req(Rig& rig, std::vector<int32_t> prompt, int32_t max_tokens, uint64_t seed, int32_t k) {
+  EngineRequest r = rig.req(std::move(prompt), max_tokens, seed);
+  r.prompt_logprobs = k;
+  return r;
+}
+
+// A request's prompt logprobs; fails unless at most one event carried them, the first.
+std::vector<TokenLogprob> prompt_logprobs_of(Collector& c, uint64_t id) {
+  std::lock_guard<std::mutex> lock(c.mu);
+  std::vector<TokenLogprob> out;
+  int carriers = 0;
+  const auto& evs = c.events[id];
+  for (size_t i = 0; i < evs.size(); ++i)
+    if (!evs[i].prompt_logprobs.empty()) {
+      ++carriers;
+      EXPECT_EQ(i, 0u) << "prompt logprobs must come with the request's first event";
+      out = evs[i].prompt_logprobs;
+    }
+  EXPECT_LE(carriers, 1) << "prompt logprobs sent more than once";
+  return out;
+}
+
+void expect_same(const std::vector<TokenLogprob>& got, const std::vector<TokenLogprob>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(got[i].id, want[i].id) << what << " row " << i;
+    EXPECT_EQ(got[i].logprob, want[i].logprob) << what << " row " << i;
+    EXPECT_EQ(got[i].top, want[i].top) << what << " row " << i;
+  }
+}
+
+TEST(EnginePromptLogprobs, ChunkedPrefillGathersRowsIntoTheFirstEvent) {
+  Rig rig(fake_info(32, 4), limits(4, 5));  // a 13-token prompt goes in 3 chunks
+  const std::vector<int32_t> prompt = {5, 900, 17, 17, 3, 250, 4, 8, 99, 1, 0, 640, 7};
+  const uint64_t id = rig.submit(scored_req(rig, prompt, 4, 11, 3));
+  ASSERT_TRUE(rig.c.wait_finished(1));
+  expect_same(prompt_logprobs_of(rig.c, id), fake_prompt_reference(prompt, 3, 1000), "chunked");
+  EXPECT_EQ(rig.c.output(id), fake_reference(prompt, 11, 4, 1000));
+  EXPECT_EQ(rig.fake->prompt_rows_total.load(), 12);
+}
+
+TEST(EnginePromptLogprobs, NoPrefixCacheHit) {
+  Rig rig(fake_info(64, 4), limits(4, 64));
+  const std::vector<int32_t> prompt = tokens(14, 30);
+  const uint64_t warm = rig.submit(rig.req(prompt, 2, 1));  // fills the prefix cache
+  ASSERT_TRUE(rig.c.wait_finished(1));
+  const uint64_t scored = rig.submit(scored_req(rig, prompt, 2, 1, 1));
+  ASSERT_TRUE(rig.c.wait_finished(2));
+  const uint64_t again = rig.submit(rig.req(prompt, 2, 1));  // the cache still serves plain requests
+  ASSERT_TRUE(rig.c.wait_finished(3));
+  expect_same(prompt_logprobs_of(rig.c, scored), fake_prompt_reference(prompt, 1, 1000), "after a cached run");
+  EXPECT_TRUE(prompt_logprobs_of(rig.c, warm).empty());
+  EXPECT_EQ(rig.c.last(warm).num_cached_tokens, 0);
+  EXPECT_EQ(rig.c.last(scored).num_cached_tokens, 0);
+  EXPECT_EQ(rig.c.last(again).num_cached_tokens, 12);
+  EXPECT_EQ(rig.fake->prompt_rows_total.load(), 13);
+}
+
+TEST(EnginePromptLogprobs, PreemptionByRecomputeSendsRowsOnce) {
+  // A pool of 12 blocks of 4 for 8 requests of 10-20 prompt tokens generating 10-25 each:
+  // requests are preempted (some mid-prompt, some after) and recompute.
+  Rig rig(fake_info(12, 4), limits(8, 7));
+  std::mt19937 rng(5);
+  struct Sent {
+    std::vector<int32_t> prompt;
+    uint64_t seed;
+    int32_t max_tokens, k;
+  };
+  std::map<uint64_t, Sent> sent;
+  int32_t rows_wanted = 0;
+  for (int i = 0; i < 8; ++i) {
+    Sent s;
+    for (int k = 0, n = 10 + int(rng() % 11); k < n; ++k) s.prompt.push_back(int32_t(rng() % 1000));
+    s.seed = 1 + rng() % 9;
+    s.max_tokens = 10 + int32_t(rng() % 16);
+    s.k = i % 3 == 2 ? -1 : int32_t(i % 3);
+    if (s.k >= 0) rows_wanted += int32_t(s.prompt.size()) - 1;
+    sent[rig.submit(scored_req(rig, s.prompt, s.max_tokens, s.seed, s.k))] = s;
+  }
+  ASSERT_TRUE(rig.c.wait_finished(8));
+  for (const auto& [id, s] : sent) {
+    EXPECT_EQ(rig.c.output(id), fake_reference(s.prompt, s.seed, s.max_tokens, 1000)) << "request " << id;
+    if (s.k >= 0)
+      expect_same(prompt_logprobs_of(rig.c, id), fake_prompt_reference(s.prompt, s.k, 1000), "request " + std::to_string(id));
+    else
+      EXPECT_TRUE(prompt_logprobs_of(rig.c, id).empty());
+  }
+  rig.engine->shutdown(true);
+  EXPECT_GT(rig.engine->stats().num_preemptions, 0);
+  EXPECT_EQ(rig.fake->prompt_rows_total.load(), rows_wanted);  // no row computed twice
+}
+
+TEST(EnginePromptLogprobs, MaxTokensZeroScoresThePromptOnly) {
+  Rig rig(fake_info(32, 4), limits(4, 6));
+  const std::vector<int32_t> prompt = tokens(11, 200);
+  const uint64_t scored = rig.submit(scored_req(rig, prompt, 0, 3, 2));
+  const uint64_t one_token = rig.submit(scored_req(rig, {7}, 0, 3, 2));  // nothing to score
+  const uint64_t plain = rig.submit(rig.req(prompt, 0, 3));              // prefill only, allowed too
+  ASSERT_TRUE(rig.c.wait_finished(3));
+  expect_same(prompt_logprobs_of(rig.c, scored), fake_prompt_reference(prompt, 2, 1000), "max_tokens 0");
+  for (uint64_t id : {scored, one_token, plain}) {
+    ASSERT_EQ(rig.c.num_events(id), 1u) << id;
+    EXPECT_EQ(rig.c.last(id).finish, FinishReason::kLength);
+    EXPECT_TRUE(rig.c.last(id).tokens.empty());
+  }
+  EXPECT_TRUE(rig.c.last(one_token).prompt_logprobs.empty());
+  ASSERT_TRUE(rig.wait_idle());
+  EXPECT_EQ(rig.engine->stats().generation_tokens_total, 0);
+}
+
 }  // namespace
 }  // namespace kiln

@@ -298,5 +298,63 @@ TEST(Scheduler, RandomStress) {
   }
 }
 
+// Prompt logprobs (EngineRequest::prompt_logprobs): where the rows go in a step.
+// Timeline (budget 5, block 4), request 1 prompt of 9 tokens with prompt logprobs k=2:
+//   step 1: positions 0-4, rows 0..4 (score tokens 1..5), nothing sampled
+//   step 2: positions 5-8, rows 5..7 (score 6..8); position 8 samples (logits_rows[0])
+//   step 3: decode, no rows
+TEST(PromptLogprobsScheduler, RowsFollowSampledRowsOncePerPosition) {
+  KvBlockManager kv(16, 4, true);
+  Scheduler sched({4, 5}, &kv);
+  const std::vector<int32_t> prompt = tokens(9, 10);
+  sched.add(1, prompt, 2);
+  std::vector<std::vector<int32_t>> rows_per_step;
+  for (int step = 0; step < 3; ++step) {
+    const ScheduledStep& st = sched.schedule();
+    const StepBatch& b = st.batch;
+    ASSERT_EQ(b.prompt_logprob_rows.size(), st.prompt_logprob_seqs.size());
+    std::vector<int32_t> positions;
+    for (size_t j = 0; j < b.prompt_logprob_rows.size(); ++j) {
+      const int32_t row = b.logits_rows[size_t(b.num_sampled_rows()) + j];
+      const int32_t pos = b.positions[size_t(row)];
+      positions.push_back(pos);
+      EXPECT_EQ(b.prompt_logprob_rows[j].target_id, prompt[size_t(pos) + 1]);
+      EXPECT_EQ(b.prompt_logprob_rows[j].top_k, 2);
+    }
+    rows_per_step.push_back(positions);
+    EXPECT_EQ(b.num_sampled_rows(), int32_t(st.sample_seqs.size()));
+    const bool samples = !st.sample_seqs.empty();
+    sched.commit_step();
+    if (samples) sched.append_token(1, 42);
+  }
+  EXPECT_EQ(rows_per_step, (std::vector<std::vector<int32_t>>{{0, 1, 2, 3, 4}, {5, 6, 7}, {}}));
+  EXPECT_EQ(sched.find(1)->prompt_logprobs_next, 8);
+}
+
+// A request without prompt logprobs keeps the common path: no rows, logits_rows = sampled rows.
+TEST(PromptLogprobsScheduler, NoRowsWithoutPromptLogprobs) {
+  KvBlockManager kv(16, 4, true);
+  Scheduler sched({4, 64}, &kv);
+  sched.add(1, tokens(9, 10));
+  const ScheduledStep& st = sched.schedule();
+  EXPECT_TRUE(st.batch.prompt_logprob_rows.empty());
+  EXPECT_EQ(st.batch.logits_rows, std::vector<int32_t>{8});
+}
+
+// The prompt-logprob cap bounds the rows (logits buffer) per step even under a large budget.
+TEST(PromptLogprobsScheduler, CapBoundsTokensPerStep) {
+  KvBlockManager kv(64, 4, true);
+  SchedulerConfig cfg{4, 1000};
+  cfg.max_prompt_logprob_tokens = 8;
+  Scheduler sched(cfg, &kv);
+  sched.add(1, tokens(20, 10), 0);
+  sched.add(2, tokens(20, 10));  // no prompt logprobs: not capped
+  const ScheduledStep& st = sched.schedule();
+  ASSERT_EQ(st.num_new.size(), 2u);
+  EXPECT_EQ(st.num_new[0], 8);
+  EXPECT_EQ(st.num_new[1], 20);
+  EXPECT_EQ(st.batch.prompt_logprob_rows.size(), 8u);
+}
+
 }  // namespace
 }  // namespace kiln

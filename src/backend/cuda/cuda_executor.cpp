@@ -582,10 +582,11 @@ Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
 Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
                              std::vector<SampledToken>* out) {
   cudaSetDevice(device_);  // the engine thread is not the loading thread
-  const int32_t T = batch.num_tokens(), S = batch.num_seqs(), L = int32_t(batch.logits_rows.size());
-  if (sampling.size() != size_t(L))
+  // L: the rows that sample; prompt logprob rows (execute_with_prompt_logprobs) follow them.
+  const int32_t T = batch.num_tokens(), S = batch.num_seqs(), L = batch.num_sampled_rows();
+  if (L < 0 || sampling.size() != size_t(L))
     return Status::error("internal: " + std::to_string(sampling.size()) + " sampling entries for " +
-                         std::to_string(L) + " logits rows");
+                         std::to_string(L) + " sampled logits rows");
   if (T == 0) return Status::error("internal: empty step");
   if (batch.query_start.size() != size_t(S) + 1 || batch.query_start.back() != T ||
       batch.positions.size() != size_t(T) || batch.block_tables.size() != size_t(S) * size_t(batch.max_blocks_per_seq))
@@ -611,7 +612,7 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
   bool graphed = false;
   KILN_RETURN_IF_ERROR(run_forward(batch, &graphed));
   cudaStream_t s = as_stream(stream_);
-  last_rows_ = L;
+  last_rows_ = int32_t(batch.logits_rows.size());
   const int32_t V = config_.vocab_size;
   launch_argmax(ops_->logits(), L, V, d_ids_, s);
   if (device_sampling_) {
@@ -660,6 +661,31 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
   for (int32_t i = 0; i < L; ++i) {
     if (needs_host_sampling(sampling[size_t(i)])) (*out)[size_t(i)] = sample_token(h_logits_ + (k++) * size_t(V), V, sampling[size_t(i)]);
     else (*out)[size_t(i)] = SampledToken{h_ids_[i], std::nullopt};
+  }
+  return Status::ok();
+}
+
+// Prompt logprobs: the step's prompt rows ([P, V] f32, after the sampled rows in the logits
+// buffer) come to the host and go through the host's token_logprob, the code the CPU backend and
+// the host sampler use. Only prefill steps of requests that ask for them pay for the copy.
+Status CudaExecutor::execute_with_prompt_logprobs(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                                                  std::vector<SampledToken>* out,
+                                                  std::vector<TokenLogprob>* prompt_out) {
+  prompt_out->clear();
+  KILN_RETURN_IF_ERROR(execute(batch, sampling, out));
+  const size_t P = batch.prompt_logprob_rows.size();
+  if (P == 0) return Status::ok();
+  const size_t V = size_t(config_.vocab_size);
+  std::vector<float> rows(P * V);  // [P, V]
+  cudaStream_t s = as_stream(stream_);
+  KILN_RETURN_IF_ERROR(cuda_status(cudaMemcpyAsync(rows.data(), ops_->logits() + size_t(batch.num_sampled_rows()) * V,
+                                                   rows.size() * 4, cudaMemcpyDeviceToHost, s),
+                                   "prompt logits"));
+  KILN_RETURN_IF_ERROR(cuda_status(cudaStreamSynchronize(s), "prompt logits"));
+  prompt_out->reserve(P);
+  for (size_t j = 0; j < P; ++j) {
+    const StepBatch::PromptLogprobRow& r = batch.prompt_logprob_rows[j];
+    prompt_out->push_back(token_logprob(rows.data() + j * V, int32_t(V), r.target_id, r.top_k));
   }
   return Status::ok();
 }

@@ -46,6 +46,8 @@ class CudaExecutor final : public ModelExecutor {
   const ExecutorInfo& info() const override { return info_; }
   Status execute(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
                  std::vector<SampledToken>* out) override;
+  Status execute_with_prompt_logprobs(const StepBatch& batch, const std::vector<SeqSampling>& sampling,
+                                      std::vector<SampledToken>* out, std::vector<TokenLogprob>* prompt_out) override;
 
   // The last step's logits, [logits_rows, vocab] (tests, golden comparisons).
   [[nodiscard]] Status last_logits(std::vector<float>* out);
