@@ -19,7 +19,7 @@ namespace kiln::cli {
 namespace {
 
 struct RunArgs {
-  std::string model, tokenizer, prompt, prompt_ids, output = "text", device = "cpu";
+  std::string model, tokenizer, prompt, prompt_ids, output = "text", device = "auto";
   int32_t max_tokens = 128, top_k = 0, max_num_tokens = 512;
   float temperature = 0.0f, top_p = 1.0f, min_p = 0.0f, repetition_penalty = 1.0f;
   int64_t seed = -1;
@@ -84,6 +84,7 @@ int run(const RunArgs& a) {
   LoadOptions opts;
   opts.device = a.device;
   opts.kv_cache_blocks = (total + opts.block_size - 1) / opts.block_size;
+  use_engine_plan(a.model, a.device);  // a built engine: re-planned for this device, GEMM table handed over
   auto made = make_executor(*model, opts);
   if (!made) return fail("run", made.message());
   std::unique_ptr<ModelExecutor> ex = std::move(*made);
@@ -199,7 +200,7 @@ KILN_VERB(run) {
   add_flag(*cmd, "seed", a.seed, "random seed (default: random)");
   add_flag(*cmd, "max_num_tokens", a.max_num_tokens, "prompt tokens per forward step (default 512)");
   add_flag(*cmd, "output", a.output, "text | json");
-  add_flag(*cmd, "device", a.device, "cpu (default), cuda or cuda:N");
+  add_flag(*cmd, "device", a.device, "auto (default: the GPU when one answers, else cpu), cpu, cuda or cuda:N");
   add_switch(*cmd, "ignore_eos", a.ignore_eos, "keep generating past end-of-sequence");
   cmd->callback([] {
     if (int rc = run(a)) throw CLI::RuntimeError(rc);

@@ -25,7 +25,7 @@ namespace kiln::cli {
 namespace {
 
 struct ServeArgs {
-  std::string model, tokenizer, host = "127.0.0.1", api_key, served_model_name, chat_template, device = "cpu";
+  std::string model, tokenizer, host = "127.0.0.1", api_key, served_model_name, chat_template, device = "auto";
   int port = 8000;
   int32_t max_batch_size = 64, max_num_tokens = 2048, max_seq_len = 0, kv_cache_blocks = 0, max_queue = 1024;
   double kv_cache_memory_fraction = 0.0;  // 0: the backend's default
@@ -204,7 +204,7 @@ KILN_VERB(serve) {
                         "GPU: fraction of free memory for the KV cache (default 0.9)");
   blocks->excludes(frac);
   add_flag(*cmd, "chat_template", a.chat_template, "chat template file (default: the tokenizer's)");
-  add_flag(*cmd, "device", a.device, "cpu (default), cuda or cuda:N");
+  add_flag(*cmd, "device", a.device, "auto (default: the GPU when one answers, else cpu), cpu, cuda or cuda:N");
   add_flag(*cmd, "max_queue", a.max_queue, "waiting requests before 503 (default 1024)");
   add_flag(*cmd, "max_n", a.max_n, "largest n (choices per request) accepted (default 16)");
   add_flag(*cmd, "request_timeout", a.request_timeout, "seconds a request's header and body may take to arrive (30)");
