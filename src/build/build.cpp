@@ -151,8 +151,16 @@ Result<EnginePlan> make_plan(const KilnDirInfo& info, const BuildLimits& limits,
       std::lock_guard<std::mutex> lock(g_planner_mu);
       planner = g_planner;
     }
-    if (planner) KILN_RETURN_IF_ERROR(planner(info, &p));
-    else log_warn("build: no GEMM planner in this build for '" + p.device_name + "'; gemm_algorithms left empty");
+    if (planner) {
+      // A plan without GEMM algorithms still runs (on the cuBLASLt heuristic): never fail a build
+      // or a load over it.
+      Status st = planner(info, &p);
+      if (!st) {
+        log_warn("build: GEMM planning on '" + p.device_name + "' failed (" + st.message() +
+                 "); gemm_algorithms left empty, GEMMs use the cuBLASLt heuristic");
+        p.gemm_algorithms = json::object();
+      }
+    } else log_warn("build: no GEMM planner in this build for '" + p.device_name + "'; gemm_algorithms left empty");
   }
   return p;
 }
@@ -209,7 +217,7 @@ Result<BuildResult> build_engine(const BuildOptions& o) {
   return res;
 }
 
-Result<EnginePlan> replan_if_needed(const std::string& dir, const std::string& device_name) {
+Result<EnginePlan> replan_if_needed(const std::string& dir, const std::string& device_name, const PlanCheck& check) {
   const std::string want = device_name.empty() ? "cpu" : device_name;
   KILN_ASSIGN_OR_RETURN(KilnDirInfo info, read_kiln_config(dir));
   const std::string plan_path = dir + "/plan.json";
@@ -218,8 +226,13 @@ Result<EnginePlan> replan_if_needed(const std::string& dir, const std::string& d
   if (had_plan) {
     KILN_ASSIGN_OR_RETURN(json j, read_json(plan_path));
     KILN_ASSIGN_OR_RETURN(EnginePlan p, EnginePlan::from_json(j, plan_path));
-    if (p.device_name == want) return p;
-    log_warn(dir + ": engine was planned for '" + p.device_name + "', running on '" + want + "': re-planning");
+    if (p.device_name == want) {
+      const std::string why = check ? check(p) : std::string();
+      if (why.empty()) return p;
+      log_warn(dir + ": plan.json for '" + want + "' cannot be used as it is (" + why + "): re-planning");
+    } else {
+      log_warn(dir + ": engine was planned for '" + p.device_name + "', running on '" + want + "': re-planning");
+    }
     limits = p.limits;
   } else {
     log_info(dir + ": no plan.json (a checkpoint, not a built engine): planning with default limits");
@@ -237,6 +250,13 @@ Result<EnginePlan> replan_if_needed(const std::string& dir, const std::string& d
   Status st = write_file(plan_path, plan.to_json().dump(2) + "\n");
   if (!st) log_warn(dir + ": could not save the new plan (" + st.message() + "); using it for this run only");
   return plan;
+}
+
+Result<std::optional<EnginePlan>> engine_plan_for_run(const std::string& path, const std::string& device_name,
+                                                      const PlanCheck& check) {
+  if (!is_kiln_dir(path) || !file_exists(path + "/plan.json")) return std::optional<EnginePlan>();
+  KILN_ASSIGN_OR_RETURN(EnginePlan plan, replan_if_needed(path, device_name, check));
+  return std::optional<EnginePlan>(std::move(plan));
 }
 
 }  // namespace kiln

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -71,9 +72,21 @@ struct BuildResult {
 };
 Result<BuildResult> build_engine(const BuildOptions& opts);
 
+// Why a plan made for this very device still cannot be used ("" when it can): the CUDA side says
+// so when its GEMM algorithms come from another cuBLASLt version or cannot be read.
+using PlanCheck = std::function<std::string(const EnginePlan& plan)>;
+
 // The engine's plan for `device_name` ("cpu" or a GPU name). If plan.json was made for another
-// device, or is missing (a plain checkpoint), a new plan is made with a warning and written back
-// when the directory is writable. Never refuses to run on a different device.
-Result<EnginePlan> replan_if_needed(const std::string& engine_dir, const std::string& device_name);
+// device (or `check` finds it stale), or is missing (a plain checkpoint), a new plan is made with a
+// warning naming both devices, and written back when the directory is writable. Never refuses to
+// run on a different device.
+Result<EnginePlan> replan_if_needed(const std::string& engine_dir, const std::string& device_name,
+                                    const PlanCheck& check = {});
+
+// What `kiln serve|run|bench ENGINE` does before loading: for a built engine (a kiln directory
+// with plan.json) its plan for this device, re-planned when needed (replan_if_needed); nullopt for
+// anything else (HF directory, GGUF file, a checkpoint never built), which runs on heuristics.
+Result<std::optional<EnginePlan>> engine_plan_for_run(const std::string& path, const std::string& device_name,
+                                                      const PlanCheck& check = {});
 
 }  // namespace kiln

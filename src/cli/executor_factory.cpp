@@ -18,7 +18,7 @@ namespace {
 bool is_cuda(const std::string& d) { return d == "cuda" || d.rfind("cuda:", 0) == 0; }
 
 // "cuda" -> 0, "cuda:N" -> N (check_device has validated the form).
-int cuda_index(const std::string& d) { return d.size() > 5 ? std::atoi(d.c_str() + 5) : 0; }
+[[maybe_unused]] int cuda_index(const std::string& d) { return d.size() > 5 ? std::atoi(d.c_str() + 5) : 0; }
 
 // "auto": the first GPU when this build has CUDA and one is visible, else the CPU.
 std::string plan_device(const std::string& d) {

@@ -2,8 +2,11 @@
 
 #include <dlfcn.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -11,6 +14,7 @@
 
 #include "backend/cuda/fp8.h"
 #include "backend/cuda/kernels.h"
+#include "core/log.h"
 
 namespace kiln::cuda {
 namespace {
@@ -25,6 +29,8 @@ struct LtApi {
   decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
   decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
   decltype(&cublasLtMatmul) matmul = nullptr;
+  decltype(&cublasLtMatmulAlgoCheck) algo_check = nullptr;
+  decltype(&cublasLtGetVersion) get_version = nullptr;
   std::string path, error;
 };
 
@@ -70,12 +76,138 @@ const LtApi& lt_api() {
     sym(a.pref_set, "cublasLtMatmulPreferenceSetAttribute");
     sym(a.heuristic, "cublasLtMatmulAlgoGetHeuristic");
     sym(a.matmul, "cublasLtMatmul");
+    sym(a.algo_check, "cublasLtMatmulAlgoCheck");
+    sym(a.get_version, "cublasLtGetVersion");
     return a;
   }();
   return api;
 }
 
 }  // namespace
+
+static_assert(sizeof(cublasLtMatmulAlgo_t) == sizeof(GemmAlgo), "cublasLtMatmulAlgo_t is 64 bytes");
+
+std::string_view gemm_kind_name(GemmKind k) {
+  switch (k) {
+    case GemmKind::kBf16: return "bf16";
+    case GemmKind::kBf16F32Out: return "bf16_f32out";
+    case GemmKind::kFp8: return "fp8";
+  }
+  return "?";
+}
+
+std::optional<GemmKind> gemm_kind_from_name(std::string_view s) {
+  for (GemmKind k : {GemmKind::kBf16, GemmKind::kBf16F32Out, GemmKind::kFp8})
+    if (gemm_kind_name(k) == s) return k;
+  return std::nullopt;
+}
+
+std::string gemm_key_string(const GemmKey& k) {
+  return std::string(gemm_kind_name(k.kind)) + " n=" + std::to_string(k.n) + " N=" + std::to_string(k.N) +
+         " K=" + std::to_string(k.K) + (k.outer_vec ? " outer_vec" : "");
+}
+
+std::string gemm_algo_hex(const GemmAlgo& a) {
+  static const char* kDigits = "0123456789abcdef";
+  const auto* b = reinterpret_cast<const uint8_t*>(a.data.data());
+  std::string s(128, '0');
+  for (size_t i = 0; i < 64; ++i) {
+    s[2 * i] = kDigits[b[i] >> 4];
+    s[2 * i + 1] = kDigits[b[i] & 15];
+  }
+  return s;
+}
+
+Result<GemmAlgo> gemm_algo_from_hex(std::string_view hex) {
+  if (hex.size() != 128)
+    return Status::error("algorithm must be 128 hex digits (cublasLtMatmulAlgo_t's 64 bytes), got " +
+                         std::to_string(hex.size()) + " characters");
+  GemmAlgo a;
+  auto* b = reinterpret_cast<uint8_t*>(a.data.data());
+  auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  for (size_t i = 0; i < 64; ++i) {
+    const int hi = digit(hex[2 * i]), lo = digit(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return Status::error("algorithm: '" + std::string(hex.substr(2 * i, 2)) + "' is not hex");
+    b[i] = uint8_t(hi * 16 + lo);
+  }
+  return a;
+}
+
+Result<GemmAlgoTable> gemm_table_from_json(const nlohmann::json& j) {
+  const std::string where = "plan.json: gemm_algorithms";
+  if (!j.is_object()) return Status::error(where + " must be an object");
+  GemmAlgoTable t;
+  if (j.empty()) return t;
+  auto v = j.find("cublaslt_version");
+  if (v == j.end() || !v->is_number_unsigned()) return Status::error(where + ": cublaslt_version must be an integer");
+  t.cublaslt_version = v->get<size_t>();
+  auto d = j.find("device_name");
+  if (d == j.end() || !d->is_string()) return Status::error(where + ": device_name must be a string");
+  t.device_name = d->get<std::string>();
+  auto es = j.find("entries");
+  if (es == j.end() || !es->is_array()) return Status::error(where + ": entries must be a list");
+  for (size_t i = 0; i < es->size(); ++i) {
+    const nlohmann::json& e = (*es)[i];
+    const std::string at = where + ".entries[" + std::to_string(i) + "]";
+    if (!e.is_object()) return Status::error(at + " must be an object");
+    GemmKey key;
+    auto kind = e.find("kind");
+    if (kind == e.end() || !kind->is_string()) return Status::error(at + ": kind must be a string");
+    auto k = gemm_kind_from_name(kind->get<std::string>());
+    if (!k) return Status::error(at + ": kind '" + kind->get<std::string>() + "' is not bf16, bf16_f32out or fp8");
+    key.kind = *k;
+    for (auto [name, dst] : {std::pair<const char*, int64_t*>{"M", &key.n}, {"N", &key.N}, {"K", &key.K}}) {
+      auto f = e.find(name);
+      if (f == e.end() || !f->is_number_integer() || f->get<int64_t>() < 1)
+        return Status::error(at + ": " + name + " must be a positive integer");
+      *dst = f->get<int64_t>();
+    }
+    if (auto ov = e.find("outer_vec"); ov != e.end()) {
+      if (!ov->is_boolean()) return Status::error(at + ": outer_vec must be true or false");
+      key.outer_vec = ov->get<bool>();
+    }
+    auto algo = e.find("algo");
+    if (algo == e.end() || !algo->is_string()) return Status::error(at + ": algo must be a hex string");
+    auto a = gemm_algo_from_hex(algo->get<std::string>());
+    if (!a) return Status::error(at + ": " + a.message());
+    t.algos[key] = *a;
+  }
+  return t;
+}
+
+std::string gemm_table_mismatch(const GemmAlgoTable& t, size_t version, const std::string& device_name) {
+  if (t.cublaslt_version != version)
+    return "GEMM algorithms were chosen with cuBLASLt " + std::to_string(t.cublaslt_version) + ", this is " +
+           std::to_string(version);
+  if (t.device_name != device_name)
+    return "GEMM algorithms were chosen on '" + t.device_name + "', this GPU is '" + device_name + "'";
+  return "";
+}
+
+size_t cublaslt_version() {
+  const LtApi& api = lt_api();
+  return api.error.empty() ? api.get_version() : 0;
+}
+
+namespace {
+std::mutex g_table_mu;
+std::shared_ptr<const GemmAlgoTable> g_table;
+}  // namespace
+
+void set_process_gemm_table(std::shared_ptr<const GemmAlgoTable> table) {
+  std::lock_guard<std::mutex> lock(g_table_mu);
+  g_table = std::move(table);
+}
+
+std::shared_ptr<const GemmAlgoTable> process_gemm_table() {
+  std::lock_guard<std::mutex> lock(g_table_mu);
+  return g_table;
+}
 
 struct Gemm::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -108,65 +240,92 @@ Status Gemm::init(size_t workspace_bytes) {
   workspace_bytes_ = workspace_bytes;
   if (cudaMalloc(&workspace_, workspace_bytes) != cudaSuccess)
     return Status::error("CUDA out of memory: cuBLASLt workspace of " + std::to_string(workspace_bytes >> 20) + " MiB");
+  if (!table_) table_ = process_gemm_table();
   return Status::ok();
 }
 
-const Gemm::Plan& Gemm::plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool y_f32) {
-  auto key = std::make_tuple(n, ldx, N, K, ldy, y_f32);
-  auto it = plans_.find(key);
-  if (it != plans_.end()) return *it->second;
-  const LtApi& api = lt_api();
-  auto* p = new Plan;
-  // Column-major view: Y^T[N, n] = W[K, N]^T (op T) * X^T[K, n].
-  KILN_CHECK(api.desc_create(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
-  cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
-  KILN_CHECK(api.layout_create(&p->a, CUDA_R_16BF, uint64_t(K), uint64_t(N), K) == CUBLAS_STATUS_SUCCESS);
-  KILN_CHECK(api.layout_create(&p->b, CUDA_R_16BF, uint64_t(K), uint64_t(n), ldx) == CUBLAS_STATUS_SUCCESS);
-  KILN_CHECK(api.layout_create(&p->c, y_f32 ? CUDA_R_32F : CUDA_R_16BF, uint64_t(N), uint64_t(n), ldy) ==
-             CUBLAS_STATUS_SUCCESS);
-  cublasLtMatmulPreference_t pref = nullptr;
-  api.pref_create(&pref);
-  uint64_t ws = workspace_bytes_;
-  api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-  cublasLtMatmulHeuristicResult_t res{};
-  int found = 0;
-  const cublasStatus_t st = api.heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c,
-                                          pref, 1, &res, &found);
-  KILN_CHECK_MSG(st == CUBLAS_STATUS_SUCCESS && found > 0,
-                 "cuBLASLt has no BF16 algorithm for n=" + std::to_string(n) + " N=" + std::to_string(N) +
-                     " K=" + std::to_string(K));
-  p->algo = res.algo;
-  plans_[key] = p;
-  return *p;
+void Gemm::ensure_one() {
+  if (d_one_) return;
+  const float one = 1.0f;
+  KILN_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_one_), sizeof(float)) == cudaSuccess);
+  KILN_CHECK(cudaMemcpy(d_one_, &one, sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
 }
 
-Gemm::Plan* Gemm::plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec) {
-  auto key = std::make_tuple(n, ldx, N, K, ldy, outer_vec);
-  auto it = plans_fp8_.find(key);
-  if (it != plans_fp8_.end()) return it->second;
+// Descriptors and layouts of one GEMM; the algorithm is chosen by choose().
+Gemm::Plan* Gemm::make_plan(const GemmKey& key, int64_t ldx, int64_t ldy) {
   const LtApi& api = lt_api();
   auto* p = new Plan;
-  // Same column-major view as the BF16 plan (TN: the only layout Hopper's FP8 GEMMs take).
+  const bool fp8 = key.kind == GemmKind::kFp8;
+  // Column-major view: Y^T[N, n] = W[K, N]^T (op T) * X^T[K, n] (TN: the only layout Hopper's FP8
+  // GEMMs take).
   KILN_CHECK(api.desc_create(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
   cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
   api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
-  const int8_t fast = fast_accum_ ? 1 : 0;
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast));
-  if (outer_vec) {
-    // A = W: one scale per row of op(A) (output channel); B = x: one per column of B (token).
-    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-    api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode));
-    api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode));
+  if (fp8) {
+    ensure_one();
+    const int8_t fast = fast_accum_ ? 1 : 0;
+    api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast));
+    if (key.outer_vec) {
+      // A = W: one scale per row of op(A) (output channel); B = x: one per column of B (token).
+      const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+      api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode));
+      api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode));
+    }
+    // Scale pointers are set per call (each weight has its own); heuristics need them set once.
+    api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &d_one_, sizeof(d_one_));
+    api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &d_one_, sizeof(d_one_));
   }
-  // Scale pointers are set per call (each weight has its own); heuristics need them set once.
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &d_one_, sizeof(d_one_));
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &d_one_, sizeof(d_one_));
-  KILN_CHECK(api.layout_create(&p->a, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(N), K) == CUBLAS_STATUS_SUCCESS);
-  KILN_CHECK(api.layout_create(&p->b, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(n), ldx) == CUBLAS_STATUS_SUCCESS);
-  KILN_CHECK(api.layout_create(&p->c, CUDA_R_16BF, uint64_t(N), uint64_t(n), ldy) == CUBLAS_STATUS_SUCCESS);
+  const cudaDataType_t in = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  const cudaDataType_t out = key.kind == GemmKind::kBf16F32Out ? CUDA_R_32F : CUDA_R_16BF;
+  KILN_CHECK(api.layout_create(&p->a, in, uint64_t(key.K), uint64_t(key.N), key.K) == CUBLAS_STATUS_SUCCESS);
+  KILN_CHECK(api.layout_create(&p->b, in, uint64_t(key.K), uint64_t(key.n), ldx) == CUBLAS_STATUS_SUCCESS);
+  KILN_CHECK(api.layout_create(&p->c, out, uint64_t(key.N), uint64_t(key.n), ldy) == CUBLAS_STATUS_SUCCESS);
+  return p;
+}
+
+bool Gemm::check(Plan* p, const GemmAlgo& algo) {
+  cublasLtMatmulAlgo_t a;
+  std::memcpy(&a, algo.data.data(), sizeof(a));
+  cublasLtMatmulHeuristicResult_t res{};
+  const cublasStatus_t st = lt_api().algo_check(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c,
+                                                p->c, &a, &res);
+  return st == CUBLAS_STATUS_SUCCESS && res.workspaceSize <= workspace_bytes_;
+}
+
+void Gemm::choose(Plan* p, const GemmKey& key) {
+  if (table_ && !table_->algos.empty()) {
+    auto exact = table_->algos.find(key);
+    if (exact != table_->algos.end()) {
+      if (check(p, exact->second)) {
+        std::memcpy(&p->algo, exact->second.data.data(), sizeof(p->algo));
+        p->found = true;
+        ++stats_.table;
+        return;
+      }
+      ++stats_.rejected;
+      log_warn("gemm: cublasLtMatmulAlgoCheck rejects the planned algorithm for " + gemm_key_string(key) +
+               "; using the heuristic's");
+    } else {
+      // Between planned buckets: the nearest planned M (by ratio) of the same weight shape, if the
+      // library accepts its algorithm for this M.
+      const GemmAlgo* best = nullptr;
+      double best_d = 0;
+      for (const auto& [k, a] : table_->algos) {
+        if (k.kind != key.kind || k.N != key.N || k.K != key.K || k.outer_vec != key.outer_vec) continue;
+        const double d = std::fabs(std::log(double(k.n) / double(key.n)));
+        if (!best || d < best_d) best = &a, best_d = d;
+      }
+      if (best && check(p, *best)) {
+        std::memcpy(&p->algo, best->data.data(), sizeof(p->algo));
+        p->found = true;
+        ++stats_.nearest;
+        return;
+      }
+      if (best) log_debug("gemm: the nearest planned algorithm does not fit " + gemm_key_string(key));
+    }
+  }
+  const LtApi& api = lt_api();
   cublasLtMatmulPreference_t pref = nullptr;
   api.pref_create(&pref);
   uint64_t ws = workspace_bytes_;
@@ -177,19 +336,99 @@ Gemm::Plan* Gemm::plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t
                                           pref, 1, &res, &found);
   p->found = st == CUBLAS_STATUS_SUCCESS && found > 0;
   p->algo = res.algo;
+  ++stats_.heuristic;
+}
+
+const Gemm::Plan& Gemm::plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool y_f32) {
+  auto key = std::make_tuple(n, ldx, N, K, ldy, y_f32);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return *it->second;
+  const GemmKey gk{y_f32 ? GemmKind::kBf16F32Out : GemmKind::kBf16, n, N, K, false};
+  Plan* p = make_plan(gk, ldx, ldy);
+  choose(p, gk);
+  KILN_CHECK_MSG(p->found, "cuBLASLt has no BF16 algorithm for n=" + std::to_string(n) + " N=" + std::to_string(N) +
+                               " K=" + std::to_string(K));
+  plans_[key] = p;
+  return *p;
+}
+
+Gemm::Plan* Gemm::plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec) {
+  auto key = std::make_tuple(n, ldx, N, K, ldy, outer_vec);
+  auto it = plans_fp8_.find(key);
+  if (it != plans_fp8_.end()) return it->second;
+  const GemmKey gk{GemmKind::kFp8, n, N, K, outer_vec};
+  Plan* p = make_plan(gk, ldx, ldy);
+  choose(p, gk);
   plans_fp8_[key] = p;
   return p;
+}
+
+std::vector<GemmAlgo> Gemm::heuristic_algorithms(const GemmKey& key, int max_count) {
+  std::vector<GemmAlgo> out;
+  if (max_count < 1) return out;
+  std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
+  const LtApi& api = lt_api();
+  cublasLtMatmulPreference_t pref = nullptr;
+  api.pref_create(&pref);
+  uint64_t ws = workspace_bytes_;
+  api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  std::vector<cublasLtMatmulHeuristicResult_t> res(static_cast<size_t>(max_count));
+  int found = 0;
+  const cublasStatus_t st = api.heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c,
+                                          pref, max_count, res.data(), &found);
+  if (st != CUBLAS_STATUS_SUCCESS) return out;
+  for (int i = 0; i < found; ++i) {
+    if (res[size_t(i)].state != CUBLAS_STATUS_SUCCESS) continue;
+    GemmAlgo a;
+    std::memcpy(a.data.data(), &res[size_t(i)].algo, sizeof(a));
+    out.push_back(a);
+  }
+  return out;
+}
+
+bool Gemm::algorithm_ok(const GemmKey& key, const GemmAlgo& algo) {
+  std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
+  return check(p.get(), algo);
+}
+
+Status Gemm::run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void* x, const float* x_scales,
+                           const void* w, const float* w_scales, void* y, cudaStream_t stream) {
+  // Cached per key: the planner runs each candidate a dozen times.
+  Plan* p = nullptr;
+  if (key.kind == GemmKind::kFp8) {
+    p = plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec);
+  } else {
+    p = const_cast<Plan*>(&plan_for(key.n, key.K, key.N, key.K, key.N, key.kind == GemmKind::kBf16F32Out));
+  }
+  const LtApi& api = lt_api();
+  if (key.kind == GemmKind::kFp8) {
+    api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales));
+    api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales));
+  }
+  cublasLtMatmulAlgo_t a;
+  std::memcpy(&a, algo.data.data(), sizeof(a));
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t st = api.matmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w, p->a, x, p->b,
+                                       &beta, y, p->c, y, p->c, &a, workspace_, workspace_bytes_, stream);
+  if (st != CUBLAS_STATUS_SUCCESS)
+    return Status::error("cublasLtMatmul failed for " + gemm_key_string(key) + ": status " + std::to_string(int(st)));
+  return Status::ok();
+}
+
+GemmAlgo Gemm::chosen_algorithm(const GemmKey& key) {
+  const Plan* p = key.kind == GemmKind::kFp8
+                      ? plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec)
+                      : &plan_for(key.n, key.K, key.N, key.K, key.N, key.kind == GemmKind::kBf16F32Out);
+  GemmAlgo a;
+  std::memcpy(a.data.data(), &p->algo, sizeof(a));
+  return a;
 }
 
 void Gemm::linear_fp8(const void* xq, int64_t n, int64_t ldx, const float* x_scales, bool x_per_row, const void* wq,
                       int64_t N, int64_t K, const float* w_scales, bool w_per_row, void* y, int64_t ldy,
                       cudaStream_t stream) {
   if (n == 0) return;
-  if (!d_one_) {
-    const float one = 1.0f;
-    KILN_CHECK(cudaMalloc(reinterpret_cast<void**>(&d_one_), sizeof(float)) == cudaSuccess);
-    KILN_CHECK(cudaMemcpy(d_one_, &one, sizeof(float), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
+  ensure_one();
   const LtApi& api = lt_api();
   const bool vec = x_per_row || w_per_row;
   Plan* p = plan_fp8(n, ldx, N, K, ldy, vec);

@@ -1,21 +1,74 @@
 // BF16 GEMMs through cuBLASLt, loaded with dlopen at run time so the kiln binary starts (and serves
 // on the CPU) on machines without the CUDA libraries; a missing library is a clear error.
+//
+// Algorithm choice: by default the heuristic's first algorithm. An engine's plan.json carries a
+// table of algorithms chosen by timing on the GPU (src/backend/cuda/gemm_plan.h); a Gemm with a
+// table uses the table's algorithm for a planned shape, the nearest planned M of the same weight
+// shape otherwise, and the heuristic when cublasLtMatmulAlgoCheck rejects either.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <map>
+#include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
+#include <vector>
 
 #include <cuda_runtime_api.h>
+#include <nlohmann/json.hpp>
 
 #include "core/status.h"
 
 namespace kiln::cuda {
 
+// Which cuBLASLt matmul: bf16 x bf16 -> bf16, bf16 x bf16 -> f32 (lm_head), FP8 E4M3 -> bf16.
+enum class GemmKind : uint8_t { kBf16, kBf16F32Out, kFp8 };
+std::string_view gemm_kind_name(GemmKind k);  // "bf16" | "bf16_f32out" | "fp8"
+std::optional<GemmKind> gemm_kind_from_name(std::string_view s);
+
+// One GEMM as the table knows it: y[n, N] = x[n, K] @ W[N, K]^T; outer_vec: FP8 with per-row
+// (token) and per-channel scales through cuBLASLt's outer-vector scale mode.
+struct GemmKey {
+  GemmKind kind = GemmKind::kBf16;
+  int64_t n = 0, N = 0, K = 0;
+  bool outer_vec = false;
+  auto operator<=>(const GemmKey&) const = default;
+};
+std::string gemm_key_string(const GemmKey& k);  // "fp8 n=512 N=6144 K=4096 outer_vec" for logs
+
+// cublasLtMatmulAlgo_t's 64 opaque bytes, as plan.json stores them (hex). Only meaningful to the
+// cuBLASLt version and GPU that produced them: GemmAlgoTable records both.
+struct GemmAlgo {
+  std::array<uint64_t, 8> data{};
+  bool operator==(const GemmAlgo&) const = default;
+};
+std::string gemm_algo_hex(const GemmAlgo& a);  // 128 lowercase hex digits, bytes in memory order
+Result<GemmAlgo> gemm_algo_from_hex(std::string_view hex);
+
+struct GemmAlgoTable {
+  size_t cublaslt_version = 0;  // cublasLtGetVersion() of the planner
+  std::string device_name;      // cudaDeviceProp::name of the planner's GPU
+  std::map<GemmKey, GemmAlgo> algos;
+};
+// plan.json's "gemm_algorithms" (docs/engine-format.md) -> table; errors name the entry and field.
+Result<GemmAlgoTable> gemm_table_from_json(const nlohmann::json& j);
+// "" when a table made with (version, device) may be used here; else why not, for a warning.
+std::string gemm_table_mismatch(const GemmAlgoTable& t, size_t cublaslt_version, const std::string& device_name);
+
+// The loaded library's cublasLtGetVersion(); 0 when it cannot be loaded.
+size_t cublaslt_version();
+
+// The table every Gemm::init() of this process starts with: the engine's plan, set by the CLI
+// before executors are made (one table serves every rank: keys hold rank-local shapes). nullptr: none.
+void set_process_gemm_table(std::shared_ptr<const GemmAlgoTable> table);
+std::shared_ptr<const GemmAlgoTable> process_gemm_table();
+
 class Gemm {
  public:
   ~Gemm();
-  // Loads libcublasLt and creates the handle and workspace.
+  // Loads libcublasLt and creates the handle and workspace; takes the process table.
   [[nodiscard]] Status init(size_t workspace_bytes = size_t(32) << 20);
   // y[n, N] (row stride ldy, bf16 or f32) = x[n, K] (row stride ldx, bf16) @ W^T, W: [N, K] bf16
   // rows contiguous. f32 accumulate. Enqueues only (graph-capturable once the shape was seen).
@@ -34,11 +87,39 @@ class Gemm {
   void set_gemv_max_m(int m) { gemv_max_m_ = m; }
   int gemv_max_m() const { return gemv_max_m_; }
 
+  // Planned algorithms (replaces the process table for this Gemm); call before the shapes are first
+  // used: plans already made keep their algorithm.
+  void set_algorithm_table(std::shared_ptr<const GemmAlgoTable> table) { table_ = std::move(table); }
+  // How each shape's algorithm was chosen (one count per shape, not per call).
+  struct Stats {
+    int64_t table = 0;      // the table's entry for this exact n
+    int64_t nearest = 0;    // the table's entry for the nearest planned n of the same weight shape
+    int64_t heuristic = 0;  // no entry (or none accepted): the heuristic's first
+    int64_t rejected = 0;   // table entries refused by cublasLtMatmulAlgoCheck (then heuristic)
+  };
+  const Stats& stats() const { return stats_; }
+
+  // For the planner and tests. x, y contiguous (ldx = K, ldy = N).
+  // The heuristic's algorithms for `key`, best first, at most max_count.
+  std::vector<GemmAlgo> heuristic_algorithms(const GemmKey& key, int max_count);
+  // True if cuBLASLt accepts `algo` for `key` within this Gemm's workspace.
+  bool algorithm_ok(const GemmKey& key, const GemmAlgo& algo);
+  // One GEMM with `algo` (not checked: call algorithm_ok first). FP8 scales: x_scales [n] and
+  // w_scales [N] when key.outer_vec, else [1] each. Enqueues only.
+  [[nodiscard]] Status run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void* x, const float* x_scales,
+                                     const void* w, const float* w_scales, void* y, cudaStream_t stream);
+  // The algorithm a call of this shape would use (contiguous x and y), after table and checks.
+  GemmAlgo chosen_algorithm(const GemmKey& key);
+
  private:
   struct Plan;
+  Plan* make_plan(const GemmKey& key, int64_t ldx, int64_t ldy);
+  bool check(Plan* p, const GemmAlgo& algo);
+  void choose(Plan* p, const GemmKey& key);
   const Plan& plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool y_f32);
   // FP8 plans by (n, ldx, N, K, ldy, vector scales); null algorithm = the library has none.
   Plan* plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec);
+  void ensure_one();
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, Plan*> plans_fp8_;
   float* d_one_ = nullptr;  // device 1.0f: the unit scale of the epilogue fallback
   bool fast_accum_ = true;
@@ -48,6 +129,8 @@ class Gemm {
   std::string lib_path_;
   int gemv_max_m_ = 4;
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, Plan*> plans_;
+  std::shared_ptr<const GemmAlgoTable> table_;
+  Stats stats_;
 };
 
 }  // namespace kiln::cuda

@@ -1,0 +1,278 @@
+#include "backend/cuda/gemm_plan.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <set>
+
+#include "backend/cuda/fp8.h"
+#include "backend/cuda/kernels.h"
+#include "core/dtype.h"
+#include "core/log.h"
+
+namespace kiln::cuda {
+namespace {
+
+Status cuda_ok(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return Status::ok();
+  return Status::error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+size_t elem_bytes(GemmKind k) { return k == GemmKind::kFp8 ? 1 : 2; }
+size_t out_bytes(GemmKind k) { return k == GemmKind::kBf16F32Out ? 4 : 2; }
+size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+}  // namespace
+
+int gpu_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so later calls do not see it
+    return 0;
+  }
+  return n;
+}
+
+Result<std::string> gpu_name(int device) {
+  cudaDeviceProp prop{};
+  KILN_RETURN_IF_ERROR(cuda_ok(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
+  return std::string(prop.name);
+}
+
+bool gpu_has_fp8(int device) {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major * 10 + minor >= 89;
+}
+
+std::vector<GemmPlanShape> gemm_plan_shapes(const KilnDirInfo& info, bool fp8, const std::vector<int32_t>& graph_sizes,
+                                            int32_t max_num_tokens, int gemv_max_m) {
+  const ModelConfig& c = info.config;
+  const int64_t tp = std::max(1, info.tp_size);
+  const int64_t H = c.hidden_size;
+  const int64_t q = c.q_dim() / tp;
+  const int64_t kv = std::max<int64_t>(c.kv_dim() / tp, c.head_dim);  // kv heads replicate when tp > kv heads
+  const int64_t I = c.intermediate_size / tp;
+  const int64_t V = info.lm_head == LmHeadMode::kVocabSplit ? (c.vocab_size + tp - 1) / tp : c.vocab_size;
+  const bool outer_vec = info.quant.per_channel || info.quant.activations == ActQuant::kDynamicToken;
+
+  std::set<int64_t> decode, all;
+  for (int32_t b : graph_sizes)
+    if (b > gemv_max_m) decode.insert(b);
+  all = decode;
+  for (int32_t m : {max_num_tokens, 2048, 512}) {
+    const int64_t mm = std::min(m, max_num_tokens);
+    if (mm > gemv_max_m) all.insert(mm);
+  }
+  struct Linear {
+    const char* name;
+    int64_t N, K;
+  };
+  const Linear linears[] = {{"qkv", q + 2 * kv, H}, {"o", H, q}, {"gate_up", 2 * I, H}, {"down", H, I}};
+  std::vector<GemmPlanShape> out;
+  for (const Linear& l : linears) {
+    // The executor keeps a matrix FP8 only when its columns are a multiple of 16 (cuBLASLt's rule).
+    const bool f = fp8 && l.K % 16 == 0;
+    for (int64_t m : all)
+      out.push_back({l.name, GemmKey{f ? GemmKind::kFp8 : GemmKind::kBf16, m, l.N, l.K, f && outer_vec}});
+  }
+  for (int64_t m : decode) out.push_back({"lm_head", GemmKey{GemmKind::kBf16F32Out, m, V, H, false}});
+  return out;
+}
+
+// --- GemmBench ---------------------------------------------------------------------------------
+
+GemmBench::~GemmBench() {
+  for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  for (void* p : {x_, y_, w_, static_cast<void*>(ones_)})
+    if (p) cudaFree(p);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+Status GemmBench::init(int device) {
+  KILN_RETURN_IF_ERROR(cuda_ok(cudaSetDevice(device), "cudaSetDevice"));
+  KILN_RETURN_IF_ERROR(cuda_ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+  int l2 = 0;
+  cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+  l2_bytes_ = size_t(std::max(l2, 1 << 20));
+  KILN_RETURN_IF_ERROR(gemm_.init());
+  // Time the library's own candidates: never a table (the process's may be stale: we re-plan).
+  gemm_.set_algorithm_table(std::make_shared<GemmAlgoTable>());
+  return Status::ok();
+}
+
+Status GemmBench::grow(void** p, size_t* have, size_t want, const char* what) {
+  if (*have >= want) return Status::ok();
+  if (*p) cudaFree(*p);
+  *p = nullptr;
+  *have = 0;
+  if (cudaMalloc(p, want) != cudaSuccess) {
+    cudaGetLastError();
+    return Status::error("GEMM planner: CUDA out of memory for the " + std::string(what) + " (" +
+                         std::to_string(want >> 20) + " MiB)");
+  }
+  *have = want;
+  return Status::ok();
+}
+
+Status GemmBench::prepare(const GemmKey& key) {
+  const size_t es = elem_bytes(key.kind);
+  const size_t w_stride = round_up(size_t(key.N) * key.K * es, 256);
+  // Enough copies that one rotation touches 3x L2: each call then reads its weight from HBM, as a
+  // real step does (it reads every layer's weights once).
+  const size_t copies = std::clamp<size_t>((3 * l2_bytes_ + w_stride - 1) / w_stride, 1, 8);
+  const size_t x_old = x_bytes_, w_old = w_bytes_;
+  KILN_RETURN_IF_ERROR(grow(&x_, &x_bytes_, size_t(key.n) * key.K * es, "activations"));
+  KILN_RETURN_IF_ERROR(grow(&y_, &y_bytes_, size_t(key.n) * key.N * out_bytes(key.kind), "output"));
+  KILN_RETURN_IF_ERROR(grow(&w_, &w_bytes_, copies * w_stride, "weight copies"));
+  const size_t ones_before = ones_bytes_;
+  void* ones = ones_;
+  KILN_RETURN_IF_ERROR(grow(&ones, &ones_bytes_, sizeof(float) * size_t(std::max(key.n, key.N)), "scales"));
+  ones_ = static_cast<float*>(ones);
+  if (ones_bytes_ != ones_before) launch_fill_f32(ones_, int64_t(ones_bytes_ / sizeof(float)), 1.0f, stream_);
+  // Refill when a buffer was reallocated or the element type changed (FP8 codes read as bf16 and
+  // the reverse would hold NaNs).
+  const bool kind_changed = (filled_kind_ == GemmKind::kFp8) != (key.kind == GemmKind::kFp8);
+  if (kind_changed || x_bytes_ != x_old || x_filled_ == 0) {
+    if (key.kind == GemmKind::kFp8) launch_fill_uniform_fp8(static_cast<uint8_t*>(x_), int64_t(x_bytes_), 11, 1.0f, 1.0f, stream_);
+    else launch_fill_uniform_bf16(static_cast<bf16_t*>(x_), int64_t(x_bytes_ / 2), 11, 1.0f, stream_);
+    x_filled_ = x_bytes_;
+  }
+  if (kind_changed || w_bytes_ != w_old || w_filled_ == 0) {
+    if (key.kind == GemmKind::kFp8) launch_fill_uniform_fp8(static_cast<uint8_t*>(w_), int64_t(w_bytes_), 12, 1.0f, 1.0f, stream_);
+    else launch_fill_uniform_bf16(static_cast<bf16_t*>(w_), int64_t(w_bytes_ / 2), 12, 1.0f, stream_);
+    w_filled_ = w_bytes_;
+  }
+  filled_kind_ = key.kind;
+  return cuda_ok(cudaGetLastError(), "GEMM planner: filling buffers");
+}
+
+Result<double> GemmBench::time_us(const GemmKey& key, const GemmAlgo& algo, int warmup, int reps) {
+  KILN_RETURN_IF_ERROR(prepare(key));
+  reps = std::max(reps, 1);
+  while (events_.size() < size_t(reps) + 1) {
+    cudaEvent_t e;
+    KILN_RETURN_IF_ERROR(cuda_ok(cudaEventCreate(&e), "cudaEventCreate"));
+    events_.push_back(e);
+  }
+  const size_t w_stride = round_up(size_t(key.N) * key.K * elem_bytes(key.kind), 256);
+  const size_t copies = std::clamp<size_t>(w_bytes_ / w_stride, 1, 8);
+  auto weight = [&](int i) { return static_cast<const char*>(w_) + (size_t(i) % copies) * w_stride; };
+  const float* xs = ones_;
+  const float* ws = ones_;
+  for (int i = 0; i < warmup; ++i)
+    KILN_RETURN_IF_ERROR(gemm_.run_algorithm(key, algo, x_, xs, weight(i), ws, y_, stream_));
+  cudaEventRecord(events_[0], stream_);
+  for (int r = 0; r < reps; ++r) {
+    KILN_RETURN_IF_ERROR(gemm_.run_algorithm(key, algo, x_, xs, weight(warmup + r), ws, y_, stream_));
+    cudaEventRecord(events_[size_t(r) + 1], stream_);
+  }
+  KILN_RETURN_IF_ERROR(cuda_ok(cudaStreamSynchronize(stream_), "GEMM planner: timing run"));
+  std::vector<float> ms(size_t(reps), 0.0f);
+  for (int r = 0; r < reps; ++r) cudaEventElapsedTime(&ms[size_t(r)], events_[size_t(r)], events_[size_t(r) + 1]);
+  std::nth_element(ms.begin(), ms.begin() + reps / 2, ms.end());
+  return double(ms[size_t(reps) / 2]) * 1000.0;
+}
+
+Status GemmBench::run_to_host(const GemmKey& key, const GemmAlgo& algo, std::vector<float>* y) {
+  KILN_RETURN_IF_ERROR(prepare(key));
+  cudaMemsetAsync(y_, 0, y_bytes_, stream_);
+  KILN_RETURN_IF_ERROR(gemm_.run_algorithm(key, algo, x_, ones_, w_, ones_, y_, stream_));
+  const size_t count = size_t(key.n) * key.N;
+  y->assign(count, 0.0f);
+  if (key.kind == GemmKind::kBf16F32Out) {
+    KILN_RETURN_IF_ERROR(cuda_ok(cudaMemcpyAsync(y->data(), y_, count * 4, cudaMemcpyDeviceToHost, stream_), "copy"));
+    return cuda_ok(cudaStreamSynchronize(stream_), "GEMM run");
+  }
+  std::vector<uint16_t> h(count);
+  KILN_RETURN_IF_ERROR(cuda_ok(cudaMemcpyAsync(h.data(), y_, count * 2, cudaMemcpyDeviceToHost, stream_), "copy"));
+  KILN_RETURN_IF_ERROR(cuda_ok(cudaStreamSynchronize(stream_), "GEMM run"));
+  for (size_t i = 0; i < count; ++i) (*y)[i] = bf16_to_f32(h[i]);
+  return Status::ok();
+}
+
+// --- planner ------------------------------------------------------------------------------------
+
+Status plan_gemm_algorithms(const KilnDirInfo& info, EnginePlan* plan, const GemmPlanOptions& o) {
+  const auto t0 = std::chrono::steady_clock::now();
+  GemmBench bench;
+  KILN_RETURN_IF_ERROR(bench.init(o.device));
+  KILN_ASSIGN_OR_RETURN(std::string name, gpu_name(o.device));
+  const bool fp8 = info.quant.fp8_weights && gpu_has_fp8(o.device);
+  const auto shapes = gemm_plan_shapes(info, fp8, plan->cuda_graph_batch_sizes, plan->limits.max_num_tokens,
+                                       bench.gemm().gemv_max_m());
+  nlohmann::json entries = nlohmann::json::array();
+  double log_gain = 0;
+  int changed = 0;
+  for (const GemmPlanShape& s : shapes) {
+    const std::vector<GemmAlgo> algos = bench.gemm().heuristic_algorithms(s.key, o.max_algos);
+    if (algos.empty()) {
+      log_warn("gemm planner: cuBLASLt offers no algorithm for " + s.name + " " + gemm_key_string(s.key) +
+               "; left to the run-time heuristic");
+      continue;
+    }
+    double heur_us = -1, best_us = 0;
+    int best = -1, timed = 0;
+    for (size_t i = 0; i < algos.size(); ++i) {
+      if (!bench.gemm().algorithm_ok(s.key, algos[i])) continue;
+      auto t = bench.time_us(s.key, algos[i], o.warmup, o.reps);
+      if (!t) {
+        log_debug("gemm planner: candidate " + std::to_string(i) + " for " + gemm_key_string(s.key) + ": " + t.message());
+        continue;
+      }
+      ++timed;
+      if (i == 0) heur_us = *t;
+      if (best < 0 || *t < best_us) best = int(i), best_us = *t;
+    }
+    if (best < 0) {
+      log_warn("gemm planner: no candidate ran for " + s.name + " " + gemm_key_string(s.key));
+      continue;
+    }
+    if (heur_us > 0 && best_us > heur_us * (1.0 - o.min_gain)) best = 0, best_us = heur_us;
+    if (heur_us > 0) log_gain += std::log(heur_us / best_us);
+    changed += best != 0;
+    nlohmann::json e = {{"shape", s.name},
+                        {"kind", gemm_kind_name(s.key.kind)},
+                        {"M", s.key.n},
+                        {"N", s.key.N},
+                        {"K", s.key.K},
+                        {"outer_vec", s.key.outer_vec},
+                        {"algo", gemm_algo_hex(algos[size_t(best)])},
+                        {"us", std::round(best_us * 100) / 100},
+                        {"heuristic_us", heur_us > 0 ? nlohmann::json(std::round(heur_us * 100) / 100) : nlohmann::json()},
+                        {"heuristic_rank", best},
+                        {"candidates", timed}};
+    entries.push_back(std::move(e));
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  plan->gemm_algorithms = {{"cublaslt_version", cublaslt_version()},
+                           {"device_name", name},
+                           {"planner",
+                            {{"warmup", o.warmup},
+                             {"reps", o.reps},
+                             {"max_algos", o.max_algos},
+                             {"min_gain", o.min_gain},
+                             {"seconds", std::round(secs * 10) / 10}}},
+                           {"entries", std::move(entries)}};
+  const size_t n = plan->gemm_algorithms["entries"].size();
+  char buf[256];
+  std::snprintf(buf, sizeof(buf),
+                "gemm planner: %zu GEMMs timed on %s in %.1f s; %d use another algorithm than the heuristic's first "
+                "(geometric mean gain %.1f%%)",
+                n, name.c_str(), secs, changed, n ? (std::exp(log_gain / double(n)) - 1) * 100 : 0.0);
+  log_info(buf);
+  return Status::ok();
+}
+
+Result<std::shared_ptr<const GemmAlgoTable>> usable_gemm_table(const nlohmann::json& j, int device) {
+  KILN_ASSIGN_OR_RETURN(GemmAlgoTable t, gemm_table_from_json(j));
+  if (t.cublaslt_version == 0 && t.algos.empty()) return Status::error("plan.json has no GEMM algorithms");
+  KILN_ASSIGN_OR_RETURN(std::string name, gpu_name(device));
+  const std::string why = gemm_table_mismatch(t, cublaslt_version(), name);
+  if (!why.empty()) return Status::error(why);
+  return std::shared_ptr<const GemmAlgoTable>(std::make_shared<GemmAlgoTable>(std::move(t)));
+}
+
+}  // namespace kiln::cuda
