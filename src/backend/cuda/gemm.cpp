@@ -144,8 +144,9 @@ Result<GemmAlgoTable> gemm_table_from_json(const nlohmann::json& j) {
   GemmAlgoTable t;
   if (j.empty()) return t;
   auto v = j.find("cublaslt_version");
-  if (v == j.end() || !v->is_number_unsigned()) return Status::error(where + ": cublaslt_version must be an integer");
-  t.cublaslt_version = v->get<size_t>();
+  if (v == j.end() || !v->is_number_integer() || v->get<int64_t>() < 0)
+    return Status::error(where + ": cublaslt_version must be a non-negative integer");
+  t.cublaslt_version = size_t(v->get<int64_t>());
   auto d = j.find("device_name");
   if (d == j.end() || !d->is_string()) return Status::error(where + ": device_name must be a string");
   t.device_name = d->get<std::string>();
