@@ -133,13 +133,16 @@ void expect_plan_matches_heuristic(bool fp8) {
       std::vector<float> y_chosen, y_heur;
       ASSERT_TRUE(bench.run_to_host(key, *chosen, &y_chosen).is_ok());
       ASSERT_TRUE(bench.run_to_host(key, heur, &y_heur).is_ok());
-      const OutputDiff d = diff_outputs(y_chosen, y_heur, fp8 && key.kind == GemmKind::kFp8 ? 1e-2 : 2e-3);
+      // FP8 runs with fast accumulation (Hopper's reduced-precision FP8 accumulator, what TensorRT-LLM
+      // uses): two tilings of K differ by more than f32 order error, so its absolute term is wider.
+      const bool fast_acc = key.kind == GemmKind::kFp8;
+      const OutputDiff d = diff_outputs(y_chosen, y_heur, fast_acc ? 2e-2 : 2e-3);
       char buf[96];
       std::snprintf(buf, sizeof(buf), "rel %.1e, %zu outside", d.rel_l2, d.bad);
       out = buf;
       EXPECT_EQ(d.bad, 0u) << gemm_key_string(key) << ": chosen vs heuristic output differ beyond bf16 rounding at "
                            << d.worst << " (" << y_chosen[d.worst] << " vs " << y_heur[d.worst] << ")";
-      EXPECT_LT(d.rel_l2, 4e-3) << gemm_key_string(key);
+      EXPECT_LT(d.rel_l2, fast_acc ? 1e-2 : 4e-3) << gemm_key_string(key);
     }
     const double ratio = t_chosen / t_heur;
     log_sum += std::log(ratio);
