@@ -109,13 +109,14 @@ __global__ void amax_rows_kernel(const bf16* x, int64_t ldx, int32_t K, unsigned
   if (threadIdx.x == 0) atomicMax(amax_bits, __float_as_uint(m));
 }
 
-__global__ void scale_outer_kernel(bf16* y, int64_t ldy, int32_t N, const float* a, bool a_per_row, const float* b,
+__global__ void scale_outer_kernel(bf16* y, int64_t ldy, int32_t n, int32_t N, const float* a, bool a_per_row, const float* b,
                                    bool b_per_col) {
-  const int64_t m = blockIdx.y;
-  const float am = a[a_per_row ? m : 0];
-  bf16* row = y + m * ldy;
-  for (int32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < N; j += gridDim.x * blockDim.x)
-    row[j] = __float2bfloat16(__bfloat162float(row[j]) * am * b[b_per_col ? j : 0]);
+  for (int64_t m = blockIdx.y; m < n; m += gridDim.y) {
+    const float am = a[a_per_row ? m : 0];
+    bf16* row = y + m * ldy;
+    for (int32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < N; j += gridDim.x * blockDim.x)
+      row[j] = __float2bfloat16(__bfloat162float(row[j]) * am * b[b_per_col ? j : 0]);
+  }
 }
 
 __device__ __forceinline__ uint64_t mix64(uint64_t x) {
@@ -161,7 +162,8 @@ void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const floa
                         bool b_per_col, cudaStream_t s) {
   if (n <= 0 || N <= 0) return;
   const int bx = (N + 255) / 256 < 64 ? (N + 255) / 256 : 64;
-  scale_outer_kernel<<<dim3(bx, n), 256, 0, s>>>(reinterpret_cast<bf16*>(y), ldy, N, a, a_per_row, b, b_per_col);
+  scale_outer_kernel<<<dim3(bx, n < 65535 ? n : 65535), 256, 0, s>>>(reinterpret_cast<bf16*>(y), ldy, n, N, a, a_per_row,
+                                                                     b, b_per_col);
 }
 
 void launch_fill_uniform_fp8(uint8_t* p, int64_t n, uint64_t seed, float a, float scale, cudaStream_t s) {
