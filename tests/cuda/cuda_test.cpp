@@ -774,19 +774,23 @@ TEST(CudaKernels, GemvFp8MatchesReference) {
   };
   enum Kind { kPlain, kSilu, kFold };
   int checked = 0;
-  for (Shape sh : {Shape{8, 16}, Shape{36, 528}, Shape{300, 2064}, Shape{4096, 1040}, Shape{4096, 4096},
+  for (Shape sh : {Shape{8, 16}, Shape{36, 528}, Shape{300, 2064}, Shape{4096, 1040}, Shape{1024, 4096},
                    Shape{6144, 4096}, Shape{13000, 272}}) {
+    // FP8 codes of weights ~N(0, 16) (the full e4m3 range incl. subnormals), generated once per shape
+    // for the silu pair's 2 N rows (plain and fold use the first N), dequantized by a scale per row
+    // (or one per tensor) as a real checkpoint would be.
+    std::vector<uint8_t> wq_all(size_t(2) * sh.N * sh.K);
+    {
+      std::normal_distribution<float> d(0.0f, 16.0f);
+      for (auto& q : wq_all) q = f32_to_fp8e4m3(d(rng));
+    }
     for (int n : {1, 2, 4}) {
       for (Kind kind : {kPlain, kSilu, kFold}) {
         if (kind == kFold && sh.N > 4096) continue;  // the fold takes N <= 4096
         for (bool per_row : {false, true}) {
           const int N = sh.N, K = sh.K, ldx = K + 16, rows = kind == kSilu ? 2 * N : N;
           auto x = random_vec(size_t(n) * ldx, rng);
-          // FP8 codes of weights ~N(0, 1) (the full e4m3 range incl. subnormals), dequantized by a scale
-          // per row (or one per tensor) as a real checkpoint would be.
-          std::vector<uint8_t> wq(size_t(rows) * K);
-          std::normal_distribution<float> d(0.0f, 1.0f);
-          for (auto& q : wq) q = f32_to_fp8e4m3(d(rng) * 16.0f);
+          const std::vector<uint8_t> wq(wq_all.begin(), wq_all.begin() + ptrdiff_t(rows) * K);
           std::vector<float> scales(static_cast<size_t>(rows));
           std::uniform_real_distribution<float> us(0.5f / 256.0f, 2.0f / 256.0f);
           const float tensor_scale = 1.0f / 300.0f;
@@ -908,5 +912,96 @@ TEST(CudaKernels, GemvFp8MatchesReference) {
   EXPECT_FALSE(cuda::launch_gemv(static_cast<const cuda::bf16_t*>(dw), 24, 1, w, 8, 24, dw, 8, true, s));
   cudaFree(dw);
   cudaFree(counter);
+  cudaStreamDestroy(s);
+}
+
+// Decode GEMV timing on Llama-3.1-8B's shapes, bf16 and FP8 weights (batch 1): each launch reads a
+// different weight copy (rotating over >= 256 MB, so L2 holds none of them), launches back to back
+// on one stream (PDL as in the decode graph), events around 30 launches. Prints us and GB/s (weight
+// bytes / time); fails only if a launch is refused or an output is not finite.
+TEST(CudaKernels, GemvTiming8B) {
+  REQUIRE_GPU();
+  cudaStream_t s;
+  cudaStreamCreate(&s);
+  struct Shape {
+    const char* name;
+    int N, K;
+    bool silu, fold;
+  };
+  const Shape shapes[] = {{"qkv", 6144, 4096, false, false},     {"o (+norm)", 4096, 4096, false, true},
+                          {"gate_up+silu", 14336, 4096, true, false}, {"down (+norm)", 4096, 14336, false, true},
+                          {"lm_head", 128256, 4096, false, false}};
+  void *dx = nullptr, *dy = nullptr, *dres = nullptr, *dnw = nullptr, *dout = nullptr;
+  unsigned int* counter = nullptr;
+  ASSERT_EQ(cudaMalloc(&dx, 14336 * 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dy, 128256 * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dres, 4096 * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dnw, 4096 * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&dout, 4096 * 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&counter), 4), cudaSuccess);
+  cudaMemset(counter, 0, 4);
+  cuda::launch_fill_uniform_bf16(static_cast<cuda::bf16_t*>(dx), 14336, 1, 1.0f, s);
+  cuda::launch_fill_f32(static_cast<float*>(dres), 4096, 0.5f, s);
+  cuda::launch_fill_f32(static_cast<float*>(dnw), 4096, 1.0f, s);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::printf("[gemv-timing] %-14s %9s %9s %9s %9s\n", "shape", "bf16 us", "GB/s", "fp8 us", "GB/s");
+  for (const Shape& sh : shapes) {
+    double us[2] = {0, 0}, gbs[2] = {0, 0};
+    for (int fp8 = 0; fp8 < 2; ++fp8) {
+      const int rows = sh.silu ? 2 * sh.N : sh.N;
+      const size_t bytes = size_t(rows) * sh.K * (fp8 ? 1 : 2);
+      const int copies = int(std::max<size_t>(2, (size_t(256) << 20) / bytes + 1));
+      void* dw = nullptr;
+      ASSERT_EQ(cudaMalloc(&dw, bytes * copies), cudaSuccess);
+      if (fp8) {
+        // Pseudo-random FP8 codes without the NaN pair (0x7f, 0xff), copied in 16 MB pieces.
+        std::vector<uint8_t> pat(size_t(16) << 20);
+        uint32_t st = 12345;
+        for (auto& b : pat) {
+          st = st * 1664525u + 1013904223u;
+          b = uint8_t(st >> 24);
+          if ((b & 0x7f) == 0x7f) b ^= 1;
+        }
+        for (size_t off = 0; off < bytes * copies; off += pat.size())
+          cudaMemcpy(static_cast<char*>(dw) + off, pat.data(), std::min(pat.size(), bytes * copies - off),
+                     cudaMemcpyHostToDevice);
+      } else {
+        cuda::launch_fill_uniform_bf16(static_cast<cuda::bf16_t*>(dw), int64_t(bytes * copies / 2), 7, 0.05f, s);
+      }
+      cuda::GemvW w;
+      w.fp8 = fp8 != 0;
+      w.scale = 0.01f;
+      auto launch = [&](int c) {
+        w.data = static_cast<const char*>(dw) + size_t(c % copies) * bytes;
+        const auto* x = static_cast<const cuda::bf16_t*>(dx);
+        if (sh.silu) return cuda::launch_gemv_silu(x, sh.K, 1, w, sh.N, sh.K, static_cast<cuda::bf16_t*>(dy), sh.N, s);
+        if (sh.fold)
+          return cuda::launch_gemv_add_rms_norm(x, sh.K, 1, w, sh.N, sh.K, static_cast<cuda::bf16_t*>(dy), sh.N,
+                                                static_cast<float*>(dres), static_cast<const float*>(dnw), 1e-5f,
+                                                static_cast<cuda::bf16_t*>(dout), sh.N, counter, s);
+        return cuda::launch_gemv(x, sh.K, 1, w, sh.N, sh.K, dy, sh.N, sh.name[0] == 'l', s);
+      };
+      for (int i = 0; i < 3; ++i) ASSERT_TRUE(launch(i)) << sh.name;
+      constexpr int kIters = 30;
+      cudaEventRecord(e0, s);
+      for (int i = 0; i < kIters; ++i) launch(i);
+      cudaEventRecord(e1, s);
+      ASSERT_EQ(cudaEventSynchronize(e1), cudaSuccess) << sh.name;
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      us[fp8] = 1e3 * ms / kIters;
+      gbs[fp8] = double(bytes) / (us[fp8] * 1e-6) / 1e9;
+      float y0 = 0;
+      if (sh.name[0] == 'l') cudaMemcpy(&y0, dy, 4, cudaMemcpyDeviceToHost);
+      EXPECT_TRUE(std::isfinite(y0)) << sh.name << " fp8 " << fp8;
+      cudaFree(dw);
+    }
+    std::printf("[gemv-timing] %-14s %9.1f %9.0f %9.1f %9.0f\n", sh.name, us[0], gbs[0], us[1], gbs[1]);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  for (void* p : {dx, dy, dres, dnw, dout, static_cast<void*>(counter)}) cudaFree(p);
   cudaStreamDestroy(s);
 }

@@ -317,6 +317,14 @@ __device__ __forceinline__ void gemv_norm_tail(const NormEpi& ne, int n, int dim
   if (threadIdx.x == 0) *ne.counter = 0u;
 }
 
+// Asks L2 for `bytes` (a multiple of 16) at p through the bulk-copy engine, without registers or an
+// L1 slot: the GEMV keeps more weight bytes on their way from DRAM than its four loads per lane.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // Small-M GEMM (decode): warps stream weight rows with 16-byte loads, four in flight per lane; the
 // M activation rows come through L1. kSplit warps share a row (each a contiguous K range, summed
 // through shared memory) so that small-N shapes (o: 4096 rows) still put ~2 waves of warps on the
@@ -327,10 +335,11 @@ __device__ __forceinline__ void gemv_norm_tail(const NormEpi& ne, int n, int dim
 // carry twice the K range); weights are widened in registers, the dot runs in f32 against the bf16
 // activations and is multiplied once by its row's dequantization scale (row_scales, or wscale).
 // The first weight loads are issued before pdl_wait(): they overlap the previous kernel's tail.
-template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kPersist, bool kFp8>
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kPersist, bool kFp8, bool kPf = false>
 __global__ void __launch_bounds__(256, kMinBlocks)
     gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const void* w, int32_t N, int32_t K, int64_t pair_off, void* y,
-                int64_t ldy, bool y_f32, NormEpi ne, float wscale, const float* row_scales) {
+                int64_t ldy, bool y_f32, NormEpi ne, float wscale, const float* row_scales, int pf_ahead,
+                bool pf_own) {
   constexpr int kRows = 8 / kSplit, kR = kSilu ? 2 : 1;
   constexpr int kPerVec = kFp8 ? 16 : 8;  // weights per 16-byte vector
   __shared__ float red[8][kR][M];
@@ -343,10 +352,26 @@ __global__ void __launch_bounds__(256, kMinBlocks)
   // so a block's epilogue overlaps weight traffic instead of leaving its SM slot idle once per wave.
   const int ntiles = (N + kRows - 1) / kRows;
   int tile = blockIdx.x;
+  // kPf: one thread asks L2 (bulk prefetch, no registers) for this block's whole tile (pf_own) and for
+  // the tile of the block pf_ahead places later, so DRAM keeps streaming while warps wait on their
+  // first loads, reduce and exit, and across the next kernel's PDL overlap (PERF_cuda.md pass 5).
+  if constexpr (kPf) {
+    if (threadIdx.x == 0) {
+      const int64_t row_bytes = int64_t(vecs) * 16;
+      auto pf_tile = [&](int64_t t) {
+        const int64_t r0 = t * kRows, nr = min(int64_t(kRows), int64_t(N) - r0);
+        const char* base = static_cast<const char*>(w) + r0 * row_bytes;
+        prefetch_l2(base, uint32_t(nr * row_bytes));
+        if (kSilu) prefetch_l2(base + pair_off * row_bytes, uint32_t(nr * row_bytes));
+      };
+      if (pf_own) pf_tile(blockIdx.x);
+      if (pf_ahead > 0 && int64_t(blockIdx.x) + pf_ahead < ntiles) pf_tile(int64_t(blockIdx.x) + pf_ahead);
+    }
+  }
   auto row_of = [&](int t) { return int64_t(t) * kRows + warp / kSplit; };
   auto wrow = [&](int64_t row, bool act, const uint4* (&wr)[kR]) {
-    wr[0] = reinterpret_cast<const uint4*>(w) + (act ? row : 0) * vecs;
-    if (kSilu) wr[kR - 1] = wr[0] + pair_off * vecs;
+    wr[0] = reinterpret_cast<const uint4*>(static_cast<const char*>(w) + (act ? row : 0) * K * (kFp8 ? 1 : 2));
+    if (kSilu) wr[kR - 1] = wr[0] + pair_off * (K / kPerVec);
   };
   uint4 b0[kR], b1[kR], b2[kR], b3[kR];
   int64_t row = row_of(tile);
@@ -376,17 +401,22 @@ __global__ void __launch_bounds__(256, kMinBlocks)
       for (int m = 0; m < M; ++m) {
         if (m < n) {
           if constexpr (kFp8) {
+            // One x vector (8 activations) per half of the weight vector: fewer live registers under
+            // the 32-register cap than loading both first.
             const uint4* xr = reinterpret_cast<const uint4*>(x + m * ldx) + 2 * i;
-            const uint4 xv[2] = {__ldg(xr), __ldg(xr + 1)};
-            const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(xv);
 #pragma unroll
-            for (int r = 0; r < kR; ++r) {
-              const __nv_fp8x2_storage_t* wp = reinterpret_cast<const __nv_fp8x2_storage_t*>(&wv[r]);
+            for (int h = 0; h < 2; ++h) {
+              const uint4 xv = __ldg(xr + h);
+              const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
 #pragma unroll
-              for (int t = 0; t < 8; ++t) {
-                const float2 wf = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(wp[t], __NV_E4M3)));
-                const float2 xf = __bfloat1622float2(xp[t]);
-                acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
+              for (int r = 0; r < kR; ++r) {
+                const __nv_fp8x2_storage_t* wp = reinterpret_cast<const __nv_fp8x2_storage_t*>(&wv[r]) + 4 * h;
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+                  const float2 wf = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(wp[t], __NV_E4M3)));
+                  const float2 xf = __bfloat1622float2(xp[t]);
+                  acc[r][m] = fmaf(wf.x, xf.x, fmaf(wf.y, xf.y, acc[r][m]));
+                }
               }
             }
           } else {
@@ -530,6 +560,19 @@ bool gemv_high_occupancy() {
   return v;
 }
 
+// Bulk L2 prefetch in the M = 1 GEMV (sm_90; PERF_cuda.md, decode pass 5): KILN_GEMV_L2_AHEAD_KB is
+// the weight bytes (in KiB) kept requested ahead of the blocks that will read them (each block asks
+// for the tile of the block that many bytes later; 0 = off), KILN_GEMV_L2_OWN=1 also asks for the
+// block's own tile at its start.
+int gemv_l2_ahead_kb() {
+  static const int v = env_int("KILN_GEMV_L2_AHEAD_KB", 0);
+  return v;
+}
+bool gemv_l2_own() {
+  static const bool v = env_int("KILN_GEMV_L2_OWN", 0) != 0;
+  return v;
+}
+
 // KILN_GEMV_PERSISTENT=1: grid = SMs x resident blocks per SM, blocks walk tiles (docs/PERF_cuda.md,
 // decode pass 4).
 bool gemv_persistent() {
@@ -570,10 +613,20 @@ void gemv_launch_split(const GemvArgs& a) {
     }();
     launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true, kFp8>, dim3(tiles < resident ? tiles : resident),
                dim3(256), 0, a.s, a.x, a.ldx, a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale,
-               rows);
+               rows, 0, false);
   } else {
+    if constexpr (M == 1) {
+      const int64_t tile_bytes = int64_t(8 / kSplit) * a.K * (kFp8 ? 1 : 2) * (kSilu ? 2 : 1);
+      const int ahead = int(int64_t(gemv_l2_ahead_kb()) * 1024 / tile_bytes);
+      if (ahead > 0 || gemv_l2_own()) {
+        launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false, kFp8, true>, dim3(tiles), dim3(256), 0, a.s,
+                   a.x, a.ldx, a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale, rows, ahead,
+                   gemv_l2_own());
+        return;
+      }
+    }
     launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false, kFp8>, dim3(tiles), dim3(256), 0, a.s, a.x, a.ldx,
-               a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale, rows);
+               a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale, rows, 0, false);
   }
 }
 
