@@ -31,6 +31,12 @@ struct LtApi {
   decltype(&cublasLtMatmul) matmul = nullptr;
   decltype(&cublasLtMatmulAlgoCheck) algo_check = nullptr;
   decltype(&cublasLtGetVersion) get_version = nullptr;
+  // Algorithm search beyond the heuristic (the GEMM planner's split-K variants and enumeration).
+  decltype(&cublasLtMatmulAlgoGetIds) algo_get_ids = nullptr;
+  decltype(&cublasLtMatmulAlgoInit) algo_init = nullptr;
+  decltype(&cublasLtMatmulAlgoCapGetAttribute) cap_get = nullptr;
+  decltype(&cublasLtMatmulAlgoConfigSetAttribute) config_set = nullptr;
+  decltype(&cublasLtMatmulAlgoConfigGetAttribute) config_get = nullptr;
   std::string path, error;
 };
 
@@ -78,6 +84,11 @@ const LtApi& lt_api() {
     sym(a.matmul, "cublasLtMatmul");
     sym(a.algo_check, "cublasLtMatmulAlgoCheck");
     sym(a.get_version, "cublasLtGetVersion");
+    sym(a.algo_get_ids, "cublasLtMatmulAlgoGetIds");
+    sym(a.algo_init, "cublasLtMatmulAlgoInit");
+    sym(a.cap_get, "cublasLtMatmulAlgoCapGetAttribute");
+    sym(a.config_set, "cublasLtMatmulAlgoConfigSetAttribute");
+    sym(a.config_get, "cublasLtMatmulAlgoConfigGetAttribute");
     return a;
   }();
   return api;
@@ -136,6 +147,30 @@ Result<GemmAlgo> gemm_algo_from_hex(std::string_view hex) {
     b[i] = uint8_t(hi * 16 + lo);
   }
   return a;
+}
+
+GemmAlgoConfig gemm_algo_config(const GemmAlgo& algo) {
+  GemmAlgoConfig c;
+  const LtApi& api = lt_api();
+  if (!api.error.empty()) return c;
+  cublasLtMatmulAlgo_t a;
+  std::memcpy(&a, algo.data.data(), sizeof(a));
+  size_t w = 0;
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_ID, &c.id, sizeof(c.id), &w);
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_TILE_ID, &c.tile, sizeof(c.tile), &w);
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_STAGES_ID, &c.stages, sizeof(c.stages), &w);
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &c.split_k, sizeof(c.split_k), &w);
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &c.reduction, sizeof(c.reduction), &w);
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &c.swizzle, sizeof(c.swizzle), &w);
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &c.custom, sizeof(c.custom), &w);
+  api.config_get(&a, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &c.cluster, sizeof(c.cluster), &w);
+  return c;
+}
+
+std::string gemm_algo_config_string(const GemmAlgoConfig& c) {
+  return "id " + std::to_string(c.id) + " tile " + std::to_string(c.tile) + " stages " + std::to_string(c.stages) +
+         " splitK " + std::to_string(c.split_k) + "/" + std::to_string(c.reduction) + " swizzle " +
+         std::to_string(c.swizzle) + " custom " + std::to_string(c.custom) + " cluster " + std::to_string(c.cluster);
 }
 
 Result<GemmAlgoTable> gemm_table_from_json(const nlohmann::json& j) {
@@ -390,6 +425,85 @@ std::vector<GemmAlgo> Gemm::heuristic_algorithms(const GemmKey& key, int max_cou
 bool Gemm::algorithm_ok(const GemmKey& key, const GemmAlgo& algo) {
   std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
   return check(p.get(), algo);
+}
+
+std::vector<GemmAlgo> Gemm::split_k_variants(const GemmKey& key, const GemmAlgo& algo, const std::vector<int>& splits) {
+  std::vector<GemmAlgo> out;
+  const LtApi& api = lt_api();
+  cublasLtMatmulAlgo_t base;
+  std::memcpy(&base, algo.data.data(), sizeof(base));
+  int32_t support = 0;
+  uint32_t mask = 0;
+  size_t w = 0;
+  if (api.cap_get(&base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &support, sizeof(support), &w) != CUBLAS_STATUS_SUCCESS ||
+      !support)
+    return out;
+  if (api.cap_get(&base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &mask, sizeof(mask), &w) != CUBLAS_STATUS_SUCCESS)
+    return out;
+  // Partial sums in f32: the result then differs from the unsplit GEMM by f32 order only. The
+  // in-place and output-type schemes add partial sums in the output type (bf16: one extra rounding
+  // per split), taken only where the output is f32 anyway.
+  uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
+  if (mask & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE) scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  else if (key.kind == GemmKind::kBf16F32Out && (mask & CUBLASLT_REDUCTION_SCHEME_INPLACE))
+    scheme = CUBLASLT_REDUCTION_SCHEME_INPLACE;
+  if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE) return out;
+  std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
+  for (int s : splits) {
+    if (s < 2 || key.K / s < 64) continue;
+    cublasLtMatmulAlgo_t a = base;
+    const int32_t sk = s;
+    if (api.config_set(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof(sk)) != CUBLAS_STATUS_SUCCESS) continue;
+    if (api.config_set(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) != CUBLAS_STATUS_SUCCESS)
+      continue;
+    GemmAlgo g;
+    std::memcpy(g.data.data(), &a, sizeof(g));
+    if (check(p.get(), g)) out.push_back(g);
+  }
+  return out;
+}
+
+std::vector<GemmAlgo> Gemm::enumerated_algorithms(const GemmKey& key, int max_count) {
+  std::vector<GemmAlgo> out;
+  const LtApi& api = lt_api();
+  auto h = static_cast<cublasLtHandle_t>(handle_);
+  const cudaDataType_t in = key.kind == GemmKind::kFp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  const cudaDataType_t o = key.kind == GemmKind::kBf16F32Out ? CUDA_R_32F : CUDA_R_16BF;
+  std::vector<int> ids(512);
+  int n_ids = 0;
+  if (api.algo_get_ids(h, CUBLAS_COMPUTE_32F, CUDA_R_32F, in, in, o, o, int(ids.size()), ids.data(), &n_ids) !=
+      CUBLAS_STATUS_SUCCESS)
+    return out;
+  std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
+  auto cap_list = [&](const cublasLtMatmulAlgo_t& a, cublasLtMatmulAlgoCapAttributes_t attr) {
+    size_t bytes = 0;
+    std::vector<uint32_t> v;
+    if (api.cap_get(&a, attr, nullptr, 0, &bytes) == CUBLAS_STATUS_SUCCESS && bytes >= sizeof(uint32_t)) {
+      v.resize(bytes / sizeof(uint32_t));
+      size_t w = 0;
+      if (api.cap_get(&a, attr, v.data(), v.size() * sizeof(uint32_t), &w) != CUBLAS_STATUS_SUCCESS) v.clear();
+    }
+    if (v.empty()) v.push_back(0);  // UNDEFINED: the algorithm picks
+    return v;
+  };
+  for (int i = 0; i < n_ids; ++i) {
+    cublasLtMatmulAlgo_t base;
+    if (api.algo_init(h, CUBLAS_COMPUTE_32F, CUDA_R_32F, in, in, o, o, ids[size_t(i)], &base) != CUBLAS_STATUS_SUCCESS)
+      continue;
+    for (uint32_t tile : cap_list(base, CUBLASLT_ALGO_CAP_TILE_IDS)) {
+      for (uint32_t stages : cap_list(base, CUBLASLT_ALGO_CAP_STAGES_IDS)) {
+        cublasLtMatmulAlgo_t a = base;
+        api.config_set(&a, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile));
+        api.config_set(&a, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof(stages));
+        GemmAlgo g;
+        std::memcpy(g.data.data(), &a, sizeof(g));
+        if (!check(p.get(), g)) continue;
+        out.push_back(g);
+        if (int(out.size()) >= max_count) return out;
+      }
+    }
+  }
+  return out;
 }
 
 Status Gemm::run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void* x, const float* x_scales,

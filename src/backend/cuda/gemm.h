@@ -47,6 +47,21 @@ struct GemmAlgo {
 std::string gemm_algo_hex(const GemmAlgo& a);  // 128 lowercase hex digits, bytes in memory order
 Result<GemmAlgo> gemm_algo_from_hex(std::string_view hex);
 
+// The configuration fields of an algorithm (cuBLASLt's CUBLASLT_ALGO_CONFIG_*), for tables and logs.
+struct GemmAlgoConfig {
+  int32_t id = -1;            // algorithm id (cublasLtMatmulAlgoGetIds)
+  uint32_t tile = 0;          // cublasLtMatmulTile_t
+  uint32_t stages = 0;        // cublasLtMatmulStages_t
+  int32_t split_k = 1;        // K splits (1: none)
+  uint32_t reduction = 0;     // cublasLtReductionScheme_t of the split-K partial sums
+  uint32_t swizzle = 0;       // CTA swizzling
+  uint32_t custom = 0;        // custom option
+  uint16_t cluster = 0;       // cublasLtClusterShape_t (0: auto)
+};
+// Reads the configuration out of `algo` (all defaults when the library cannot be loaded).
+GemmAlgoConfig gemm_algo_config(const GemmAlgo& algo);
+std::string gemm_algo_config_string(const GemmAlgoConfig& c);  // "id 66 tile 20 stages 8 splitK 4/2 ..."
+
 struct GemmAlgoTable {
   size_t cublaslt_version = 0;  // cublasLtGetVersion() of the planner
   std::string device_name;      // cudaDeviceProp::name of the planner's GPU
@@ -104,6 +119,15 @@ class Gemm {
   std::vector<GemmAlgo> heuristic_algorithms(const GemmKey& key, int max_count);
   // True if cuBLASLt accepts `algo` for `key` within this Gemm's workspace.
   bool algorithm_ok(const GemmKey& key, const GemmAlgo& algo);
+  // Split-K variants of `algo` for `key`: for each count in `splits` (> 1) that the algorithm's caps
+  // allow, the variant with f32 partial sums in the workspace (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  // in place in the output when that is the only scheme offered; never bf16 partial sums), kept
+  // only when cublasLtMatmulAlgoCheck accepts it within this Gemm's workspace.
+  std::vector<GemmAlgo> split_k_variants(const GemmKey& key, const GemmAlgo& algo, const std::vector<int>& splits);
+  // Every (algorithm id, tile, stages) the library lists for key's data types that
+  // cublasLtMatmulAlgoCheck accepts for `key` (no split-K, default swizzle, cluster and options),
+  // at most max_count: the configurations the heuristic did not return, for a wider search.
+  std::vector<GemmAlgo> enumerated_algorithms(const GemmKey& key, int max_count);
   // One GEMM with `algo` (not checked: call algorithm_ok first). FP8 scales: x_scales [n] and
   // w_scales [N] when key.outer_vec, else [1] each. Enqueues only.
   [[nodiscard]] Status run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void* x, const float* x_scales,

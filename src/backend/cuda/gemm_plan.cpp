@@ -195,6 +195,51 @@ Status GemmBench::run_to_host(const GemmKey& key, const GemmAlgo& algo, std::vec
 
 // --- planner ------------------------------------------------------------------------------------
 
+Result<GemmPlanResult> plan_gemm(GemmBench& bench, const GemmKey& key, const GemmPlanOptions& o) {
+  Gemm& gemm = bench.gemm();
+  const std::vector<GemmAlgo> algos = gemm.heuristic_algorithms(key, o.max_algos);
+  if (algos.empty()) return Status::error("cuBLASLt offers no algorithm for " + gemm_key_string(key));
+  struct Candidate {
+    GemmAlgo algo;
+    int rank;  // of the heuristic candidate it derives from
+  };
+  std::vector<Candidate> cands;
+  auto seen = [&](const GemmAlgo& a) {
+    return std::any_of(cands.begin(), cands.end(), [&](const Candidate& c) { return c.algo == a; });
+  };
+  for (size_t i = 0; i < algos.size(); ++i)
+    if (!seen(algos[i]) && gemm.algorithm_ok(key, algos[i])) cands.push_back({algos[i], int(i)});
+  if (!o.split_k.empty() && key.n <= o.split_k_max_m) {
+    const size_t base = cands.size();
+    for (size_t i = 0; i < base; ++i)
+      for (const GemmAlgo& v : gemm.split_k_variants(key, cands[i].algo, o.split_k))
+        if (!seen(v)) cands.push_back({v, cands[i].rank});
+  }
+  GemmPlanResult r;
+  r.heuristic = algos[0];
+  int best = -1;
+  for (size_t i = 0; i < cands.size(); ++i) {
+    auto t = bench.time_us(key, cands[i].algo, o.warmup, o.reps);
+    if (!t) {
+      log_debug("gemm planner: candidate " + std::to_string(i) + " for " + gemm_key_string(key) + ": " + t.message());
+      continue;
+    }
+    ++r.candidates;
+    if (cands[i].algo == algos[0]) r.heuristic_us = *t;
+    if (best < 0 || *t < r.us) best = int(i), r.us = *t;
+  }
+  if (best < 0) return Status::error("no candidate ran for " + gemm_key_string(key));
+  r.algo = cands[size_t(best)].algo;
+  r.heuristic_rank = cands[size_t(best)].rank;
+  if (r.heuristic_us > 0 && r.us > r.heuristic_us * (1.0 - o.min_gain)) {
+    r.algo = algos[0];
+    r.us = r.heuristic_us;
+    r.heuristic_rank = 0;
+  }
+  r.split_k = std::max(1, gemm_algo_config(r.algo).split_k);
+  return r;
+}
+
 Status plan_gemm_algorithms(const KilnDirInfo& info, EnginePlan* plan, const GemmPlanOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   GemmBench bench;
@@ -205,45 +250,29 @@ Status plan_gemm_algorithms(const KilnDirInfo& info, EnginePlan* plan, const Gem
                                        bench.gemm().gemv_max_m());
   nlohmann::json entries = nlohmann::json::array();
   double log_gain = 0;
-  int changed = 0;
+  int changed = 0, split = 0;
   for (const GemmPlanShape& s : shapes) {
-    const std::vector<GemmAlgo> algos = bench.gemm().heuristic_algorithms(s.key, o.max_algos);
-    if (algos.empty()) {
-      log_warn("gemm planner: cuBLASLt offers no algorithm for " + s.name + " " + gemm_key_string(s.key) +
-               "; left to the run-time heuristic");
+    auto r = plan_gemm(bench, s.key, o);
+    if (!r) {
+      log_warn("gemm planner: " + s.name + ": " + r.message() + "; left to the run-time heuristic");
       continue;
     }
-    double heur_us = -1, best_us = 0;
-    int best = -1, timed = 0;
-    for (size_t i = 0; i < algos.size(); ++i) {
-      if (!bench.gemm().algorithm_ok(s.key, algos[i])) continue;
-      auto t = bench.time_us(s.key, algos[i], o.warmup, o.reps);
-      if (!t) {
-        log_debug("gemm planner: candidate " + std::to_string(i) + " for " + gemm_key_string(s.key) + ": " + t.message());
-        continue;
-      }
-      ++timed;
-      if (i == 0) heur_us = *t;
-      if (best < 0 || *t < best_us) best = int(i), best_us = *t;
-    }
-    if (best < 0) {
-      log_warn("gemm planner: no candidate ran for " + s.name + " " + gemm_key_string(s.key));
-      continue;
-    }
-    if (heur_us > 0 && best_us > heur_us * (1.0 - o.min_gain)) best = 0, best_us = heur_us;
-    if (heur_us > 0) log_gain += std::log(heur_us / best_us);
-    changed += best != 0;
+    if (r->heuristic_us > 0) log_gain += std::log(r->heuristic_us / r->us);
+    changed += !(r->algo == r->heuristic);
+    split += r->split_k > 1 && !(r->algo == r->heuristic);
     nlohmann::json e = {{"shape", s.name},
                         {"kind", gemm_kind_name(s.key.kind)},
                         {"M", s.key.n},
                         {"N", s.key.N},
                         {"K", s.key.K},
                         {"outer_vec", s.key.outer_vec},
-                        {"algo", gemm_algo_hex(algos[size_t(best)])},
-                        {"us", std::round(best_us * 100) / 100},
-                        {"heuristic_us", heur_us > 0 ? nlohmann::json(std::round(heur_us * 100) / 100) : nlohmann::json()},
-                        {"heuristic_rank", best},
-                        {"candidates", timed}};
+                        {"algo", gemm_algo_hex(r->algo)},
+                        {"us", std::round(r->us * 100) / 100},
+                        {"heuristic_us",
+                         r->heuristic_us > 0 ? nlohmann::json(std::round(r->heuristic_us * 100) / 100) : nlohmann::json()},
+                        {"heuristic_rank", r->heuristic_rank},
+                        {"split_k", r->split_k},
+                        {"candidates", r->candidates}};
     entries.push_back(std::move(e));
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -254,14 +283,16 @@ Status plan_gemm_algorithms(const KilnDirInfo& info, EnginePlan* plan, const Gem
                              {"reps", o.reps},
                              {"max_algos", o.max_algos},
                              {"min_gain", o.min_gain},
+                             {"split_k", o.split_k},
+                             {"split_k_max_m", o.split_k_max_m},
                              {"seconds", std::round(secs * 10) / 10}}},
                            {"entries", std::move(entries)}};
   const size_t n = plan->gemm_algorithms["entries"].size();
-  char buf[256];
+  char buf[320];
   std::snprintf(buf, sizeof(buf),
                 "gemm planner: %zu GEMMs timed on %s in %.1f s; %d use another algorithm than the heuristic's first "
-                "(geometric mean gain %.1f%%)",
-                n, name.c_str(), secs, changed, n ? (std::exp(log_gain / double(n)) - 1) * 100 : 0.0);
+                "(%d of them split-K; geometric mean gain %.1f%%)",
+                n, name.c_str(), secs, changed, split, n ? (std::exp(log_gain / double(n)) - 1) * 100 : 0.0);
   log_info(buf);
   return Status::ok();
 }

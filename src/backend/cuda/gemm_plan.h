@@ -75,10 +75,30 @@ struct GemmPlanOptions {
   // Another candidate replaces the heuristic's first only when faster by more than this fraction:
   // a 1% "win" is timing noise and would make plans differ from run to run.
   double min_gain = 0.02;
+  // Split-K variants of every heuristic candidate (cuBLASLt's CUBLASLT_ALGO_CONFIG_SPLITK_NUM, f32
+  // partial sums) are timed too for M <= split_k_max_m: at decode sizes a 128-wide tile grid has
+  // N/128 CTAs for 132 SMs, each walking all of K. Empty: none.
+  std::vector<int> split_k = {2, 3, 4, 6, 8};
+  int64_t split_k_max_m = 512;
 };
 
+// One GEMM's planning result.
+struct GemmPlanResult {
+  GemmAlgo algo;              // the chosen algorithm
+  GemmAlgo heuristic;         // the heuristic's first
+  double us = 0;              // chosen, median
+  double heuristic_us = -1;   // the heuristic's first, median (-1: it did not run)
+  int heuristic_rank = 0;     // the chosen algorithm's (or its unsplit base's) rank in the heuristic's list
+  int split_k = 1;            // the chosen algorithm's K splits
+  int candidates = 0;         // configurations timed
+};
+// Times the heuristic's candidates for `key` (and their split-K variants, per `o`) on `bench`'s GPU
+// and picks the fastest; another than the heuristic's first only when faster by more than o.min_gain.
+Result<GemmPlanResult> plan_gemm(GemmBench& bench, const GemmKey& key, const GemmPlanOptions& o);
+
 // Fills plan->gemm_algorithms for `info` on GPU o.device: {cublaslt_version, device_name,
-// planner: {...}, entries: [{shape, kind, M, N, K, outer_vec, algo, us, heuristic_us, candidates}]}.
+// planner: {...}, entries: [{shape, kind, M, N, K, outer_vec, algo, us, heuristic_us, heuristic_rank,
+// split_k, candidates}]}.
 [[nodiscard]] Status plan_gemm_algorithms(const KilnDirInfo& info, EnginePlan* plan, const GemmPlanOptions& o = {});
 
 // plan.json's gemm_algorithms as a table usable on GPU `device`, or an error saying why not
