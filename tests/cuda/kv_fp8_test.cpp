@@ -1,7 +1,8 @@
 // FP8 E4M3 KV cache on CUDA against the CPU emulation (CpuKvCache::set_fp8): the stored codes bit for
 // bit, prefill / mixed / decode attention (unfused, and the fused rope + KV write + attention decode
 // kernel) over GQA shapes, head dims and block sizes with per-layer scales != 1; then the executor
-// on the golden models, CUDA vs CPU, both with an FP8 cache. Part of test_cuda (same binary as
+// on the golden models, CUDA's FP8 cache against the CPU's f32 reference, as close as the CPU's FP8
+// emulation is. Part of test_cuda (same binary as
 // cuda_test.cpp); without a GPU every test skips with the reason.
 //
 // Tolerances: both sides quantize the same bf16 k/v values with the same arithmetic (x / scale in
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -28,6 +30,8 @@
 #include "common/greedy_run.h"
 #include "core/dtype.h"
 #include "core/file.h"
+#include "model/fp8.h"
+#include "model/ops.h"
 
 using namespace kiln;
 
@@ -218,16 +222,6 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaKvFp8Grid,
                          ::testing::Values(AttnCase{4, 2, 16, 16}, AttnCase{8, 2, 64, 16}, AttnCase{8, 8, 32, 8},
                                            AttnCase{32, 8, 128, 32}, AttnCase{16, 2, 128, 16}));
 
-std::shared_ptr<Model> with_fp8_kv(const Model& m, float k_scale, float v_scale) {
-  auto out = std::make_shared<Model>(m);
-  out->weights.fp8_kv_cache = true;
-  for (auto& l : out->weights.layers) {
-    l.k_scale = k_scale;
-    l.v_scale = v_scale;
-  }
-  return out;
-}
-
 // One sequence, teacher-forced: the prompt in one step, then one forced token per step; the last
 // row's logits of every step.
 std::vector<std::vector<float>> forced_logits(ModelExecutor& ex,
@@ -267,14 +261,39 @@ std::vector<std::vector<float>> forced_logits(ModelExecutor& ex,
   return out;
 }
 
-// The executor on the transformers golden models with an FP8 cache (the checkpoint asks for it,
-// scales 0.05 / 0.08), CUDA against the CPU with the same cache: teacher-forced on the CPU's greedy
-// continuation. The CPU's activations are f32 and the GPU's bf16, so an occasional k/v value lands
-// on the other side of an FP8 rounding boundary: logits agree to 5e-2 relative (bf16 KV: 2e-2) and
-// greedy tokens wherever the CPU's top-2 gap is clear of twice the measured noise.
+// The executor on the transformers golden models with an FP8 cache, CUDA against the CPU's f32
+// reference, teacher-forced on the f32 cache's greedy path (golden.json's greedy ids).
+//
+// Why not "CUDA fp8 == CPU fp8 within 5e-2" (this test until 2026-11-22, failing on the H100 at
+// 0.05-0.29): the CPU runs f32 activations and CUDA bf16, so k/v differ by bf16 rounding before they
+// are quantized, and about 1 value in 60 lands on the other side of an E4M3 rounding boundary (one
+// E4M3 step is 6-12 %). These random-weight fixtures (initializer_range 0.25, head_dim 16, sharp
+// attention) amplify such flips: measured on the CPU alone (no CUDA involved), the FP8 cache moves
+// the teacher-forced logits from the f32 cache's by 11-15 % relative over all rows and up to 25-40 %
+// at the worst step (qwen3, whose k is RMS-normed: 6 % / 13 %), at every scale tried (0.05/0.08,
+// 1.0, calibrated amax/448); |k|, |v| stay under 10, far from saturation (448 x 0.05 = 22.4). Two FP8
+// runs whose inputs differ by bf16 noise therefore differ by the size of the FP8 effect itself.
+// The bound that can be checked without circularity: the CUDA FP8 cache must be about as close to
+// the f32 reference as the CPU's bit-exact FP8 emulation is (<= 1.5 x its distance, plus the CUDA
+// bf16 cache's own distance to the reference). A broken FP8 path (a lost scale, a wrong slot, a
+// stale token) is O(1) away. The op-level grid above checks the codes bit for bit.
+double rel_rows(const std::vector<std::vector<float>>& got, const std::vector<std::vector<float>>& ref, size_t r0 = 0,
+                size_t r1 = SIZE_MAX) {
+  double num = 0, den = 0;
+  for (size_t i = r0; i < ref.size() && i < r1; ++i)
+    for (size_t j = 0; j < ref[i].size(); ++j) {
+      const double d = double(got[i][j]) - ref[i][j];
+      num += d * d;
+      den += double(ref[i][j]) * ref[i][j];
+    }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+int argmax_row(const std::vector<float>& r) { return int(std::max_element(r.begin(), r.end()) - r.begin()); }
+
 class CudaKvFp8Golden : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(CudaKvFp8Golden, GreedyMatchesCpuFp8Cache) {
+TEST_P(CudaKvFp8Golden, AsCloseToF32AsCpuFp8Emulation) {
   KV_FP8_REQUIRE_GPU();
   const std::string dir = std::string(KILN_SOURCE_DIR) + "/tests/golden/" + GetParam();
   if (!file_exists(dir + "/golden.json")) GTEST_SKIP() << "fixture not present: " << dir;
@@ -282,53 +301,107 @@ TEST_P(CudaKvFp8Golden, GreedyMatchesCpuFp8Cache) {
   ASSERT_TRUE(text.is_ok());
   const auto g = nlohmann::json::parse(*text);
   const auto prompt = g["prompt_ids"].get<std::vector<int32_t>>();
-  const int n_new = int(g["greedy_ids"].size());
+  const auto greedy_ids = g["greedy_ids"].get<std::vector<int32_t>>();
+  const int n_new = int(greedy_ids.size());
+  const std::vector<int32_t> forced(greedy_ids.begin(), greedy_ids.end() - 1);
   auto loaded = load_model(dir);
   ASSERT_TRUE(loaded.is_ok()) << loaded.message();
-  std::shared_ptr<const Model> model = with_fp8_kv(**loaded, 0.05f, 0.08f);
-  const auto cpu_run = kiln::testing::run_greedy(model, prompt, n_new);
-  const std::vector<int32_t> forced(cpu_run.greedy.begin(), cpu_run.greedy.end() - 1);
-
+  std::shared_ptr<const Model> base = *loaded;
+  const int32_t V = base->config.vocab_size, L = base->config.num_layers;
   LoadOptions opts;
   opts.kv_cache_blocks = int32_t((prompt.size() + size_t(n_new) + 15) / 16);
-  auto cpu = make_cpu_executor(model, opts);
-  const int32_t V = model->config.vocab_size;
-  auto ref = forced_logits(*cpu, [&](std::vector<float>* v) {
-    v->assign(cpu->last_logits(), cpu->last_logits() + V);
-    return Status::ok();
-  }, prompt, forced, opts.kv_cache_blocks);
-  opts.device = "cuda";
-  auto gx = cuda::CudaExecutor::create(model, opts);
-  ASSERT_TRUE(gx.is_ok()) << gx.message();
-  EXPECT_EQ((*gx)->kv_bytes_per_token(), size_t(2) * model->config.num_layers * model->config.kv_dim());
-  auto got = forced_logits(**gx, [&](std::vector<float>* v) { return (*gx)->last_logits(v); }, prompt, forced,
-                           opts.kv_cache_blocks);
-  ASSERT_EQ(got.size(), ref.size());
-  double worst = 0, noise = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    double mx = 0;
-    worst = std::max(worst, rel_l2(got[i], ref[i], &mx));
-    noise = std::max(noise, mx);
-  }
-  const double decided_gap = std::max(0.2, 2.0 * noise);
-  int agree = 0, decided = 0, decided_agree = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    std::vector<float> r = ref[i];
-    const int32_t want = int32_t(std::max_element(r.begin(), r.end()) - r.begin());
-    const int32_t have = int32_t(std::max_element(got[i].begin(), got[i].end()) - got[i].begin());
-    std::partial_sort(r.begin(), r.begin() + 2, r.end(), std::greater<float>());
-    agree += want == have;
-    if (r[0] - r[1] > decided_gap) {
-      ++decided;
-      decided_agree += want == have;
-      EXPECT_EQ(have, want) << GetParam() << " step " << i << " gap " << r[0] - r[1];
+
+  auto cpu_run = [&](std::shared_ptr<const Model> m) {
+    auto cpu = make_cpu_executor(m, opts);
+    return forced_logits(*cpu, [&](std::vector<float>* v) {
+      v->assign(cpu->last_logits(), cpu->last_logits() + V);
+      return Status::ok();
+    }, prompt, forced, opts.kv_cache_blocks);
+  };
+  auto cuda_run = [&](std::shared_ptr<const Model> m) {
+    LoadOptions o = opts;
+    o.device = "cuda";
+    auto gx = cuda::CudaExecutor::create(m, o);
+    EXPECT_TRUE(gx.is_ok()) << gx.message();
+    if (!gx.is_ok()) return std::vector<std::vector<float>>{};
+    return forced_logits(**gx, [&](std::vector<float>* v) { return (*gx)->last_logits(v); }, prompt, forced,
+                         opts.kv_cache_blocks);
+  };
+  const auto ref = cpu_run(base);       // CPU, f32 cache: the reference
+  const auto gpu_bf16 = cuda_run(base);  // CUDA, bf16 cache
+  ASSERT_EQ(gpu_bf16.size(), ref.size());
+  const double e_bf = rel_rows(gpu_bf16, ref);
+
+  // k/v magnitudes over the whole forced sequence (f32 cache), for the saturation question, and
+  // ModelOpt-style calibrated scales (amax / 448) from them.
+  std::vector<int32_t> seq = prompt;
+  seq.insert(seq.end(), forced.begin(), forced.end());
+  std::vector<float> k_cal, v_cal, k_amax, v_amax;
+  {
+    const int32_t blocks = int32_t(seq.size() + 15) / 16;
+    CpuKvCache kv;
+    kv.init(base->config, blocks, 16);
+    CpuOps ops(base->config, &kv);
+    StepBatch b;
+    b.clear();
+    for (size_t i = 0; i < seq.size(); ++i) {
+      b.token_ids.push_back(seq[i]);
+      b.positions.push_back(int32_t(i));
+    }
+    b.query_start.push_back(int32_t(seq.size()));
+    b.context_lens.push_back(int32_t(seq.size()));
+    b.max_blocks_per_seq = blocks;
+    for (int32_t i = 0; i < blocks; ++i) b.block_tables.push_back(i);
+    b.logits_rows.push_back(int32_t(seq.size()) - 1);
+    forward(base->config, base->weights, ops, b);
+    const int64_t n = int64_t(seq.size()) * base->config.kv_dim();
+    for (int32_t l = 0; l < L; ++l) {
+      k_amax.push_back(fp8_amax(kv.k[size_t(l)].data(), n));
+      v_amax.push_back(fp8_amax(kv.v[size_t(l)].data(), n));
+      k_cal.push_back(fp8_scale_for_amax(k_amax.back()));
+      v_cal.push_back(fp8_scale_for_amax(v_amax.back()));
     }
   }
-  std::printf("[kv fp8 golden-cuda] %-12s logits worst rel %.2e max|d| %.3g; greedy agree %zu steps: %d, %d/%d where "
-              "gap > %.2f\n",
-              GetParam().c_str(), worst, noise, ref.size(), agree, decided_agree, decided, decided_gap);
-  EXPECT_LE(worst, 5e-2);
-  EXPECT_GT(decided, 0) << "no decided step: the comparison means nothing";
+  std::printf("[kv fp8 golden-cuda] %-12s |k| max", GetParam().c_str());
+  for (int32_t l = 0; l < L; ++l) std::printf(" %.3g", k_amax[size_t(l)]);
+  std::printf(", |v| max");
+  for (int32_t l = 0; l < L; ++l) std::printf(" %.3g", v_amax[size_t(l)]);
+  std::printf(" (E4M3 range: 448 x scale); CUDA bf16 cache vs CPU f32: %.3f\n", e_bf);
+
+  struct Scales {
+    const char* name;
+    std::vector<float> k, v;
+  };
+  const std::vector<Scales> settings = {{"0.05/0.08", std::vector<float>(size_t(L), 0.05f), std::vector<float>(size_t(L), 0.08f)},
+                                        {"1.0", std::vector<float>(size_t(L), 1.0f), std::vector<float>(size_t(L), 1.0f)},
+                                        {"amax/448", k_cal, v_cal}};
+  for (const Scales& sc : settings) {
+    auto m = std::make_shared<Model>(*base);
+    m->weights.fp8_kv_cache = true;
+    for (int32_t l = 0; l < L; ++l) {
+      m->weights.layers[size_t(l)].k_scale = sc.k[size_t(l)];
+      m->weights.layers[size_t(l)].v_scale = sc.v[size_t(l)];
+    }
+    const auto cpu_fp8 = cpu_run(m);
+    const auto gpu_fp8 = cuda_run(m);
+    ASSERT_EQ(gpu_fp8.size(), ref.size());
+    const double e_cpu = rel_rows(cpu_fp8, ref), e_gpu = rel_rows(gpu_fp8, ref), e_cross = rel_rows(gpu_fp8, cpu_fp8);
+    int agree_cpu = 0, agree_gpu = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      agree_cpu += argmax_row(cpu_fp8[i]) == argmax_row(ref[i]);
+      agree_gpu += argmax_row(gpu_fp8[i]) == argmax_row(ref[i]);
+    }
+    std::printf("  scales %-9s vs CPU f32: CPU fp8 %.3f, CUDA fp8 %.3f (bound %.3f); CUDA fp8 vs CPU fp8 %.3f; top-1 "
+                "CPU fp8 %d/%zu, CUDA fp8 %d/%zu\n    per step (CUDA fp8 vs CPU fp8 | CPU fp8 vs f32):",
+                sc.name, e_cpu, e_gpu, 1.5 * e_cpu + e_bf, e_cross, agree_cpu, ref.size(), agree_gpu, ref.size());
+    for (size_t i = 0; i < ref.size(); ++i)
+      std::printf(" %.2f|%.2f", rel_rows(gpu_fp8, cpu_fp8, i, i + 1), rel_rows(cpu_fp8, ref, i, i + 1));
+    std::printf("\n");
+    EXPECT_LE(e_gpu, 1.5 * e_cpu + e_bf) << "scales " << sc.name;
+    EXPECT_GT(e_cpu, 1e-3) << "scales " << sc.name << ": the FP8 cache changed nothing on the CPU";
+    EXPECT_GT(rel_rows(gpu_fp8, gpu_bf16), 1e-3) << "scales " << sc.name << ": the FP8 cache changed nothing on CUDA";
+    EXPECT_GE(agree_gpu + 4, agree_cpu) << "scales " << sc.name;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, CudaKvFp8Golden,

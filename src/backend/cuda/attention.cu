@@ -20,6 +20,8 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "backend/cuda/kernels.h"
@@ -272,12 +274,13 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
     }
 }
 
+// v1 (KILN_DECODE_ATTN=v1, kept to measure against): online softmax per token on CUDA cores.
 // G query heads per block (the GQA group when it is 1, 2, 4 or 8; else 1 and one block per query head).
 // With p.rope, the block also applies the rotary embedding to q (in registers) and, in the block
 // whose split holds the new token, ropes its k and writes k, v into the cache first: one kernel
 // instead of rope + KV write + attention + split reduce (each boundary ~2-3 us at batch 1).
 template <int D, int G, typename C>
-__global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
+__global__ void __launch_bounds__(128) decode_kernel_v1(AttnParams p) {
   constexpr int kTpt = D / 8, kGroups = 128 / kTpt;
   __shared__ float red[kGroups][G][D + 2];
   __shared__ bool s_last;
@@ -502,6 +505,371 @@ __global__ void __launch_bounds__(128) decode_kernel(AttnParams p) {
   }
 }
 
+// ---- decode v2: tensor cores (mma.sync m16n8k16), the default ----
+// v1 spent ~20 instructions per (token, head) on its per-token online softmax (a 4-step shuffle,
+// two exps by all 16 lanes, an accumulator rescale): instruction-bound at large batch (batch 256 x
+// ctx 1000, Llama-3.1-8B: 22.7 ms a step with an FP8 cache vs 8.1 ms of bytes). v2 makes the
+// per-token work two tensor-core products: a warp takes 32 tokens at a time, S = Q K^T with the G
+// query heads as the rows of a 16-row A operand (rows >= G are zero), one max and one rescale per
+// tile, P in registers as the A operand of O += P V (the C layout of S is the A layout of P).
+// bf16 cache: bf16 mma. FP8 cache: f16 mma (e4m3x2 -> f16x2 is one exact instruction; q is f16).
+//
+// Operand layouts come straight from the cache rows, no shared memory: a dot product does not care
+// in which order its k index runs, so each lane of the QK product loads one token's contiguous
+// D/4 elements (16-byte pieces, the 4 lanes of a token covering it) and q's fragment is built with
+// the same permutation (kphys); for PV each lane loads contiguous D/8 elements of the 4 tokens its
+// B fragment needs and pairs tokens with a byte permute; the output's column permutation (vphys)
+// is undone when the warps merge through shared memory.
+template <typename C>
+struct DecodeMma;
+template <>
+struct DecodeMma<bf16> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct DecodeMma<fp8> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    // f16 tops out at 65504: clamp so a huge q cannot make inf * 0 = NaN in the product
+    const __half2 h = __floats2half2_rn(fminf(fmaxf(a, -65504.0f), 65504.0f), fminf(fmaxf(b, -65504.0f), 65504.0f));
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+// Two E4M3 codes (low 16 bits of x) -> f16x2, exact.
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t x) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
+  return uint32_t(h.x) | (uint32_t(h.y) << 16);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int kBytes>
+__device__ __forceinline__ void load_raw(const void* src, uint32_t* w) {
+  if constexpr (kBytes == 16) {
+    const uint4 r = *reinterpret_cast<const uint4*>(src);
+    w[0] = r.x, w[1] = r.y, w[2] = r.z, w[3] = r.w;
+  } else if constexpr (kBytes == 8) {
+    const uint2 r = *reinterpret_cast<const uint2*>(src);
+    w[0] = r.x, w[1] = r.y;
+  } else if constexpr (kBytes == 4) {
+    w[0] = *reinterpret_cast<const uint32_t*>(src);
+  } else {
+    static_assert(kBytes == 2, "piece size");
+    w[0] = *reinterpret_cast<const uint16_t*>(src);
+  }
+}
+
+template <int D, typename C>
+struct DecodeLayout {
+  static constexpr int kEsz = int(sizeof(C));
+  // QK: lane t (= lane % 4) of a token holds D / 4 elements in pieces of kWK; element e -> dim
+  static constexpr int kWK = D / 4 < 16 / kEsz ? D / 4 : 16 / kEsz;
+  static __device__ __forceinline__ int kphys(int e, int t) { return (e / kWK) * 4 * kWK + t * kWK + e % kWK; }
+  static constexpr int kKW = D / 4 * kEsz / 4;  // words of one token's K slice
+  // PV: lane g (= lane / 4) holds D / 8 elements of a token in pieces of kWV; element e -> dim
+  static constexpr int kWV = D / 8 < 16 / kEsz ? D / 8 : 16 / kEsz;
+  static __device__ __forceinline__ int vphys(int e, int g) { return (e / kWV) * 8 * kWV + g * kWV + e % kWV; }
+  static constexpr int kVW = D / 8 * kEsz / 4 > 0 ? D / 8 * kEsz / 4 : 1;
+};
+
+// Tokens per warp iteration by default: up to 8 KB of K + V in flight per warp (bf16 at head_dim
+// 128 with 32 tokens needs 255 registers and spills; 16 keep 3 blocks an SM).
+template <int D, typename C>
+constexpr int decode_tile() {
+  return D * sizeof(C) >= 256 ? 16 : 32;
+}
+
+template <int D, int G, typename C, int kN = decode_tile<D, C>(), int kMinBlocks = 3>
+__global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
+  constexpr int kWarps = 4;
+  constexpr int kKs = D / 16, kMt = D / 16;
+  using L = DecodeLayout<D, C>;
+  using M = DecodeMma<C>;
+  constexpr bool kFp8 = std::is_same<C, fp8>::value;
+  __shared__ float sq[G][D];
+  __shared__ float red[kWarps][G][D + 2];
+  __shared__ float s_m[32 * G], s_l[32 * G], s_ml[2 * G];  // the split merge (splits <= 32)
+  __shared__ bool s_last;
+  pdl_trigger();
+  pdl_wait();
+  const int seq = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
+  const int kvh = head0 / (p.n_heads / p.n_kv);
+  const SeqMeta sm = p.seqs[seq];
+  if (sm.q_len != 1) return;  // a prefill sequence of a mixed step: the prefill kernel's
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int ctx = sm.ctx_len;
+  // Splits are fixed when a graph is captured, the context is not: a split takes at least 64
+  // tokens (v1's split sizes at batch 1), and splits past the context exit at once.
+  constexpr int kMinPer = 64;
+  const int per = (max((ctx + p.splits - 1) / p.splits, kMinPer) + kN - 1) / kN * kN;
+  const int n_eff = max(1, (ctx + per - 1) / per);
+  if (split >= n_eff) return;
+  const int j0 = split * per, j1 = min(ctx, j0 + per);
+  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+  C* kc = static_cast<C*>(const_cast<void*>(p.k_cache));
+  C* vc = static_cast<C*>(const_cast<void*>(p.v_cache));
+  // log2 units: exp(x) = 2^(x log2 e)
+  const float qk_scale = (kFp8 ? p.scale * p.k_scale : p.scale) * 1.4426950408889634f;
+  const float v_scale = kFp8 ? p.v_scale : 1.0f;
+  const bf16* qrow = reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq + int64_t(head0) * D;
+
+  // q (roped with p.rope, rounded to bf16 as the unfused path stores it) -> sq; the new token's
+  // roped k and its v -> the cache, by the block whose split holds it. The rope arithmetic is the
+  // rope kernel's (kernels.cu), so the fused and unfused paths store the same values.
+  if (p.rope) {
+    const TokenMeta tm = p.tokens[sm.q_start];
+    const float pos = float(tm.pos);
+    const bool inter = p.rope == 2;
+    const bool write = tm.slot >= 0 && ctx > 0 && (ctx - 1) / per == split;
+    const int64_t dst = write ? ((int64_t(tm.slot / p.block_size) * p.n_kv + kvh) * p.block_size +
+                                 tm.slot % p.block_size) * D
+                              : 0;
+    const bf16* kn = reinterpret_cast<const bf16*>(p.k_new) + int64_t(sm.q_start) * p.ldk + int64_t(kvh) * D;
+    for (int idx = tid; idx < (G + 1) * (D / 2); idx += 128) {
+      const int h = idx / (D / 2), i = idx % (D / 2);
+      if (h == G && !write) break;
+      float sn, cs;
+      sincosf(pos * p.inv_freq[i], &sn, &cs);
+      const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
+      const bf16* x = h < G ? qrow + h * D : kn;
+      const float x0 = __bfloat162float(x[a]), x1 = __bfloat162float(x[b]);
+      const float r0 = __bfloat162float(__float2bfloat16(x0 * cs - x1 * sn));
+      const float r1 = __bfloat162float(__float2bfloat16(x1 * cs + x0 * sn));
+      if (h < G) {
+        sq[h][a] = r0;
+        sq[h][b] = r1;
+      } else if constexpr (kFp8) {
+        kc[dst + a] = fp8(__fdiv_rn(r0, p.k_scale));
+        kc[dst + b] = fp8(__fdiv_rn(r1, p.k_scale));
+      } else {
+        kc[dst + a] = __float2bfloat16(r0);
+        kc[dst + b] = __float2bfloat16(r1);
+      }
+    }
+    if (write) {
+      const bf16* vn = reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D;
+      for (int d = tid; d < D; d += 128) {
+        if constexpr (kFp8) vc[dst + d] = fp8(__fdiv_rn(__bfloat162float(vn[d]), p.v_scale));
+        else vc[dst + d] = vn[d];
+      }
+    }
+  } else {
+    for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(qrow[(idx / D) * D + idx % D]);
+  }
+  __syncthreads();  // sq ready; the new token's global writes visible to this block's threads
+
+  uint32_t qa[kKs][2];  // A fragments of q: rows g < G, k permuted as the K slices (kphys)
+#pragma unroll
+  for (int ks = 0; ks < kKs; ++ks) {
+    const int d = L::kphys(4 * ks, t);
+    qa[ks][0] = g < G ? M::pack(sq[g][d], sq[g][d + 1]) : 0u;
+    qa[ks][1] = g < G ? M::pack(sq[g][d + 2], sq[g][d + 3]) : 0u;
+  }
+
+  float o[kMt][4];  // O^T: dims vphys(2i, g) (o[i][0..1]) and vphys(2i + 1, g) (o[i][2..3]), heads 2t, 2t + 1
+#pragma unroll
+  for (int i = 0; i < kMt; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m_run = -INFINITY, l_run = 0.0f;  // row g; l over this lane's columns, summed at the end
+  for (int jt = j0 + warp * kN; jt < j1; jt += kWarps * kN) {
+    // Lane l finds token jt + l's cache row (one division per token); the others get it by shuffle.
+    // Tokens past the split read the last valid row and are masked.
+    const int jl = min(jt + lane, j1 - 1);
+    const int32_t row_l = (table[jl / p.block_size] * p.n_kv + kvh) * p.block_size + jl % p.block_size;
+    uint32_t kw[kN / 8][L::kKW];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      const C* src = kc + int64_t(__shfl_sync(0xffffffffu, row_l, nt * 8 + g)) * D + t * L::kWK;
+#pragma unroll
+      for (int pc = 0; pc < D / 4 / L::kWK; ++pc)
+        load_raw<L::kWK * L::kEsz>(src + pc * 4 * L::kWK, &kw[nt][pc * L::kWK * L::kEsz / 4]);
+    }
+    uint32_t vw[kN / 16][4][L::kVW];  // tokens 2t, 2t + 1, 2t + 8, 2t + 9 of each 16
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = kk * 16 + 2 * t + (i & 1) + 8 * (i >> 1);
+        const C* src = vc + int64_t(__shfl_sync(0xffffffffu, row_l, tok)) * D + g * L::kWV;
+#pragma unroll
+        for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
+          load_raw<L::kWV * L::kEsz>(src + pc * 8 * L::kWV, &vw[kk][i][pc * L::kWV * L::kEsz / 4]);
+      }
+
+    // S = Q K^T: this lane holds row g, tokens nt * 8 + 2t, + 1
+    float s[kN / 8][2];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int ks = 0; ks < kKs; ++ks) {
+        uint32_t b0, b1;
+        if constexpr (kFp8) {
+          b0 = fp8x2_to_f16x2(kw[nt][ks]);
+          b1 = fp8x2_to_f16x2(kw[nt][ks] >> 16);
+        } else {
+          b0 = kw[nt][2 * ks];
+          b1 = kw[nt][2 * ks + 1];
+        }
+        M::mma(c, qa[ks][0], 0u, qa[ks][1], 0u, b0, b1);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) s[nt][i] = jt + nt * 8 + 2 * t + i < j1 ? c[i] * qk_scale : -INFINITY;
+    }
+    // One max, one rescale per tile and row; one exp per (token, head).
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][0], s[nt][1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run, mx);  // finite: token jt is in the split
+    const float alpha = fast_exp2(m_run - m_new);
+    m_run = m_new;
+    l_run *= alpha;
+    // this lane's accumulators are heads 2t, 2t + 1; their rows' alphas live in lanes 8t, 8t + 4
+    const float al0 = __shfl_sync(0xffffffffu, alpha, 8 * t), al1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+#pragma unroll
+    for (int i = 0; i < kMt; ++i) {
+      o[i][0] *= al0;
+      o[i][1] *= al1;
+      o[i][2] *= al0;
+      o[i][3] *= al1;
+    }
+    uint32_t pa[kN / 16][2];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      const float p0 = fast_exp2(s[nt][0] - m_new), p1 = fast_exp2(s[nt][1] - m_new);
+      l_run += p0 + p1;
+      pa[nt / 2][nt & 1] = M::pack(p0, p1);
+    }
+    // O^T += V^T P^T (dims as the 16 rows, so all four accumulators of a lane are used): A
+    // fragment of m-tile i = this lane's elements 2i (row g) and 2i + 1 (row g + 8) of tokens
+    // (2t, 2t + 1) and (2t + 8, 2t + 9), paired by a byte permute; B = P^T is S's C layout as is.
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < kMt; ++i) {
+        uint32_t a0, a1, a2, a3;
+        if constexpr (kFp8) {
+          // codes 2i, 2i + 1 of the token pair interleaved: (a_2i, b_2i, a_2i+1, b_2i+1) -> two f16x2
+          const int w = i / 2;
+          const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
+          const uint32_t lo = __byte_perm(vw[kk][0][w], vw[kk][1][w], sel);
+          const uint32_t hi = __byte_perm(vw[kk][2][w], vw[kk][3][w], sel);
+          a0 = fp8x2_to_f16x2(lo);
+          a1 = fp8x2_to_f16x2(lo >> 16);
+          a2 = fp8x2_to_f16x2(hi);
+          a3 = fp8x2_to_f16x2(hi >> 16);
+        } else {
+          a0 = __byte_perm(vw[kk][0][i], vw[kk][1][i], 0x5410u);
+          a1 = __byte_perm(vw[kk][0][i], vw[kk][1][i], 0x7632u);
+          a2 = __byte_perm(vw[kk][2][i], vw[kk][3][i], 0x5410u);
+          a3 = __byte_perm(vw[kk][2][i], vw[kk][3][i], 0x7632u);
+        }
+        M::mma(o[i], a0, a1, a2, a3, pa[kk][0], pa[kk][1]);
+      }
+  }
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+#pragma unroll
+  for (int i = 0; i < kMt; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int h = 2 * t + (r & 1);
+      if (h < G) red[warp][h][L::vphys(2 * i + (r >> 1), g)] = o[i][r];
+    }
+  if (g < G && t == 0) {
+    red[warp][g][D] = m_run;
+    red[warp][g][D + 1] = l_run;
+  }
+  __syncthreads();
+  // Merge the warps, then (splits > 1) write partials; the last block merges the splits.
+  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start) * p.ldo;
+  for (int idx = tid; idx < G * (D + 1); idx += 128) {
+    const int h = idx / (D + 1), d = idx % (D + 1);
+    float Mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) Mx = fmaxf(Mx, red[w][h][D]);
+    float sum = 0.0f, Ls = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = red[w][h][D] == -INFINITY ? 0.0f : fast_exp2(red[w][h][D] - Mx);
+      sum += (d < D ? red[w][h][d] : red[w][h][D + 1]) * wt;
+      Ls += red[w][h][D + 1] * wt;
+    }
+    if (n_eff == 1) {
+      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(Ls > 0.0f ? sum / Ls * v_scale : 0.0f);
+    } else {
+      float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
+      part[d] = sum;  // d == D: the merged l
+      if (d == 0) part[D + 1] = Mx;
+    }
+  }
+  if (n_eff == 1) return;
+  __threadfence();  // partials visible device-wide before the count
+  __syncthreads();
+  if (tid == 0) {
+    int32_t* cnt = p.counters + int64_t(seq) * p.n_heads + blockIdx.y;
+    s_last = atomicAdd(cnt, 1) == n_eff - 1;
+    if (s_last) *cnt = 0;  // every other split has counted: ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // Merge the splits: the split weights 2^(m - M) / L once, then each output a dot over the splits.
+  const float* part0 = p.partials + (int64_t(seq) * p.n_heads + head0) * p.splits * (D + 2);
+  for (int idx = tid; idx < n_eff * G; idx += 128) {
+    const int sp = idx / G, h = idx % G;
+    const float* ph = part0 + (int64_t(h) * p.splits + sp) * (D + 2);
+    s_m[idx] = __ldcg(ph + D + 1);
+    s_l[idx] = __ldcg(ph + D);
+  }
+  __syncthreads();
+  if (tid < G) {
+    float Mx = -INFINITY, Ls = 0.0f;
+    for (int sp = 0; sp < n_eff; ++sp) Mx = fmaxf(Mx, s_m[sp * G + tid]);
+    for (int sp = 0; sp < n_eff; ++sp)
+      Ls += s_m[sp * G + tid] == -INFINITY ? 0.0f : s_l[sp * G + tid] * fast_exp2(s_m[sp * G + tid] - Mx);
+    s_ml[2 * tid] = Mx;
+    s_ml[2 * tid + 1] = Ls;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < n_eff * G; idx += 128) {
+    const int h = idx % G;
+    const float Mx = s_ml[2 * h], Ls = s_ml[2 * h + 1];
+    s_m[idx] = s_m[idx] == -INFINITY || Ls <= 0.0f ? 0.0f : fast_exp2(s_m[idx] - Mx) / Ls;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int h = idx / D, d = idx % D;
+    const float* ph = part0 + int64_t(h) * p.splits * (D + 2) + d;
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < n_eff; ++sp) acc += __ldcg(ph + sp * (D + 2)) * s_m[sp * G + h];
+    out[int64_t(head0 + h) * D + d] = __float2bfloat16(acc * v_scale);
+  }
+}
+
 template <int D, typename C>
 void prefill_launch_as(const AttnParams& p, cudaStream_t s) {
   static bool configured = false;  // the attribute is per function; set once per process
@@ -518,15 +886,36 @@ void prefill_launch(const AttnParams& p, cudaStream_t s) {
   else prefill_launch_as<D, bf16>(p, s);
 }
 
+// KILN_DECODE_ATTN: v1 = the CUDA-core kernel; t16 / b2 = v2 at head_dim 128 with 16 tokens per warp
+// iteration, or 2 blocks an SM (more registers, no spill): variants timed against the default.
+int decode_attn_variant() {
+  static const int v = [] {
+    const char* e = std::getenv("KILN_DECODE_ATTN");
+    const std::string s = e ? e : "";
+    return s == "v1" ? 1 : s == "t16" ? 2 : s == "b2" ? 3 : 0;
+  }();
+  return v;
+}
+
+template <int D, int G, typename C>
+void decode_launch_g(const AttnParams& p, cudaStream_t s) {
+  const dim3 grid(p.num_seqs, p.n_heads / G, p.splits);
+  const int v = decode_attn_variant();
+  if (v == 1) return launch_pdl(decode_kernel_v1<D, G, C>, grid, dim3(128), 0, s, p);
+  if constexpr (D == 128) {
+    if (v == 2) return launch_pdl(decode_kernel<D, G, C, 16>, grid, dim3(128), 0, s, p);
+    if (v == 3) return launch_pdl(decode_kernel<D, G, C, decode_tile<D, C>(), 2>, grid, dim3(128), 0, s, p);
+  }
+  launch_pdl(decode_kernel<D, G, C>, grid, dim3(128), 0, s, p);
+}
+
 template <int D, typename C>
 void decode_launch_as(const AttnParams& p, cudaStream_t s) {
-  const int G = decode_heads_per_block(p.n_heads, p.n_kv);
-  const dim3 grid(p.num_seqs, p.n_heads / G, p.splits);
-  switch (G) {
-    case 1: launch_pdl(decode_kernel<D, 1, C>, grid, dim3(128), 0, s, p); break;
-    case 2: launch_pdl(decode_kernel<D, 2, C>, grid, dim3(128), 0, s, p); break;
-    case 4: launch_pdl(decode_kernel<D, 4, C>, grid, dim3(128), 0, s, p); break;
-    default: launch_pdl(decode_kernel<D, 8, C>, grid, dim3(128), 0, s, p); break;
+  switch (decode_heads_per_block(p.n_heads, p.n_kv)) {
+    case 1: return decode_launch_g<D, 1, C>(p, s);
+    case 2: return decode_launch_g<D, 2, C>(p, s);
+    case 4: return decode_launch_g<D, 4, C>(p, s);
+    default: return decode_launch_g<D, 8, C>(p, s);
   }
 }
 
