@@ -317,15 +317,7 @@ __device__ __forceinline__ void gemv_norm_tail(const NormEpi& ne, int n, int dim
   if (threadIdx.x == 0) *ne.counter = 0u;
 }
 
-// Asks L2 for `bytes` (a multiple of 16) at p through the bulk-copy engine, without registers or an
-// L1 slot: the GEMV keeps more weight bytes on their way from DRAM than its four loads per lane.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
-// Small-M GEMM (decode): warps stream weight rows with 16-byte loads, four in flight per lane; the
+// Small-M GEMM (decode): warps stream weight rows with 16-byte loads, kL in flight per lane; the
 // M activation rows come through L1. kSplit warps share a row (each a contiguous K range, summed
 // through shared memory) so that small-N shapes (o: 4096 rows) still put ~2 waves of warps on the
 // chip: with one warp per row, o and qkv ran at 1.65-1.85 TB/s against 2.8-3.1 for the large shapes
@@ -335,11 +327,10 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 // carry twice the K range); weights are widened in registers, the dot runs in f32 against the bf16
 // activations and is multiplied once by its row's dequantization scale (row_scales, or wscale).
 // The first weight loads are issued before pdl_wait(): they overlap the previous kernel's tail.
-template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kPersist, bool kFp8, bool kPf = false>
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kPersist, bool kFp8, int kL = 4>
 __global__ void __launch_bounds__(256, kMinBlocks)
     gemv_kernel(const bf16* x, int64_t ldx, int32_t n, const void* w, int32_t N, int32_t K, int64_t pair_off, void* y,
-                int64_t ldy, bool y_f32, NormEpi ne, float wscale, const float* row_scales, int pf_ahead,
-                bool pf_own) {
+                int64_t ldy, bool y_f32, NormEpi ne, float wscale, const float* row_scales) {
   constexpr int kRows = 8 / kSplit, kR = kSilu ? 2 : 1;
   constexpr int kPerVec = kFp8 ? 16 : 8;  // weights per 16-byte vector
   __shared__ float red[8][kR][M];
@@ -352,42 +343,38 @@ __global__ void __launch_bounds__(256, kMinBlocks)
   // so a block's epilogue overlaps weight traffic instead of leaving its SM slot idle once per wave.
   const int ntiles = (N + kRows - 1) / kRows;
   int tile = blockIdx.x;
-  // kPf: one thread asks L2 (bulk prefetch, no registers) for this block's whole tile (pf_own) and for
-  // the tile of the block pf_ahead places later, so DRAM keeps streaming while warps wait on their
-  // first loads, reduce and exit, and across the next kernel's PDL overlap (PERF_cuda.md pass 5).
-  if constexpr (kPf) {
-    if (threadIdx.x == 0) {
-      const int64_t row_bytes = int64_t(vecs) * 16;
-      auto pf_tile = [&](int64_t t) {
-        const int64_t r0 = t * kRows, nr = min(int64_t(kRows), int64_t(N) - r0);
-        const char* base = static_cast<const char*>(w) + r0 * row_bytes;
-        prefetch_l2(base, uint32_t(nr * row_bytes));
-        if (kSilu) prefetch_l2(base + pair_off * row_bytes, uint32_t(nr * row_bytes));
-      };
-      if (pf_own) pf_tile(blockIdx.x);
-      if (pf_ahead > 0 && int64_t(blockIdx.x) + pf_ahead < ntiles) pf_tile(int64_t(blockIdx.x) + pf_ahead);
-    }
-  }
   auto row_of = [&](int t) { return int64_t(t) * kRows + warp / kSplit; };
   auto wrow = [&](int64_t row, bool act, const uint4* (&wr)[kR]) {
     wr[0] = reinterpret_cast<const uint4*>(static_cast<const char*>(w) + (act ? row : 0) * K * (kFp8 ? 1 : 2));
     if (kSilu) wr[kR - 1] = wr[0] + pair_off * (K / kPerVec);
   };
-  uint4 b0[kR], b1[kR], b2[kR], b3[kR];
   int64_t row = row_of(tile);
   bool active = row < N;
   const uint4* wr[kR];
   wrow(row, active, wr);
-  int i = v0 + lane;
-  bool full = active && i + 96 < v1;
-  if (full)
+  static_assert(kL == 4 || kL == 8, "4 or 8 loads per lane");
+  constexpr int kSpan = 32 * kL;  // vectors per warp round
+  uint4 b0[kR], b1[kR], b2[kR], b3[kR], b4[kR], b5[kR], b6[kR], b7[kR];  // b4..b7: kL == 8 only
+  // Issues the round of kL loads per lane starting at vector i.
+  auto load_round = [&](int i) {
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
       b0[r] = __ldcs(wr[r] + i);
       b1[r] = __ldcs(wr[r] + i + 32);
       b2[r] = __ldcs(wr[r] + i + 64);
       b3[r] = __ldcs(wr[r] + i + 96);
+      if constexpr (kL == 8) {
+        b4[r] = __ldcs(wr[r] + i + 128);
+        b5[r] = __ldcs(wr[r] + i + 160);
+        b6[r] = __ldcs(wr[r] + i + 192);
+        b7[r] = __ldcs(wr[r] + i + 224);
+      }
     }
+  };
+
+  int i = v0 + lane;
+  bool full = active && i + kSpan - 32 < v1;
+  if (full) load_round(i);
   pdl_wait();  // x is the previous kernel's output
   for (;;) {
     float acc[kR][M];
@@ -455,9 +442,19 @@ __global__ void __launch_bounds__(256, kMinBlocks)
       fma8(b1, i + 32);
       fma8(b2, i + 64);
       fma8(b3, i + 96);
-      i += 128;
-      full = i + 96 < v1;
-      if (full)
+      if constexpr (kL == 8) {
+        fma8(b4, i + 128);
+        fma8(b5, i + 160);
+        fma8(b6, i + 192);
+        fma8(b7, i + 224);
+      }
+      i += kSpan;
+      full = i + kSpan - 32 < v1;
+      if (full) load_round(i);
+    }
+    if constexpr (kL == 8) {
+      // What is left of the range: a round of 4 loads, then single vectors.
+      if (active && i + 96 < v1) {
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           b0[r] = __ldcs(wr[r] + i);
@@ -465,6 +462,12 @@ __global__ void __launch_bounds__(256, kMinBlocks)
           b2[r] = __ldcs(wr[r] + i + 64);
           b3[r] = __ldcs(wr[r] + i + 96);
         }
+        fma8(b0, i);
+        fma8(b1, i + 32);
+        fma8(b2, i + 64);
+        fma8(b3, i + 96);
+        i += 128;
+      }
     }
     for (; active && i < v1; i += 32) {
 #pragma unroll
@@ -483,15 +486,8 @@ __global__ void __launch_bounds__(256, kMinBlocks)
         active = row < N;
         wrow(row, active, wr);
         i = v0 + lane;
-        full = active && i + 96 < v1;
-        if (full)
-#pragma unroll
-          for (int r = 0; r < kR; ++r) {
-            b0[r] = __ldcs(wr[r] + i);
-            b1[r] = __ldcs(wr[r] + i + 32);
-            b2[r] = __ldcs(wr[r] + i + 64);
-            b3[r] = __ldcs(wr[r] + i + 96);
-          }
+        full = active && i + kSpan - 32 < v1;
+        if (full) load_round(i);
       }
     }
 #pragma unroll
@@ -560,17 +556,16 @@ bool gemv_high_occupancy() {
   return v;
 }
 
-// Bulk L2 prefetch in the M = 1 GEMV (sm_90; PERF_cuda.md, decode pass 5): KILN_GEMV_L2_AHEAD_KB is
-// the weight bytes (in KiB) kept requested ahead of the blocks that will read them (each block asks
-// for the tile of the block that many bytes later; 0 = off), KILN_GEMV_L2_OWN=1 also asks for the
-// block's own tile at its start.
-int gemv_l2_ahead_kb() {
-  static const int v = env_int("KILN_GEMV_L2_AHEAD_KB", 0);
-  return v;
-}
-bool gemv_l2_own() {
-  static const bool v = env_int("KILN_GEMV_L2_OWN", 0) != 0;
-  return v;
+// Loads in flight per lane for the M = 1 plain and fold GEMVs (PERF_cuda.md, decode pass 5): 8 (one
+// row per warp, 48-register cap = 5 blocks/SM, 160 KB of weights in flight per SM against 128 KB)
+// streams the lm_head at 3.11 TB/s instead of 2.89 (337 vs 363 us), but costs the 4096-row shapes
+// (down 43.8 -> 50.6 us, o 17.0 -> 17.7: fewer resident warps for short rows), so it is used from
+// kGemvLoads8MinN rows and two full rounds (512 vectors) per row up, the shape it was measured on.
+// KILN_GEMV_LOADS=4 or 8 forces one everywhere.
+constexpr int32_t kGemvLoads8MinN = 65536;
+int gemv_loads(int32_t N, int32_t row_vecs) {
+  static const int v = env_int("KILN_GEMV_LOADS", 0);
+  return v == 4 || v == 8 ? v : N >= kGemvLoads8MinN && row_vecs >= 512 ? 8 : 4;
 }
 
 // KILN_GEMV_PERSISTENT=1: grid = SMs x resident blocks per SM, blocks walk tiles (docs/PERF_cuda.md,
@@ -595,51 +590,51 @@ struct GemvArgs {
   cudaStream_t s;
 };
 
-template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kFp8>
+template <int M, int kSplit, bool kSilu, int kMinBlocks, bool kNorm, bool kFp8, int kL>
 void gemv_launch_split(const GemvArgs& a) {
   const int tiles = (a.N * kSplit + 7) / 8;
   const float* rows = kFp8 ? a.w.row_scales : nullptr;
-  if (gemv_persistent()) {
-    // Resident blocks of this instantiation, computed once (host-only queries, fine during capture).
-    static const int resident = [] {
-      int dev = 0, sms = 132, per_sm = 1;
-      cudaGetDevice(&dev);
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true, kFp8>,
-                                                    256, 0);
-      // KILN_GEMV_PERSIST_SLACK blocks per SM left free for the next kernel's PDL blocks.
-      const int keep = per_sm - env_int("KILN_GEMV_PERSIST_SLACK", 0);
-      return sms * (keep < 1 ? 1 : keep);
-    }();
-    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true, kFp8>, dim3(tiles < resident ? tiles : resident),
-               dim3(256), 0, a.s, a.x, a.ldx, a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale,
-               rows, 0, false);
-  } else {
-    if constexpr (M == 1) {
-      const int64_t tile_bytes = int64_t(8 / kSplit) * a.K * (kFp8 ? 1 : 2) * (kSilu ? 2 : 1);
-      const int ahead = int(int64_t(gemv_l2_ahead_kb()) * 1024 / tile_bytes);
-      if (ahead > 0 || gemv_l2_own()) {
-        launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false, kFp8, true>, dim3(tiles), dim3(256), 0, a.s,
-                   a.x, a.ldx, a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale, rows, ahead,
-                   gemv_l2_own());
-        return;
-      }
+  if constexpr (kL == 4) {
+    if (gemv_persistent()) {
+      // Resident blocks of this instantiation, computed once (host-only queries, fine during capture).
+      static const int resident = [] {
+        int dev = 0, sms = 132, per_sm = 1;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm,
+                                                      gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true, kFp8>, 256, 0);
+        // KILN_GEMV_PERSIST_SLACK blocks per SM left free for the next kernel's PDL blocks.
+        const int keep = per_sm - env_int("KILN_GEMV_PERSIST_SLACK", 0);
+        return sms * (keep < 1 ? 1 : keep);
+      }();
+      launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, true, kFp8>, dim3(tiles < resident ? tiles : resident),
+                 dim3(256), 0, a.s, a.x, a.ldx, a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne,
+                 a.w.scale, rows);
+      return;
     }
-    launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false, kFp8>, dim3(tiles), dim3(256), 0, a.s, a.x, a.ldx,
-               a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale, rows, 0, false);
   }
+  launch_pdl(gemv_kernel<M, kSplit, kSilu, kMinBlocks, kNorm, false, kFp8, kL>, dim3(tiles), dim3(256), 0, a.s, a.x,
+             a.ldx, a.n, a.w.data, a.N, a.K, a.pair_off, a.y, a.ldy, a.y_f32, a.ne, a.w.scale, rows);
 }
 
-template <int M, bool kSilu, int kMinBlocks, bool kNorm, bool kFp8>
+template <int M, bool kSilu, int kMinBlocks, bool kNorm, bool kFp8, int kL = 4>
 void gemv_launch_mb(int split, const GemvArgs& a) {
-  if (split == 1) gemv_launch_split<M, 1, kSilu, kMinBlocks, kNorm, kFp8>(a);
-  else if (split == 2) gemv_launch_split<M, 2, kSilu, kMinBlocks, kNorm, kFp8>(a);
-  else gemv_launch_split<M, 4, kSilu, kMinBlocks, kNorm, kFp8>(a);
+  if (split == 1) gemv_launch_split<M, 1, kSilu, kMinBlocks, kNorm, kFp8, kL>(a);
+  else if (split == 2) gemv_launch_split<M, 2, kSilu, kMinBlocks, kNorm, kFp8, kL>(a);
+  else gemv_launch_split<M, 4, kSilu, kMinBlocks, kNorm, kFp8, kL>(a);
 }
 
 // Batch-1 decode (M = 1) gets the register cap that fits 8 blocks per SM when KILN_GEMV_OCC allows it
+// (5 for the silu pair and for 8 loads per lane, which hold twice the weight registers).
 template <int M, bool kSilu, bool kNorm, bool kFp8>
 void gemv_launch(int split, const GemvArgs& a) {
+  if constexpr (M == 1 && !kSilu) {
+    if (gemv_loads(a.N, a.K / (kFp8 ? 16 : 8)) == 8) {
+      if (gemv_high_occupancy()) gemv_launch_mb<M, kSilu, 5, kNorm, kFp8, 8>(split, a);
+      else gemv_launch_mb<M, kSilu, 1, kNorm, kFp8, 8>(split, a);
+      return;
+    }
+  }
   if (M == 1 && gemv_high_occupancy()) gemv_launch_mb<M, kSilu, kSilu ? 5 : 8, kNorm, kFp8>(split, a);
   else gemv_launch_mb<M, kSilu, 1, kNorm, kFp8>(split, a);
 }
@@ -660,9 +655,12 @@ bool gemv_dispatch(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int3
   if (kNorm && (N % 4 || N > 4096 || ne.ldo % 4 || reinterpret_cast<uintptr_t>(ne.w) % 16)) return false;
   // Enough warps for ~1.5 waves of 8-warp blocks (132 SMs x 8), while each warp keeps >= 64
   // 16-byte vectors of K; pair mode already streams two rows per warp.
+  // With 8 loads per lane (KILN_GEMV_LOADS) a warp keeps at least one full round of 256 vectors.
+  const int min_per_warp = !kSilu && n == 1 && gemv_loads(N, K / per_vec) == 8 ? 256 : 64;
   int split = 1;
   if (!kSilu)
-    while (split < 4 && int64_t(N) * split < gemv_split_target() && K / per_vec / (split * 2) >= 64) split *= 2;
+    while (split < 4 && int64_t(N) * split < gemv_split_target() && K / per_vec / (split * 2) >= min_per_warp)
+      split *= 2;
   const GemvArgs a{reinterpret_cast<const bf16*>(x), ldx, n, w, N, K, pair_off, y, ldy, y_f32, ne, s};
   if (w.fp8) gemv_launch_n<kSilu, kNorm, true>(split, a);
   else gemv_launch_n<kSilu, kNorm, false>(split, a);
