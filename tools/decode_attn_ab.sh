@@ -14,7 +14,7 @@ cfg=configs/llama-3.1-8b.json
 for part in "$@"; do
   case $part in
     tests)
-      timeout 240 ./$bin/test_cuda --gtest_filter='*CudaDecodeLong*:*KvFp8*:*CudaOpsGrid*:*CudaExecutor*:*CudaGolden*' 2>&1 |
+      timeout 240 ./$bin/test_cuda --gtest_filter="${FILTER:-*CudaDecodeLong*:*KvFp8*:*CudaOpsGrid*:*CudaExecutor*:*CudaGolden*}" 2>&1 |
         tee "$out/attn-tests.txt" | grep -E "^\[  (FAILED|PASSED) |^\[ +OK|golden-cuda|scales|Failure|Expected|decode long|rel [0-9.e+-]+ max.*(decode|rope)" | head -150 ;;
     bench)
       run() {  # variant kv quant batch input output
@@ -23,6 +23,9 @@ for part in "$@"; do
           --batch_size $4 --input_len $5 --output_len $6 --reps 1 2>&1 | grep -E "^decode |^prefill |error|Error"
       }
       {
+        [ -n "${QUICK:-}" ] && { for v in v1 v2 b2; do run $v fp8 fp8 256 1000 24; done
+          for v in v1 v2 b2; do run $v bf16 fp8 256 1000 24; done
+          for v in v1 v2; do run $v bf16 fp8 1 128 256; done; exit 0; }
         for v in v1 v2 t16 b2; do run $v fp8 fp8 256 1000 24; done
         for v in v1 v2; do run $v bf16 fp8 256 1000 24; done
         for v in v1 v2; do run $v bf16 fp8 1 128 256; run $v bf16 bf16 1 128 256; done

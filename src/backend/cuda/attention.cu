@@ -5,9 +5,9 @@
 //    bf16 in, f32 accumulate); online softmax in f32 per row.
 //  - decode (q_len == 1 everywhere): one block per (sequence, KV head, KV split) computing all the
 //    query heads of the KV head's group, so each K/V byte is read once, not once per query head
-//    (4x fewer bytes for Llama-3-8B's GQA); each group of head_dim/8 lanes streams two tokens'
-//    16-byte K/V slices at a time; splits are merged by a second kernel (flash-decoding), so
-//    batch 1 still fills the GPU.
+//    (4x fewer bytes for Llama-3-8B's GQA); each warp takes 16-32 tokens at a time through
+//    tensor-core QK^T and PV products (decode v2 below); splits are merged by the last block to
+//    finish (flash-decoding), so batch 1 still fills the GPU.
 // FP8 KV cache (p.kv_fp8): the same kernels instantiated on __nv_fp8_e4m3 cache elements (half the
 // bytes streamed). E4M3 values are all exact in bf16 and f16, so prefill converts the fp8 tiles to
 // bf16 while gathering them into shared memory (the wmma path is unchanged) and decode converts in
@@ -691,11 +691,17 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
 #pragma unroll
   for (int i = 0; i < kMt; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m_run = -INFINITY, l_run = 0.0f;  // row g; l over this lane's columns, summed at the end
-  for (int jt = j0 + warp * kN; jt < j1; jt += kWarps * kN) {
-    // Lane l finds token jt + l's cache row (one division per token); the others get it by shuffle.
-    // Tokens past the split read the last valid row and are masked.
+  // Lane l finds token jt + l's cache row (one division per token); the others get it by shuffle.
+  // Tokens past the split read the last valid row and are masked. The block-table read for the next
+  // tile is issued a tile ahead, so an iteration waits on one memory round trip, not two.
+  auto cache_row = [&](int jt) -> int32_t {
     const int jl = min(jt + lane, j1 - 1);
-    const int32_t row_l = (table[jl / p.block_size] * p.n_kv + kvh) * p.block_size + jl % p.block_size;
+    return (table[jl / p.block_size] * p.n_kv + kvh) * p.block_size + jl % p.block_size;
+  };
+  int32_t row_next = j0 + warp * kN < j1 ? cache_row(j0 + warp * kN) : 0;
+  for (int jt = j0 + warp * kN; jt < j1; jt += kWarps * kN) {
+    const int32_t row_l = row_next;
+    if (jt + kWarps * kN < j1) row_next = cache_row(jt + kWarps * kN);
     uint32_t kw[kN / 8][L::kKW];
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt) {
