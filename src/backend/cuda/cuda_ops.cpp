@@ -4,6 +4,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
+#include <map>
+#include <cstdio>
 #include <string>
 #include <iterator>
 
@@ -32,6 +35,94 @@ static bool fused_norm_enabled() {
   }();
   return on;
 }
+
+
+// KILN_PROFILE_OPS=1: times every op of eager (not graph-replayed) steps with CUDA events and prints
+// the totals per op and step kind at exit. A measuring aid for the device runs (no profiler is
+// installed there); PDL overlap makes neighbouring ops share some time. Off by default.
+namespace {
+
+class OpProfiler {
+ public:
+  static OpProfiler* get() {
+    static OpProfiler* p = [] {
+      const char* e = std::getenv("KILN_PROFILE_OPS");
+      return e && std::string(e) == "1" ? new OpProfiler() : nullptr;
+    }();
+    return p;
+  }
+  void begin(const std::string& name, cudaStream_t s) {
+    cudaEvent_t a = nullptr, b = nullptr;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    cudaEventRecord(a, s);
+    open_.push_back({name, a, b});
+  }
+  void end(cudaStream_t s) {
+    cudaEventRecord(open_.back().b, s);
+    done_.push_back(open_.back());
+    open_.pop_back();
+    if (done_.size() > 4096) flush();
+  }
+  void flush() {
+    if (done_.empty()) return;
+    cudaEventSynchronize(done_.back().b);
+    for (auto& r : done_) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, r.a, r.b);
+      auto& t = totals_[r.name];
+      t.first += 1;
+      t.second += ms;
+      cudaEventDestroy(r.a);
+      cudaEventDestroy(r.b);
+    }
+    done_.clear();
+  }
+  ~OpProfiler() = default;
+  void print() {
+    flush();
+    std::fprintf(stderr, "op profile (KILN_PROFILE_OPS=1, eager steps):\n%-44s %8s %10s %9s\n", "op", "calls", "total ms",
+                 "us/call");
+    for (auto& [n, t] : totals_)
+      std::fprintf(stderr, "%-44s %8ld %10.2f %9.1f\n", n.c_str(), long(t.first), t.second, 1e3 * t.second / t.first);
+  }
+
+ private:
+  OpProfiler() {
+    std::atexit([] { get()->print(); });
+  }
+  struct Rec {
+    std::string name;
+    cudaEvent_t a, b;
+  };
+  std::vector<Rec> open_, done_;
+  std::map<std::string, std::pair<int64_t, double>> totals_;
+};
+
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(s, &st);
+  return st != cudaStreamCaptureStatusNone;
+}
+
+}  // namespace
+
+// One op's time under KILN_PROFILE_OPS (nothing otherwise).
+struct CudaOps::ProfScope {
+  OpProfiler* p = nullptr;
+  cudaStream_t s;
+  ProfScope(const CudaOps* ops, const char* op, int64_t a = -1, int64_t b = -1) : s(ops->stream_) {
+    OpProfiler* prof = OpProfiler::get();
+    if (!prof || capturing(s)) return;
+    p = prof;
+    std::string name = std::string(ops->step_is_decode() ? "decode  " : "prefill ") + op;
+    if (a >= 0) name += " " + std::to_string(a) + "x" + std::to_string(b);
+    p->begin(name, s);
+  }
+  ~ProfScope() {
+    if (p) p->end(s);
+  }
+};
 
 void CudaOps::flush_pending() {
   if (!pending_.on) return;
@@ -248,6 +339,7 @@ CudaOps::View CudaOps::view(Act p, int64_t dense_ld) const {
 }
 
 void CudaOps::embed(const Weight& table, Act out) {
+  ProfScope prof(this, "embed");
   flush_pending();
   last_fused_ = {};
   View o = view(out, table.cols);
@@ -257,6 +349,7 @@ void CudaOps::embed(const Weight& table, Act out) {
 }
 
 void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
+  ProfScope prof(this, "rms_norm");
   flush_pending();
   last_fused_ = {};
   View xv = view(x, dim), ov = view(out, dim);
@@ -265,6 +358,7 @@ void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps
 }
 
 void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
+  ProfScope prof(this, "add_rms_norm (+ folded GEMV)");
   last_fused_ = {};
   View rv = view(residual, dim), dv = view(delta, dim), ov = view(out, dim);
   KILN_CHECK_MSG(rv.f32 && rv.ld == dim, "add_rms_norm: the residual is the dense f32 buffer");
@@ -284,6 +378,7 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
 }
 
 void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act y) {
+  ProfScope prof(this, fp8_.count(w.data) ? "linear fp8" : "linear bf16", w.rows, w.cols);
   flush_pending();
   View xv = view(x, w.cols), yv = view(y, w.rows);
   if (y == bufs_[size_t(Buf::kProj)] && !yv.f32 && (!bias || bias->empty()) && n >= 1 && n <= 4 &&
@@ -316,6 +411,7 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
 }
 
 void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act gate, Act up) {
+  ProfScope prof(this, "gate_up+silu", l.w_gate.rows, l.w_gate.cols);
   flush_pending();
   const int64_t I = l.w_gate.rows;
   auto f = fused_.find(l.w_gate.data);
@@ -333,6 +429,7 @@ void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act g
 }
 
 void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) {
+  ProfScope prof(this, "head_rms_norm");
   flush_pending();
   last_fused_ = {};
   View xv = view(x, heads * head_dim);
@@ -341,6 +438,7 @@ void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, c
 }
 
 void CudaOps::rope(Act q, Act k, const ModelConfig& c) {
+  ProfScope prof(this, "rope");
   flush_pending();
   last_fused_ = {};
   View qv = view(q, c.q_dim()), kv = view(k, c.kv_dim());
@@ -379,6 +477,7 @@ AttnParams CudaOps::attn_params(int32_t layer, Act q, Act out, const ModelConfig
 }
 
 void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+  ProfScope prof(this, "attention");
   flush_pending();
   last_fused_ = {};
   View kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim());
@@ -396,6 +495,7 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
 }
 
 void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
+  ProfScope prof(this, "rope+attention");
   flush_pending();
   // KILN_FUSED_DECODE_ATTENTION=0: the separate kernels everywhere (to measure the fusion)
   static const bool fused = [] {
@@ -420,6 +520,7 @@ void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConf
 }
 
 void CudaOps::silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) {
+  ProfScope prof(this, "silu_mul");
   flush_pending();
   last_fused_ = {};
   View gv = view(gate, dim), uv = view(up, dim), ov = view(out, dim);
@@ -428,6 +529,7 @@ void CudaOps::silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) {
 }
 
 void CudaOps::gather_logit_rows(Act x, int64_t dim, Act out) {
+  ProfScope prof(this, "gather_logit_rows");
   flush_pending();
   last_fused_ = {};
   View xv = view(x, dim);

@@ -95,6 +95,7 @@ class CudaOps final : public Ops {
   std::vector<float> read_buffer(Buf b, int64_t rows, int64_t cols);
 
  private:
+  struct ProfScope;
   struct View {
     void* ptr;
     int64_t ld;  // 0: dense (the op's own dim)
