@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -427,19 +428,24 @@ bool Gemm::algorithm_ok(const GemmKey& key, const GemmAlgo& algo) {
   return check(p.get(), algo);
 }
 
-std::vector<GemmAlgo> Gemm::split_k_variants(const GemmKey& key, const GemmAlgo& algo, const std::vector<int>& splits) {
+std::vector<GemmAlgo> Gemm::split_k_variants(const GemmKey& key, const GemmAlgo& algo, const std::vector<int>& splits,
+                                             std::string* why) {
   std::vector<GemmAlgo> out;
+  auto say = [&](const std::string& m) {
+    if (why) *why = m;
+    return out;
+  };
   const LtApi& api = lt_api();
   cublasLtMatmulAlgo_t base;
   std::memcpy(&base, algo.data.data(), sizeof(base));
   int32_t support = 0;
   uint32_t mask = 0;
   size_t w = 0;
-  if (api.cap_get(&base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &support, sizeof(support), &w) != CUBLAS_STATUS_SUCCESS ||
-      !support)
-    return out;
+  if (api.cap_get(&base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &support, sizeof(support), &w) != CUBLAS_STATUS_SUCCESS)
+    return say("CUBLASLT_ALGO_CAP_SPLITK_SUPPORT unreadable");
+  if (!support) return say("no split-K support (CUBLASLT_ALGO_CAP_SPLITK_SUPPORT 0)");
   if (api.cap_get(&base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &mask, sizeof(mask), &w) != CUBLAS_STATUS_SUCCESS)
-    return out;
+    return say("CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK unreadable");
   // Partial sums in f32: the result then differs from the unsplit GEMM by f32 order only. The
   // in-place and output-type schemes add partial sums in the output type (bf16: one extra rounding
   // per split), taken only where the output is f32 anyway.
@@ -447,8 +453,10 @@ std::vector<GemmAlgo> Gemm::split_k_variants(const GemmKey& key, const GemmAlgo&
   if (mask & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE) scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
   else if (key.kind == GemmKind::kBf16F32Out && (mask & CUBLASLT_REDUCTION_SCHEME_INPLACE))
     scheme = CUBLASLT_REDUCTION_SCHEME_INPLACE;
-  if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE) return out;
+  if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE)
+    return say("reduction schemes 0x" + std::to_string(mask) + " offer no f32 partial sums");
   std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
+  std::string refused;
   for (int s : splits) {
     if (s < 2 || key.K / s < 64) continue;
     cublasLtMatmulAlgo_t a = base;
@@ -456,24 +464,46 @@ std::vector<GemmAlgo> Gemm::split_k_variants(const GemmKey& key, const GemmAlgo&
     if (api.config_set(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof(sk)) != CUBLAS_STATUS_SUCCESS) continue;
     if (api.config_set(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme)) != CUBLAS_STATUS_SUCCESS)
       continue;
+    cublasLtMatmulHeuristicResult_t res{};
+    const cublasStatus_t st = lt_api().algo_check(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c,
+                                                  p->c, &a, &res);
+    if (st != CUBLAS_STATUS_SUCCESS || res.workspaceSize > workspace_bytes_) {
+      refused += " " + std::to_string(s) + ":" +
+                 (st != CUBLAS_STATUS_SUCCESS ? "status " + std::to_string(int(st))
+                                              : std::to_string(res.workspaceSize >> 20) + "MiB");
+      continue;
+    }
     GemmAlgo g;
     std::memcpy(g.data.data(), &a, sizeof(g));
-    if (check(p.get(), g)) out.push_back(g);
+    out.push_back(g);
   }
+  if (out.empty()) return say("cublasLtMatmulAlgoCheck refuses every split (split:reason)" + refused);
   return out;
 }
 
-std::vector<GemmAlgo> Gemm::enumerated_algorithms(const GemmKey& key, int max_count) {
+std::vector<GemmAlgo> Gemm::enumerated_algorithms(const GemmKey& key, int max_count, std::string* why) {
   std::vector<GemmAlgo> out;
   const LtApi& api = lt_api();
   auto h = static_cast<cublasLtHandle_t>(handle_);
   const cudaDataType_t in = key.kind == GemmKind::kFp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
   const cudaDataType_t o = key.kind == GemmKind::kBf16F32Out ? CUDA_R_32F : CUDA_R_16BF;
   std::vector<int> ids(512);
-  int n_ids = 0;
+  int n_ids = 0, n_init = 0, n_checked = 0;
+  std::map<int, int> refusals;  // cublasStatus_t -> count
+  auto report = [&] {
+    if (!why) return;
+    *why = std::to_string(n_ids) + " ids, " + std::to_string(n_init) + " initialised, " + std::to_string(n_checked) +
+           " configs checked, " + std::to_string(out.size()) + " accepted; refused (status:count)";
+    for (auto [st, n] : refusals) *why += " " + std::to_string(st) + ":" + std::to_string(n);
+  };
   if (api.algo_get_ids(h, CUBLAS_COMPUTE_32F, CUDA_R_32F, in, in, o, o, int(ids.size()), ids.data(), &n_ids) !=
-      CUBLAS_STATUS_SUCCESS)
+      CUBLAS_STATUS_SUCCESS) {
+    report();
     return out;
+  }
+  const std::vector<GemmAlgo> heur = heuristic_algorithms(key, 1);
+  int32_t heur_id = -1;
+  if (!heur.empty()) heur_id = gemm_algo_config(heur[0]).id;
   std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
   auto cap_list = [&](const cublasLtMatmulAlgo_t& a, cublasLtMatmulAlgoCapAttributes_t attr) {
     size_t bytes = 0;
@@ -488,21 +518,62 @@ std::vector<GemmAlgo> Gemm::enumerated_algorithms(const GemmKey& key, int max_co
   };
   for (int i = 0; i < n_ids; ++i) {
     cublasLtMatmulAlgo_t base;
-    if (api.algo_init(h, CUBLAS_COMPUTE_32F, CUDA_R_32F, in, in, o, o, ids[size_t(i)], &base) != CUBLAS_STATUS_SUCCESS)
+    if (ids[size_t(i)] == heur_id) {
+      std::memcpy(&base, heur[0].data.data(), sizeof(base));
+    } else if (api.algo_init(h, CUBLAS_COMPUTE_32F, CUDA_R_32F, in, in, o, o, ids[size_t(i)], &base) !=
+               CUBLAS_STATUS_SUCCESS) {
       continue;
+    }
+    ++n_init;
+    uint16_t base_cluster = 0;
+    size_t w = 0;
+    api.config_get(&base, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &base_cluster, sizeof(base_cluster), &w);
+    // Cluster shapes: the base's, 1x1x1, 2x1x1, 1x2x1 (cuBLASLt lists no cluster capability).
+    std::vector<uint16_t> clusters = {base_cluster};
+    for (uint16_t c : {uint16_t(CUBLASLT_CLUSTER_SHAPE_1x1x1), uint16_t(CUBLASLT_CLUSTER_SHAPE_2x1x1),
+                       uint16_t(CUBLASLT_CLUSTER_SHAPE_1x2x1)})
+      if (c != base_cluster) clusters.push_back(c);
+    const int32_t one = 1;
+    const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
     for (uint32_t tile : cap_list(base, CUBLASLT_ALGO_CAP_TILE_IDS)) {
       for (uint32_t stages : cap_list(base, CUBLASLT_ALGO_CAP_STAGES_IDS)) {
-        cublasLtMatmulAlgo_t a = base;
-        api.config_set(&a, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile));
-        api.config_set(&a, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof(stages));
-        GemmAlgo g;
-        std::memcpy(g.data.data(), &a, sizeof(g));
-        if (!check(p.get(), g)) continue;
-        out.push_back(g);
-        if (int(out.size()) >= max_count) return out;
+        for (uint16_t cluster : clusters) {
+          cublasLtMatmulAlgo_t a = base;
+          api.config_set(&a, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof(tile));
+          api.config_set(&a, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof(stages));
+          api.config_set(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &one, sizeof(one));
+          api.config_set(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &none, sizeof(none));
+          if (api.config_set(&a, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof(cluster)) !=
+              CUBLAS_STATUS_SUCCESS)
+            continue;
+          ++n_checked;
+          cublasLtMatmulHeuristicResult_t res{};
+          const cublasStatus_t st = api.algo_check(h, p->desc, p->a, p->b, p->c, p->c, &a, &res);
+          if (st != CUBLAS_STATUS_SUCCESS || res.workspaceSize > workspace_bytes_) {
+            ++refusals[st != CUBLAS_STATUS_SUCCESS ? int(st) : -1];
+            continue;
+          }
+          GemmAlgo g;
+          std::memcpy(g.data.data(), &a, sizeof(g));
+          if (std::find(out.begin(), out.end(), g) != out.end()) continue;
+          out.push_back(g);
+          if (int(out.size()) >= max_count) {
+            report();
+            return out;
+          }
+        }
       }
     }
   }
+  report();
+  return out;
+}
+
+std::vector<GemmAlgo> Gemm::accepted_algorithms(const GemmKey& key, const std::vector<GemmAlgo>& algos) {
+  std::vector<GemmAlgo> out;
+  std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
+  for (const GemmAlgo& a : algos)
+    if (check(p.get(), a)) out.push_back(a);
   return out;
 }
 

@@ -123,11 +123,17 @@ class Gemm {
   // allow, the variant with f32 partial sums in the workspace (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
   // in place in the output when that is the only scheme offered; never bf16 partial sums), kept
   // only when cublasLtMatmulAlgoCheck accepts it within this Gemm's workspace.
-  std::vector<GemmAlgo> split_k_variants(const GemmKey& key, const GemmAlgo& algo, const std::vector<int>& splits);
-  // Every (algorithm id, tile, stages) the library lists for key's data types that
-  // cublasLtMatmulAlgoCheck accepts for `key` (no split-K, default swizzle, cluster and options),
-  // at most max_count: the configurations the heuristic did not return, for a wider search.
-  std::vector<GemmAlgo> enumerated_algorithms(const GemmKey& key, int max_count);
+  // `why` (optional) gets the reason when no variant comes back, for logs and the planner's table.
+  std::vector<GemmAlgo> split_k_variants(const GemmKey& key, const GemmAlgo& algo, const std::vector<int>& splits,
+                                         std::string* why = nullptr);
+  // Every (algorithm id, tile, stages, cluster shape) the library lists for key's data types that
+  // cublasLtMatmulAlgoCheck accepts for `key` (no split-K), at most max_count: the configurations
+  // the heuristic did not return, for a wider search. The heuristic's algorithm id starts from its
+  // first result (custom option, inner shape kept); other ids from cublasLtMatmulAlgoInit.
+  // `why` (optional) gets a count of what was listed, tried and refused.
+  std::vector<GemmAlgo> enumerated_algorithms(const GemmKey& key, int max_count, std::string* why = nullptr);
+  // The algorithms of `algos` that cublasLtMatmulAlgoCheck accepts for `key` within the workspace.
+  std::vector<GemmAlgo> accepted_algorithms(const GemmKey& key, const std::vector<GemmAlgo>& algos);
   // One GEMM with `algo` (not checked: call algorithm_ok first). FP8 scales: x_scales [n] and
   // w_scales [N] when key.outer_vec, else [1] each. Enqueues only.
   [[nodiscard]] Status run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void* x, const float* x_scales,

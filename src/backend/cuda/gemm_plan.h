@@ -5,6 +5,7 @@
 // Gemm (gemm.h) reads the table back at run time.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,9 @@ class GemmBench {
   Gemm& gemm() { return gemm_; }
   // Median microseconds of one call of `algo` over `reps` repetitions after `warmup`.
   Result<double> time_us(const GemmKey& key, const GemmAlgo& algo, int warmup, int reps);
+  // Gemm::enumerated_algorithms for key's weight shape (listed once per (kind, N, K, outer_vec) and
+  // cached: listing checks ~20k configurations), filtered by cublasLtMatmulAlgoCheck for key.n.
+  std::vector<GemmAlgo> listed_algorithms(const GemmKey& key, double* list_seconds = nullptr);
   // One call on the first weight copy; `y` (host) gets the output as f32 [n, N].
   [[nodiscard]] Status run_to_host(const GemmKey& key, const GemmAlgo& algo, std::vector<float>* y);
 
@@ -65,6 +69,7 @@ class GemmBench {
   GemmKind filled_kind_ = GemmKind::kBf16;
   size_t x_filled_ = 0, w_filled_ = 0;
   std::vector<cudaEvent_t> events_;
+  std::map<GemmKey, std::vector<GemmAlgo>> listed_;  // key.n = 0
 };
 
 struct GemmPlanOptions {
@@ -80,6 +85,14 @@ struct GemmPlanOptions {
   // N/128 CTAs for 132 SMs, each walking all of K. Empty: none.
   std::vector<int> split_k = {2, 3, 4, 6, 8};
   int64_t split_k_max_m = 512;
+  // At the same M, beyond the heuristic's list: every (algorithm id, tile, stages, cluster shape)
+  // cuBLASLt accepts (Gemm::enumerated_algorithms), timed briefly (median of search_reps), the
+  // search_finalists fastest and their split-K variants then timed as candidates. bf16 and fp8
+  // only (lm_head's vocab-wide N fills the GPU with any tile). Measured on the H100: FP8 o/down at
+  // M = 256 -21%/-24% (64x128 tiles, smaller clusters), where the heuristic offers one candidate.
+  bool search = true;
+  int search_reps = 3;
+  int search_finalists = 4;
 };
 
 // One GEMM's planning result.
@@ -88,12 +101,19 @@ struct GemmPlanResult {
   GemmAlgo heuristic;         // the heuristic's first
   double us = 0;              // chosen, median
   double heuristic_us = -1;   // the heuristic's first, median (-1: it did not run)
-  int heuristic_rank = 0;     // the chosen algorithm's (or its unsplit base's) rank in the heuristic's list
+  int heuristic_rank = 0;     // the chosen algorithm's (or its unsplit base's) rank in the heuristic's list; -1: the wider search
   int split_k = 1;            // the chosen algorithm's K splits
   int candidates = 0;         // configurations timed
+  int split_k_candidates = 0; // of which split-K variants
+  int searched = 0;           // configurations of the wider search timed briefly (search)
+  double search_seconds = 0;  // wall time of the wider search (listing included)
+  double list_seconds = 0;    // of which listing (once per weight shape)
+  std::string split_k_why;    // why the heuristic's first gave no split-K variant ("" if it gave some)
 };
 // Times the heuristic's candidates for `key` (and their split-K variants, per `o`) on `bench`'s GPU
-// and picks the fastest; another than the heuristic's first only when faster by more than o.min_gain.
+// and picks the fastest; another than the heuristic's first only when faster by more than o.min_gain
+// on a second, interleaved measurement of both (a single median of the first candidate timed can
+// catch the clocks ramping up).
 Result<GemmPlanResult> plan_gemm(GemmBench& bench, const GemmKey& key, const GemmPlanOptions& o);
 
 // Fills plan->gemm_algorithms for `info` on GPU o.device: {cublaslt_version, device_name,
