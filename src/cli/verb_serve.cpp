@@ -11,7 +11,10 @@
 #include <cstdlib>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "backend/cpu/cpu_executor.h"
+#include "build/build.h"
 #include "chat/chat_template.h"
 #include "cli/cli.h"
 #include "cli/executor_factory.h"
@@ -27,7 +30,9 @@ namespace {
 struct ServeArgs {
   std::string model, tokenizer, host = "127.0.0.1", api_key, served_model_name, chat_template, device = "auto";
   int port = 8000;
-  int32_t max_batch_size = 64, max_num_tokens = 2048, max_seq_len = 0, kv_cache_blocks = 0, max_queue = 1024;
+  // 0: the engine's build limits (kiln build), else 64 / 2048 / the model's context.
+  int32_t max_batch_size = 0, max_num_tokens = 0, max_seq_len = 0, kv_cache_blocks = 0, max_queue = 1024;
+  std::string kv_cache_dtype = "auto", quantization = "auto";
   double kv_cache_memory_fraction = 0.0;  // 0: the backend's default
   double request_timeout = 30.0, keep_alive_timeout = 30.0, shutdown_timeout = 30.0;
   int http_threads = 0;
@@ -37,9 +42,31 @@ struct ServeArgs {
   bool log_requests = false;
 };
 
+// An engine built with `kiln build` carries its limits (plan.json), as a TensorRT-LLM engine does:
+// they apply unless a flag overrides them.
+ServeArgs with_engine_limits(ServeArgs a) {
+  const std::string plan = a.model + "/plan.json";
+  if (file_exists(plan)) {
+    auto text = read_file(plan);
+    auto j = text ? nlohmann::json::parse(*text, nullptr, false) : nlohmann::json();
+    if (j.is_object()) {
+      if (auto p = EnginePlan::from_json(j, plan)) {
+        if (a.max_batch_size == 0) a.max_batch_size = p->limits.max_batch_size;
+        if (a.max_num_tokens == 0) a.max_num_tokens = p->limits.max_num_tokens;
+        if (a.max_seq_len == 0) a.max_seq_len = p->limits.max_seq_len;
+      }
+    }
+  }
+  if (a.max_batch_size == 0) a.max_batch_size = 64;
+  if (a.max_num_tokens == 0) a.max_num_tokens = 2048;
+  return a;
+}
+
 Result<std::unique_ptr<ModelExecutor>> load_executor(const ServeArgs& a) {
   LoadOptions opts;
   opts.device = a.device;
+  opts.kv_cache_dtype = a.kv_cache_dtype;
+  opts.quantization = a.quantization;
   opts.kv_cache_blocks = a.kv_cache_blocks;
   if (a.kv_cache_memory_fraction > 0) opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
   opts.max_seq_len = a.max_seq_len;
@@ -88,8 +115,9 @@ Result<server::Backend> load_backend(const ServeArgs& a) {
   return b;
 }
 
-int serve(const ServeArgs& a) {
+int serve(const ServeArgs& given) {
   const char* verb = "serve";
+  const ServeArgs a = with_engine_limits(given);
   if (a.port < 0 || a.port > 65535) return fail(verb, "--port must be in [0, 65535]");
   if (a.max_batch_size < 1 || a.max_num_tokens < 1 || a.max_queue < 1)
     return fail(verb, "--max_batch_size, --max_num_tokens and --max_queue must be at least 1");
@@ -196,9 +224,13 @@ KILN_VERB(serve) {
   add_flag(*cmd, "port", a.port, "port (default 8000)");
   add_flag(*cmd, "api_key", a.api_key, "require 'Authorization: Bearer KEY' (all routes but /health and /version)");
   add_flag(*cmd, "served_model_name", a.served_model_name, "model name in the API (default: MODEL as given)");
-  add_flag(*cmd, "max_batch_size", a.max_batch_size, "sequences per engine step (default 64)");
-  add_flag(*cmd, "max_num_tokens", a.max_num_tokens, "tokens per engine step (default 2048)");
-  add_flag(*cmd, "max_seq_len", a.max_seq_len, "prompt + output limit (default: the model's)");
+  add_flag(*cmd, "max_batch_size", a.max_batch_size, "sequences per engine step (default: the engine's, else 64)");
+  add_flag(*cmd, "max_num_tokens", a.max_num_tokens, "tokens per engine step (default: the engine's, else 2048)");
+  add_flag(*cmd, "max_seq_len", a.max_seq_len, "prompt + output limit (default: the engine's, else the model's)");
+  add_flag(*cmd, "kv_cache_dtype", a.kv_cache_dtype, "auto (the checkpoint's), fp8 or bf16 (GPU KV cache)")
+      ->check(CLI::IsMember({"auto", "fp8", "bf16"}));
+  add_flag(*cmd, "quantization", a.quantization, "auto (FP8 weights stay FP8 on sm_89+), bf16 (dequantize)")
+      ->check(CLI::IsMember({"auto", "bf16", "fp8"}));
   auto* blocks = add_flag(*cmd, "kv_cache_blocks", a.kv_cache_blocks, "KV cache blocks (default: from memory)");
   auto* frac = add_flag(*cmd, "kv_cache_memory_fraction", a.kv_cache_memory_fraction,
                         "GPU: fraction of free memory for the KV cache (default 0.9)");
