@@ -48,7 +48,7 @@ done
 if [ $ready != 1 ]; then
   echo "FAIL: /health did not answer within ${READY_TIMEOUT}s"; tail -20 "$WORK/serve.log"; exit 1
 fi
-printf 'ready after %.2f s\n' "$(echo "$(date +%s.%N) - $t0" | bc)"
+printf 'ready after %s s\n' "$(python3 -c "print(round($(date +%s.%N) - $t0, 2))")"
 
 NAME=$(curl -s "localhost:$PORT/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 step "curl localhost:$PORT/v1/completions (model $NAME)"
