@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (device tool) from the repo root with $BIN/{test_cuda,kiln} carried
 # (BIN defaults to build-cuda): FP8 correctness and speed in one call.
-#   BIN=build-lead tools/fp8_device_run.sh [tests] [latency] [throughput] [kvthroughput]
+#   BIN=build-lead tools/fp8_device_run.sh [tests] [latency] [throughput] [kvthroughput] [final]
 # Logs go to $OUT (or ./device-out), one file per part.
 set -u -o pipefail
 bin=${BIN:-build-cuda}
@@ -39,6 +39,18 @@ for part in "$@"; do
         timeout 200 ./$bin/kiln bench throughput $cfg --dummy_weights --quantization fp8 --kv_cache_dtype fp8 --num_requests 256 --input_len 128 --output_len 128 --output json
         timeout 280 ./$bin/kiln bench throughput $cfg --dummy_weights --quantization fp8 --kv_cache_dtype fp8 --num_requests 256 --input_len 1000 --output_len 1000 --output json
       ) 2>&1 | tee "$out/bench_kvthroughput.txt" | tail -8 ;;
+    final)
+      # Issue #6's three trtllm-bench workloads (FP8 weights + FP8 KV), then BF16 for issue #5.
+      ( set -x
+        for io in "128 128" "1000 1000" "2048 128"; do
+          set -- $io
+          timeout 150 ./$bin/kiln bench throughput $cfg --dummy_weights --quantization fp8 --kv_cache_dtype fp8 \
+            --num_requests 256 --input_len $1 --output_len $2 --output json
+        done
+        timeout 60 ./$bin/kiln bench throughput $cfg --dummy_weights --quantization bf16 --kv_cache_dtype bf16 --num_requests 256 --input_len 128 --output_len 128
+        timeout 150 ./$bin/kiln bench throughput $cfg --dummy_weights --quantization bf16 --kv_cache_dtype bf16 --num_requests 256 --input_len 1000 --output_len 1000
+        ./$bin/kiln bench latency $cfg --dummy_weights --quantization bf16 --batch_size 1 --input_len 2048 --output_len 64
+      ) 2>&1 | tee "$out/bench_final.txt" | grep -E "^\+|throughput  |decode  |prefill  |roofline|gemm  " ;;
   esac
 done
 exit $rc
