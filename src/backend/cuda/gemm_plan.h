@@ -2,7 +2,7 @@
 // forward pass issues (fused qkv, o, gate_up, down; lm_head) and every M bucket (CUDA-graph decode
 // sizes above the GEMV threshold, prefill chunk sizes), times the cuBLASLt heuristic's candidates
 // on this GPU (at M <= 512 also their split-K variants and a wider search over the configurations
-// cuBLASLt lists: FP8 8B decode GEMMs up to -30% (qkv, o, down; gate_up -4..-10%) on an H100, docs/PERF_cuda.md) and records the
+// cuBLASLt lists: FP8 8B decode GEMMs up to -30% on an H100, docs/PERF_cuda.md) and records the
 // fastest in plan.json's gemm_algorithms (docs/engine-format.md).
 // Gemm (gemm.h) reads the table back at run time.
 #pragma once
