@@ -8,8 +8,8 @@ set -u -o pipefail
 out=${OUT:-./device-out}
 mkdir -p "$out" .device-data
 tar xzf .device-data/llama31.tgz -C .device-data
-export BIN=dev-out/bin TOK_DIR=.device-data/llama31
-bash tools/fp8_e2e_8b.sh 2>&1 | grep -vE '^\{"' | grep -E "ready=|real|kiln build|planned|error|FAIL|Output token throughput|Median (TTFT|ITL)|P99 (TTFT|ITL)|concurrency" | head -60
+export BIN=dev-out/bin TOK_DIR=.device-data/llama31 THROUGHPUT=1
+bash tools/fp8_e2e_8b.sh 2>&1 | grep -vE '^\{"' | grep -E "ready=|real|kiln build|planned|error|FAIL|throughput  |workload|Output token throughput|Median (TTFT|ITL)|P99 (TTFT|ITL)|concurrency" | head -70
 libdir=$(dirname "$(find /usr/local/cuda*/ /usr/lib /opt /usr/local/lib -name 'libcublasLt.so*' 2>/dev/null | head -1)" 2>/dev/null)
 [ -n "$libdir" ] && export LD_LIBRARY_PATH="$libdir:${LD_LIBRARY_PATH:-}"
 KILN_BIN=dev-out/bin/kiln timeout 120 bash tools/seed_parity.sh dev-out/tiny/smol1.gguf /tmp/seed_parity 2>&1 | tee "$out/seed_parity_gpu.txt" | tail -4

@@ -31,6 +31,13 @@ log=$out/e2e_8b.txt
     --gpt_attention_plugin auto --max_batch_size 256 --max_input_len 2048 --max_seq_len 4096 --max_num_tokens 8192
   cat "$work/engine/plan.json" | head -c 1500; echo
   du -sh "$work/engine"
+  if [ "${THROUGHPUT:-0}" = 1 ]; then
+    # trtllm-bench's workloads on the built engine (planned GEMMs, the checkpoint's FP8 KV scales).
+    for io in "128 128" "1000 1000" "2048 128"; do
+      set -- $io
+      timeout 150 ./$bin/kiln bench throughput "$work/engine" --num_requests 256 --input_len $1 --output_len $2 --output json
+    done
+  fi
   cat "$work/engine"/* > /dev/null   # the engine in the page cache, as the 10 s target states
   set +x
   t0=$(date +%s.%N)
