@@ -19,6 +19,7 @@
 #include <mma.h>
 
 #include <cfloat>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -876,8 +877,308 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
   }
 }
 
+// ---- prefill v2: tensor cores through mma.sync m16n8k16, the default ----
+// v1 (KILN_PREFILL_ATTN=v1) ran one block per (64-row query tile, query head), gathered each K/V
+// tile into shared memory with plain loads before any math (no overlap inside a block), went
+// through wmma with P round-tripping shared memory, and read each KV head's tiles once per query
+// head of its GQA group. v2: one block per (64 / G query rows, KV head) computing all G query heads
+// of the group from one pass over K/V (64 mma rows = G heads x 64 / G rows); the next K/V tile is
+// in flight while the current one is multiplied (cp.async for a bf16 cache; for FP8, loads into
+// registers, converted to f16 after the math: e4m3 -> f16 is exact, so the f16 mma sees the cached
+// values); K and V fragments come from shared memory through ldmatrix (V transposed), P stays in
+// registers (the C layout of S is the A layout of P); one max and one rescale per 64-token tile;
+// causal: tiles past the block's last position are never loaded, and a warp skips the math of a
+// tile all of whose columns its rows mask.
+constexpr int kPBN = 64;  // KV tokens per tile
+
+template <int D>
+struct PrefillSmemV2 {
+  static constexpr int kLd = D + 8;  // elements per row: 16 bytes of pad keep ldmatrix conflict-free
+  static constexpr size_t kTile = size_t(kPBN) * kLd * 2;
+  // [2 buffers][K, V][kPBN, kLd] 16-bit; q is staged in buffer 1's K before the loop
+  static constexpr size_t kBytes = 4 * kTile;
+};
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(const void* p, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(const void* p, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(s));
+}
+
+// 3 blocks an SM fit the shared memory at every head dim; at head_dim 128 the 168-register cap of 3
+// spills 88 bytes (bf16) or 264 bytes (FP8: the next tile's registers), so FP8 takes 2 there.
+template <int D, typename C>
+constexpr int prefill_min_blocks() {
+  return D == 128 && std::is_same<C, fp8>::value ? 2 : 3;
+}
+
+template <int D, int G, typename C>
+__global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kernel_v2(AttnParams p) {
+  using S = PrefillSmemV2<D>;
+  using M = DecodeMma<C>;
+  constexpr bool kFp8 = std::is_same<C, fp8>::value;
+  constexpr int kLd = S::kLd, kR = 64 / G, kChunks = D / 8, kPer = kPBN * kChunks / 128;
+  constexpr int kKs = D / 16, kNt = kPBN / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  uint16_t* sbuf = reinterpret_cast<uint16_t*>(smem);  // [2][2][kPBN][kLd]: bf16 or f16 bits
+  auto sk = [&](int b) { return sbuf + size_t(2 * b) * kPBN * kLd; };
+  auto sv = [&](int b) { return sbuf + size_t(2 * b + 1) * kPBN * kLd; };
+  __shared__ int s_maxpos;
+  pdl_trigger();
+  pdl_wait();
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int bx = int(gridDim.x) - 1 - int(blockIdx.x);  // the last rows of a sequence (longest) first
+  const int tile = bx / G, sub = bx % G;
+  const int seq = p.tiles[2 * tile], r0 = p.tiles[2 * tile + 1] + sub * kR;
+  const SeqMeta sm = p.seqs[seq];
+  if (r0 >= sm.q_len) return;
+  const int rows = min(kR, sm.q_len - r0);
+  const int head0 = blockIdx.y * G, kvh = head0 / (p.n_heads / p.n_kv);
+  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+  const C* kc = static_cast<const C*>(p.k_cache);
+  const C* vc = static_cast<const C*>(p.v_cache);
+  const float qk_scale = (kFp8 ? p.scale * p.k_scale : p.scale) * 1.4426950408889634f;  // log2 units
+  const float v_scale = kFp8 ? p.v_scale : 1.0f;
+  const int64_t qrow0 = int64_t(sm.q_start) + r0;
+
+  if (tid == 0) s_maxpos = -1;
+  __syncthreads();
+  if (tid < rows) atomicMax(&s_maxpos, p.tokens[qrow0 + tid].pos);
+  __syncthreads();
+  const int kv_len = min(s_maxpos + 1, sm.ctx_len);
+  const int n_tiles = kv_len > 0 ? (kv_len + kPBN - 1) / kPBN : 0;
+
+  // This lane's mma rows a = warp * 16 + g and b = a + 8: (head h, query row r) = (m / kR, m % kR).
+  const int ma = warp * 16 + g, mb = ma + 8;
+  const int ha = ma / kR, ra = ma % kR, hb = mb / kR, rb = mb % kR;
+  const int pos_a = ra < rows ? p.tokens[qrow0 + ra].pos : -1, pos_b = rb < rows ? p.tokens[qrow0 + rb].pos : -1;
+  const int lim_a = min(pos_a, kv_len - 1), lim_b = min(pos_b, kv_len - 1);  // last column each row sees
+  int wmin = min(ra < rows ? lim_a : INT_MAX, rb < rows ? lim_b : INT_MAX), wmax = max(lim_a, lim_b);
+#pragma unroll
+  for (int o2 = 1; o2 < 32; o2 <<= 1) {
+    wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o2));
+    wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o2));
+  }
+
+  // K/V tile loads: thread tid moves chunks idx = tid + 128 i (row idx / kChunks, 8 elements each).
+  // Rows past kv_len read the last valid row (finite; masked), never unwritten cache slots.
+  auto row_off = [&](int j) -> int64_t {
+    j = min(j, kv_len - 1);
+    return ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D;
+  };
+  uint2 kst[kFp8 ? kPer : 1], vst[kFp8 ? kPer : 1];  // FP8: the next tile in flight in registers
+  auto issue = [&](int it, int b) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + 128 * i, r = idx / kChunks, c = idx % kChunks;
+      const int64_t off = row_off(it * kPBN + r) + c * 8;
+      if constexpr (kFp8) {
+        kst[i] = *reinterpret_cast<const uint2*>(kc + off);
+        vst[i] = *reinterpret_cast<const uint2*>(vc + off);
+      } else {
+        cp_async16(sk(b) + r * kLd + c * 8, kc + off);
+        cp_async16(sv(b) + r * kLd + c * 8, vc + off);
+      }
+    }
+    if constexpr (!kFp8) cp_async_commit();
+  };
+  auto store_fp8 = [&](int b) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = tid + 128 * i, r = idx / kChunks, c = idx % kChunks;
+      uint4 kh, vh;
+      kh.x = fp8x2_to_f16x2(kst[i].x), kh.y = fp8x2_to_f16x2(kst[i].x >> 16);
+      kh.z = fp8x2_to_f16x2(kst[i].y), kh.w = fp8x2_to_f16x2(kst[i].y >> 16);
+      vh.x = fp8x2_to_f16x2(vst[i].x), vh.y = fp8x2_to_f16x2(vst[i].x >> 16);
+      vh.z = fp8x2_to_f16x2(vst[i].y), vh.w = fp8x2_to_f16x2(vst[i].y >> 16);
+      *reinterpret_cast<uint4*>(sk(b) + r * kLd + c * 8) = kh;
+      *reinterpret_cast<uint4*>(sv(b) + r * kLd + c * 8) = vh;
+    }
+  };
+  if (n_tiles > 0) {
+    issue(0, 0);
+    if constexpr (kFp8) store_fp8(0);
+  }
+
+  // q -> buffer 1's K (bf16, or f16 for the FP8 cache's f16 mma), then A fragments in registers
+  uint16_t* sq = sk(1);
+  const bf16* q = reinterpret_cast<const bf16*>(p.q);
+  for (int idx = tid; idx < 64 * kChunks; idx += 128) {
+    const int m = idx / kChunks, c = idx % kChunks, h = m / kR, r = m % kR;
+    uint4 w = make_uint4(0, 0, 0, 0);
+    if (r < rows) {
+      float x[8];
+      to_float8(*reinterpret_cast<const uint4*>(q + (qrow0 + r) * p.ldq + int64_t(head0 + h) * D + c * 8), x);
+      w.x = M::pack(x[0], x[1]), w.y = M::pack(x[2], x[3]), w.z = M::pack(x[4], x[5]), w.w = M::pack(x[6], x[7]);
+    }
+    *reinterpret_cast<uint4*>(sq + m * kLd + c * 8) = w;
+  }
+  __syncthreads();
+  uint32_t qa[kKs][4];
+#pragma unroll
+  for (int ks = 0; ks < kKs; ++ks) {
+    const uint16_t* base = sq + (warp * 16 + g) * kLd + ks * 16 + 2 * t;
+    qa[ks][0] = *reinterpret_cast<const uint32_t*>(base);
+    qa[ks][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kLd);
+    qa[ks][2] = *reinterpret_cast<const uint32_t*>(base + 8);
+    qa[ks][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kLd + 8);
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int b = it & 1, kv0 = it * kPBN;
+    __syncthreads();  // buffer b ^ 1 (q at it == 0) is no longer read; FP8: tile it's stores visible
+    const bool next = it + 1 < n_tiles;
+    if (next) issue(it + 1, b ^ 1);
+    if constexpr (!kFp8) {
+      if (next) cp_async_wait<1>();
+      else cp_async_wait<0>();
+      __syncthreads();  // tile it landed for every thread
+    }
+    if (kv0 <= wmax) {  // else every column of this tile is masked for all the warp's rows
+      const uint16_t* kb = sk(b);
+      const uint16_t* vb = sv(b);
+      float s[kNt][4];
+#pragma unroll
+      for (int n = 0; n < kNt; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kKs; ++ks)
+#pragma unroll
+        for (int np = 0; np < kNt / 2; ++np) {
+          uint32_t b0, b1, b2, b3;
+          ldsm_x4(kb + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * kLd + ks * 16 + ((lane >> 3) & 1) * 8, b0, b1, b2,
+                  b3);
+          M::mma(s[2 * np], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], b0, b1);
+          M::mma(s[2 * np + 1], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], b2, b3);
+        }
+      const bool mask = kv0 + kPBN - 1 > wmin;
+      float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kNt; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float x = s[n][i] * qk_scale;
+          if (mask && kv0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? lim_a : lim_b)) x = -INFINITY;
+          s[n][i] = x;
+          if (i < 2) mx_a = fmaxf(mx_a, x);
+          else mx_b = fmaxf(mx_b, x);
+        }
+#pragma unroll
+      for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, o2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, o2));
+      }
+      const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+      // a row with nothing visible yet keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+      const float mu_a = mn_a == -INFINITY ? 0.0f : mn_a, mu_b = mn_b == -INFINITY ? 0.0f : mn_b;
+      const float al_a = fast_exp2(m_a - mu_a), al_b = fast_exp2(m_b - mu_b);
+      m_a = mn_a;
+      m_b = mn_b;
+      float sum_a = 0.0f, sum_b = 0.0f;
+      uint32_t pa[kNt / 2][4];
+#pragma unroll
+      for (int n = 0; n < kNt; ++n) {
+        const float p0 = fast_exp2(s[n][0] - mu_a), p1 = fast_exp2(s[n][1] - mu_a);
+        const float p2 = fast_exp2(s[n][2] - mu_b), p3 = fast_exp2(s[n][3] - mu_b);
+        sum_a += p0 + p1;
+        sum_b += p2 + p3;
+        pa[n / 2][(n & 1) * 2] = M::pack(p0, p1);
+        pa[n / 2][(n & 1) * 2 + 1] = M::pack(p2, p3);
+      }
+      l_a = l_a * al_a + sum_a;
+      l_b = l_b * al_b + sum_b;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= al_a;
+        o[n][1] *= al_a;
+        o[n][2] *= al_b;
+        o[n][3] *= al_b;
+      }
+      // O += P V: B fragments of V^T by a transposing ldmatrix (tokens are V's rows)
+#pragma unroll
+      for (int kk = 0; kk < kNt / 2; ++kk)
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b0, b1, b2, b3;
+          ldsm_x4_t(vb + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + 16 * dp + (lane >> 4) * 8, b0, b1, b2,
+                    b3);
+          M::mma(o[2 * dp], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b0, b1);
+          M::mma(o[2 * dp + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b2, b3);
+        }
+    }
+    if constexpr (kFp8) {
+      if (next) store_fp8(b ^ 1);  // buffer b ^ 1 was last read in iteration it - 1 (barrier above)
+    }
+  }
+
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+  const float inv_a = l_a > 0.0f ? v_scale / l_a : 0.0f, inv_b = l_b > 0.0f ? v_scale / l_b : 0.0f;
+  bf16* out = reinterpret_cast<bf16*>(p.out);
+  bf16* oa = out + (qrow0 + ra) * p.ldo + int64_t(head0 + ha) * D + 2 * t;
+  bf16* ob = out + (qrow0 + rb) * p.ldo + int64_t(head0 + hb) * D + 2 * t;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    if (ra < rows) *reinterpret_cast<__nv_bfloat162*>(oa + 8 * n) = __floats2bfloat162_rn(o[n][0] * inv_a, o[n][1] * inv_a);
+    if (rb < rows) *reinterpret_cast<__nv_bfloat162*>(ob + 8 * n) = __floats2bfloat162_rn(o[n][2] * inv_b, o[n][3] * inv_b);
+  }
+}
+
+// KILN_PREFILL_ATTN=v1: the wmma kernel (one block per query head), kept to measure against.
+bool prefill_attn_v1() {
+  static const bool v1 = [] {
+    const char* e = std::getenv("KILN_PREFILL_ATTN");
+    return e && std::string(e) == "v1";
+  }();
+  return v1;
+}
+
+template <int D, int G, typename C>
+void prefill_launch_v2(const AttnParams& p, cudaStream_t s) {
+  static bool configured = false;  // the attribute is per function; set once per process
+  if (!configured) {
+    cudaFuncSetAttribute(prefill_kernel_v2<D, G, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(PrefillSmemV2<D>::kBytes));
+    configured = true;
+  }
+  // each 64-row tile of AttnParams.tiles becomes G blocks of 64 / G rows (x G heads)
+  launch_pdl(prefill_kernel_v2<D, G, C>, dim3(p.num_tiles * G, p.n_heads / G), dim3(128), PrefillSmemV2<D>::kBytes, s,
+             p);
+}
+
 template <int D, typename C>
 void prefill_launch_as(const AttnParams& p, cudaStream_t s) {
+  if (!prefill_attn_v1()) {
+    switch (decode_heads_per_block(p.n_heads, p.n_kv)) {
+      case 1: return prefill_launch_v2<D, 1, C>(p, s);
+      case 2: return prefill_launch_v2<D, 2, C>(p, s);
+      case 4: return prefill_launch_v2<D, 4, C>(p, s);
+      default: return prefill_launch_v2<D, 8, C>(p, s);
+    }
+  }
   static bool configured = false;  // the attribute is per function; set once per process
   if (!configured) {
     cudaFuncSetAttribute(prefill_kernel<D, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PrefillSmem<D>::kBytes));

@@ -1,0 +1,297 @@
+// Prefill attention (the v2 tensor-core kernel: blocks of 64 / G query rows x the G heads of a GQA
+// group, 64-token K/V tiles double-buffered, causal early exit) at long prompts, against the CPU.
+// The op grids (cuda_test.cpp, kv_fp8_test.cpp) cover prompts up to 152 tokens; here prompts reach
+// 1500 tokens in one step, or arrive in chunks (chunked prefill: a step's query rows start at
+// ctx_len - q_len, and a sequence with one token left is a decode row of a mixed step), block
+// tables are scattered, GQA groups are 1, 4, 8 and 7 (one block per query head), head dims 16-128,
+// block sizes 8/16/32, bf16 and FP8 caches. Part of test_cuda; skips without a GPU.
+//
+// Each step: the same roped bf16 q/k and v on both sides, KV written by both (the FP8 codes are
+// equal), the output poisoned with NaN before the GPU runs. Tolerance: the grids' 1.5e-2 relative L2
+// (bf16 P and output rounding).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include <cuda_runtime_api.h>
+
+#include "backend/cpu/cpu_ops.h"
+#include "backend/cuda/cuda_executor.h"
+#include "backend/cuda/cuda_ops.h"
+#include "core/dtype.h"
+
+using namespace kiln;
+
+namespace {
+
+std::vector<float> normal_bf16(size_t n, std::mt19937& rng, float sd) {
+  std::normal_distribution<float> d(0.0f, sd);
+  std::vector<float> v(n);
+  for (auto& x : v) x = bf16_to_f32(f32_to_bf16(d(rng)));
+  return v;
+}
+
+double rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double* max_abs, size_t* first_bad) {
+  double num = 0, den = 0, mx = 0;
+  *first_bad = ref.size();
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = double(got[i]) - ref[i];
+    if (std::isnan(d)) {
+      if (*first_bad == ref.size()) *first_bad = i;
+      num = INFINITY;
+      mx = INFINITY;
+      continue;
+    }
+    if (std::fabs(d) > 0.1 + 0.1 * std::fabs(ref[i]) && *first_bad == ref.size()) *first_bad = i;
+    num += d * d;
+    den += double(ref[i]) * ref[i];
+    mx = std::max(mx, std::fabs(d));
+  }
+  *max_abs = mx;
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+struct PrefillCase {
+  int heads, kv, hd, block_size;
+  bool fp8;
+  std::vector<int> prompt;  // tokens per sequence
+  int chunk;                // tokens per sequence per step; 0 = the whole prompt in one step
+};
+
+void PrintTo(const PrefillCase& c, std::ostream* os) {
+  *os << c.heads << "h/" << c.kv << "kv/d" << c.hd << "/bs" << c.block_size << (c.fp8 ? "/fp8/" : "/bf16/")
+      << c.prompt.size() << "seqs/chunk" << c.chunk;
+}
+
+class CudaPrefillLong : public ::testing::TestWithParam<PrefillCase> {};
+
+TEST_P(CudaPrefillLong, MatchesCpu) {
+  std::string why;
+  if (!cuda::device_available(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  const PrefillCase pc = GetParam();
+  ModelConfig c;
+  c.vocab_size = 300;
+  c.hidden_size = pc.heads * pc.hd;
+  c.intermediate_size = 64;
+  c.num_layers = 1;
+  c.num_heads = pc.heads;
+  c.num_kv_heads = pc.kv;
+  c.head_dim = pc.hd;
+  c.rope_theta = 10000.0f;
+  c.max_position_embeddings = 4096;
+  c.eos_token_ids = {2};
+  const int nseq = int(pc.prompt.size()), bs = pc.block_size;
+  const int max_len = *std::max_element(pc.prompt.begin(), pc.prompt.end());
+  const int max_blocks = (max_len + bs - 1) / bs, num_blocks = nseq * max_blocks + 5;
+  int total = 0;
+  for (int x : pc.prompt) total += x;
+  std::printf("[prefill long] heads %d kv %d head_dim %d block %d %s, %d seqs, prompts up to %d (%d tokens), chunk %d\n",
+              pc.heads, pc.kv, pc.hd, bs, pc.fp8 ? "fp8" : "bf16", nseq, max_len, total, pc.chunk);
+  std::mt19937 rng(977 + pc.hd + nseq + pc.chunk);
+  const float k_scale = 0.019f, v_scale = 0.027f;  // N(0, 1) values use most of E4M3's range
+
+  CpuKvCache ckv;
+  ckv.init(c, num_blocks, bs);
+  if (pc.fp8) ckv.set_fp8({k_scale}, {v_scale});
+  CpuOps cpu(c, &ckv);
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.init().is_ok());
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cuda::CudaOps gpu(c, &gemm, stream);
+  ASSERT_TRUE(gpu.reserve(cuda::StepCaps{total + nseq, nseq, nseq, nseq * max_blocks}).is_ok());
+  cuda::DeviceKv dkv;
+  dkv.num_blocks = num_blocks;
+  dkv.block_size = bs;
+  dkv.fp8 = pc.fp8;
+  if (pc.fp8) {
+    dkv.k_scale = {k_scale};
+    dkv.v_scale = {v_scale};
+  }
+  const size_t cache_bytes = size_t(num_blocks) * bs * c.kv_dim() * dkv.elem_bytes();
+  void *kmem = nullptr, *vmem = nullptr;
+  ASSERT_EQ(cudaMalloc(&kmem, cache_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&vmem, cache_bytes), cudaSuccess);
+  // NaN-ish garbage where nothing was written: a kernel that reads an unwritten slot shows it
+  cudaMemset(kmem, 0x7f, cache_bytes);
+  cudaMemset(vmem, 0x7f, cache_bytes);
+  dkv.k.push_back(kmem);
+  dkv.v.push_back(vmem);
+  gpu.set_kv(&dkv);
+  std::vector<int32_t> perm(static_cast<size_t>(num_blocks));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+
+  const int64_t Q = c.q_dim(), KV = c.kv_dim();
+  std::vector<int> done(static_cast<size_t>(nseq), 0);
+  for (int step = 0;; ++step) {
+    StepBatch b;
+    b.clear();
+    b.max_blocks_per_seq = max_blocks;
+    for (int s = 0; s < nseq; ++s) {
+      const int left = pc.prompt[size_t(s)] - done[size_t(s)];
+      if (left == 0) continue;  // finished sequences leave the step
+      const int qlen = pc.chunk > 0 ? std::min(pc.chunk, left) : left;
+      for (int i = 0; i < qlen; ++i) {
+        b.token_ids.push_back(int32_t(rng() % 300));
+        b.positions.push_back(done[size_t(s)] + i);
+      }
+      b.query_start.push_back(b.query_start.back() + qlen);
+      b.context_lens.push_back(done[size_t(s)] + qlen);
+      for (int j = 0; j < max_blocks; ++j) b.block_tables.push_back(perm[size_t(s * max_blocks + j)]);
+      b.logits_rows.push_back(b.query_start.back() - 1);
+      done[size_t(s)] += qlen;
+    }
+    const int64_t T = b.num_tokens();
+    if (T == 0) break;
+    cpu.begin_step(b);
+    gpu.begin_step(b);
+    auto q = normal_bf16(size_t(T * Q), rng, 1.0f), k = normal_bf16(size_t(T * KV), rng, 1.0f),
+         v = normal_bf16(size_t(T * KV), rng, 1.0f);
+    gpu.write_buffer(Buf::kQ, q.data(), T, Q);
+    gpu.write_buffer(Buf::kK, k.data(), T, KV);
+    gpu.write_buffer(Buf::kV, v.data(), T, KV);
+    gpu.rope(gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), c);
+    const auto q_roped = gpu.read_buffer(Buf::kQ, T, Q), k_roped = gpu.read_buffer(Buf::kK, T, KV);
+    std::memcpy(cpu.buffer(Buf::kQ), q_roped.data(), q_roped.size() * 4);
+    std::memcpy(cpu.buffer(Buf::kK), k_roped.data(), k_roped.size() * 4);
+    std::memcpy(cpu.buffer(Buf::kV), v.data(), v.size() * 4);
+    cpu.attention(0, cpu.buffer(Buf::kQ), cpu.buffer(Buf::kK), cpu.buffer(Buf::kV), c, cpu.buffer(Buf::kAttn));
+    const float* co = static_cast<const float*>(cpu.buffer(Buf::kAttn));
+    const std::vector<float> cpu_out(co, co + T * Q);
+    gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+    gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+    const auto got = gpu.read_buffer(Buf::kAttn, T, Q);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    double max_abs = 0;
+    size_t bad = 0;
+    const double rel = rel_l2(got, cpu_out, &max_abs, &bad);
+    std::printf("  step %d: %lld tokens, rel %.2e max|d| %.3g\n", step, static_cast<long long>(T), rel, max_abs);
+    EXPECT_LE(rel, 1.5e-2) << "step " << step;
+    if (bad < cpu_out.size())
+      std::printf("  first mismatch: token %lld col %lld gpu %g cpu %g\n", static_cast<long long>(bad / size_t(Q)),
+                  static_cast<long long>(bad % size_t(Q)), got[bad], cpu_out[bad]);
+    if (HasFailure()) break;
+  }
+  cudaFree(kmem);
+  cudaFree(vmem);
+  cudaStreamDestroy(stream);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaPrefillLong,
+    ::testing::Values(
+        // Llama-3-8B's attention shape: one long prompt and short ones in one step, then in chunks
+        PrefillCase{32, 8, 128, 16, false, {1100, 3, 77, 300}, 0},
+        PrefillCase{32, 8, 128, 16, true, {1100, 3, 77, 300}, 0},
+        PrefillCase{32, 8, 128, 16, false, {1100, 130, 2}, 256}, PrefillCase{32, 8, 128, 16, true, {1100, 130, 2}, 256},
+        // GQA 8 (8 query rows a block), odd chunks (a sequence ends on a decode row: mixed steps)
+        PrefillCase{16, 2, 64, 8, false, {1500, 95}, 0}, PrefillCase{16, 2, 64, 8, true, {1500, 95}, 0},
+        PrefillCase{16, 2, 64, 8, true, {700, 95}, 97},
+        // GQA 1 (64 rows a block), block size 32
+        PrefillCase{8, 8, 64, 32, false, {1000, 65, 64, 63}, 0}, PrefillCase{8, 8, 64, 32, true, {600, 200}, 129},
+        // 7 query heads a KV head: one block per query head
+        PrefillCase{28, 4, 128, 32, true, {700, 2, 129}, 0}, PrefillCase{28, 4, 128, 32, false, {700, 129}, 100},
+        // small head dims
+        PrefillCase{8, 2, 32, 16, true, {999, 3}, 0}, PrefillCase{8, 2, 32, 16, false, {999, 40}, 333},
+        PrefillCase{4, 2, 16, 16, false, {640, 31}, 0}, PrefillCase{4, 2, 16, 16, true, {640, 31}, 64}));
+
+// The Llama-3-8B prefill shapes of issue #6 timed alone (attention() = KV write + prefill kernel):
+// median of 20 launches with events. Runs with KILN_PREFILL_BENCH=1 (KILN_PREFILL_ATTN=v1 times the
+// old kernel); prints us and the causal attention TFLOP/s.
+TEST(CudaPrefillTiming, LlamaShapes) {
+  std::string why;
+  if (!cuda::device_available(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  if (!std::getenv("KILN_PREFILL_BENCH")) GTEST_SKIP() << "set KILN_PREFILL_BENCH=1 to time";
+  ModelConfig c;
+  c.vocab_size = 300;
+  c.hidden_size = 4096;
+  c.intermediate_size = 64;
+  c.num_layers = 1;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.rope_theta = 500000.0f;
+  c.max_position_embeddings = 8192;
+  c.eos_token_ids = {2};
+  const int bs = 16;
+  for (const bool fp8 : {true, false})
+    for (const auto& [nseq, len] : {std::pair{4, 2048}, std::pair{64, 128}}) {
+      const int max_blocks = len / bs, num_blocks = nseq * max_blocks;
+      cuda::Gemm gemm;
+      ASSERT_TRUE(gemm.init().is_ok());
+      cudaStream_t stream;
+      cudaStreamCreate(&stream);
+      cuda::CudaOps gpu(c, &gemm, stream);
+      ASSERT_TRUE(gpu.reserve(cuda::StepCaps{nseq * len, nseq, nseq, nseq * max_blocks}).is_ok());
+      cuda::DeviceKv dkv;
+      dkv.num_blocks = num_blocks;
+      dkv.block_size = bs;
+      dkv.fp8 = fp8;
+      if (fp8) {
+        dkv.k_scale = {0.02f};
+        dkv.v_scale = {0.02f};
+      }
+      const size_t cache_bytes = size_t(num_blocks) * bs * c.kv_dim() * dkv.elem_bytes();
+      void *kmem = nullptr, *vmem = nullptr;
+      ASSERT_EQ(cudaMalloc(&kmem, cache_bytes), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&vmem, cache_bytes), cudaSuccess);
+      dkv.k.push_back(kmem);
+      dkv.v.push_back(vmem);
+      gpu.set_kv(&dkv);
+      StepBatch b;
+      b.clear();
+      b.max_blocks_per_seq = max_blocks;
+      for (int s = 0; s < nseq; ++s) {
+        for (int i = 0; i < len; ++i) {
+          b.token_ids.push_back(1);
+          b.positions.push_back(i);
+        }
+        b.query_start.push_back(b.query_start.back() + len);
+        b.context_lens.push_back(len);
+        for (int j = 0; j < max_blocks; ++j) b.block_tables.push_back(s * max_blocks + j);
+        b.logits_rows.push_back(b.query_start.back() - 1);
+      }
+      const int64_t T = b.num_tokens();
+      gpu.begin_step(b);
+      std::mt19937 rng(5);
+      gpu.write_buffer(Buf::kQ, normal_bf16(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
+      gpu.write_buffer(Buf::kK, normal_bf16(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+      gpu.write_buffer(Buf::kV, normal_bf16(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+      auto once = [&] {
+        gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+      };
+      for (int i = 0; i < 3; ++i) once();
+      std::vector<float> ms;
+      cudaEvent_t e0, e1;
+      cudaEventCreate(&e0);
+      cudaEventCreate(&e1);
+      for (int i = 0; i < 20; ++i) {
+        cudaEventRecord(e0, stream);
+        once();
+        cudaEventRecord(e1, stream);
+        cudaEventSynchronize(e1);
+        float x = 0;
+        cudaEventElapsedTime(&x, e0, e1);
+        ms.push_back(x);
+      }
+      ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+      std::sort(ms.begin(), ms.end());
+      const double flop = double(nseq) * c.num_heads * double(len) * (len + 1) / 2 * c.head_dim * 4;
+      std::printf("[prefill timing] %s KV, %d x %d tokens: attention (KV write + kernel) %.1f us median (min %.1f) = %.0f TFLOP/s\n",
+                  fp8 ? "fp8" : "bf16", nseq, len, 1e3 * ms[ms.size() / 2], 1e3 * ms[0], flop / (1e-3 * ms[ms.size() / 2]) / 1e12);
+      cudaEventDestroy(e0);
+      cudaEventDestroy(e1);
+      cudaFree(kmem);
+      cudaFree(vmem);
+      cudaStreamDestroy(stream);
+    }
+}
+
+}  // namespace
