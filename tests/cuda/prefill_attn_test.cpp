@@ -1,5 +1,6 @@
-// Prefill attention (the v2 tensor-core kernel: blocks of 64 / G query rows x the G heads of a GQA
-// group, 64-token K/V tiles double-buffered, causal early exit) at long prompts, against the CPU.
+// Prefill attention (the v2 tensor-core kernel: blocks of 128 / G query rows x the G heads of a GQA
+// group, or 64 rows of one head, 32/64-token K/V tiles double-buffered, causal early exit) at long
+// prompts, against the CPU (KILN_PREFILL_ATTN=m1 / v1 run the same cases on the other kernels).
 // The op grids (cuda_test.cpp, kv_fp8_test.cpp) cover prompts up to 152 tokens; here prompts reach
 // 1500 tokens in one step, or arrive in chunks (chunked prefill: a step's query rows start at
 // ctx_len - q_len, and a sequence with one token left is a decode row of a mixed step), block

@@ -1,16 +1,17 @@
 // Paged attention. KV cache per layer: [num_blocks, n_kv, block_size, head_dim] bf16, so one
 // head's block is contiguous.
-//  - prefill (any q_len): one block per (64-row query tile, q head); K/V tiles of 64 tokens are
-//    gathered from the pages into shared memory; S = QK^T and O += PV on tensor cores (wmma,
-//    bf16 in, f32 accumulate); online softmax in f32 per row.
+//  - prefill (q_len > 1): one block per (query rows, KV head) computing all the query heads of the
+//    group from one pass over K/V; 32- or 64-token K/V tiles double-buffered in shared memory;
+//    S = QK^T and O += PV through mma.sync with P in registers, online softmax per tile (prefill
+//    v2 below; v1, wmma and one block per query head, under KILN_PREFILL_ATTN=v1).
 //  - decode (q_len == 1 everywhere): one block per (sequence, KV head, KV split) computing all the
 //    query heads of the KV head's group, so each K/V byte is read once, not once per query head
 //    (4x fewer bytes for Llama-3-8B's GQA); each warp takes 16-32 tokens at a time through
 //    tensor-core QK^T and PV products (decode v2 below); splits are merged by the last block to
 //    finish (flash-decoding), so batch 1 still fills the GPU.
 // FP8 KV cache (p.kv_fp8): the same kernels instantiated on __nv_fp8_e4m3 cache elements (half the
-// bytes streamed). E4M3 values are all exact in bf16 and f16, so prefill converts the fp8 tiles to
-// bf16 while gathering them into shared memory (the wmma path is unchanged) and decode converts in
+// bytes streamed). E4M3 values are all exact in f16 (and bf16), so prefill converts the fp8 tiles
+// to f16 on their way into shared memory (f16 mma; v1: bf16, wmma) and decode converts in
 // registers; real = fp8 * scale, and the scales are folded where they cost nothing: k_scale into the
 // softmax scale, v_scale into the output's final normalization.
 #include <cuda_bf16.h>
@@ -889,14 +890,17 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
 // registers (the C layout of S is the A layout of P); one max and one rescale per 64-token tile;
 // causal: tiles past the block's last position are never loaded, and a warp skips the math of a
 // tile all of whose columns its rows mask.
-constexpr int kPBN = 64;  // KV tokens per tile
-
-template <int D>
+// KV tokens per tile: 64, or 32 where a warp holds 32 mma rows at head_dim 128 (registers).
+template <int D, int kMt>
 struct PrefillSmemV2 {
-  static constexpr int kLd = D + 8;  // elements per row: 16 bytes of pad keep ldmatrix conflict-free
-  static constexpr size_t kTile = size_t(kPBN) * kLd * 2;
-  // [2 buffers][K, V][kPBN, kLd] 16-bit; q is staged in buffer 1's K before the loop
-  static constexpr size_t kBytes = 4 * kTile;
+  static constexpr int kBN = kMt == 2 && D == 128 ? 32 : 64;
+  static constexpr int kRows = 64 * kMt;  // mma rows of a block: 4 warps x 16 kMt
+  static constexpr int kLd = D + 8;       // elements per row: 16 bytes of pad keep ldmatrix conflict-free
+  static constexpr size_t kTile = size_t(kBN) * kLd * 2;
+  // [2 buffers][K, V][kBN, kLd] 16-bit, then q [kRows, kLd] when it is re-read every tile (kMt > 1;
+  // with kMt == 1 q's fragments stay in registers and q is staged in buffer 1's K before the loop)
+  static constexpr size_t kBytes = 4 * kTile + (kMt > 1 ? size_t(kRows) * kLd * 2 : 0);
+  static_assert(kMt > 1 || kRows <= kBN, "q staging fits a K tile");
 };
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -928,24 +932,29 @@ constexpr int prefill_min_blocks() {
   return D == 128 && std::is_same<C, fp8>::value ? 2 : 3;
 }
 
-template <int D, int G, typename C>
-__global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kernel_v2(AttnParams p) {
-  using S = PrefillSmemV2<D>;
+// kMt: m16 tiles per warp. 2 = FlashAttention-2's 32 rows a warp: each K/V fragment read from
+// shared memory feeds two mmas, halving the ldmatrix bytes per mma (at kMt 1 they equal the tensor
+// time); needs G >= 2 (a block is 128 mma rows = G heads x 128 / G query rows of one 64-row tile).
+template <int D, int G, typename C, int kMt = 1, int kMinBlocks = prefill_min_blocks<D, C>()>
+__global__ void __launch_bounds__(128, kMinBlocks) prefill_kernel_v2(AttnParams p) {
+  using S = PrefillSmemV2<D, kMt>;
   using M = DecodeMma<C>;
   constexpr bool kFp8 = std::is_same<C, fp8>::value;
-  constexpr int kLd = S::kLd, kR = 64 / G, kChunks = D / 8, kPer = kPBN * kChunks / 128;
-  constexpr int kKs = D / 16, kNt = kPBN / 8;
+  constexpr int kBN = S::kBN, kLd = S::kLd, kR = S::kRows / G, kChunks = D / 8, kPer = kBN * kChunks / 128;
+  constexpr int kKs = D / 16, kNt = kBN / 8, kNr = 2 * kMt;  // kNr: rows of this lane
+  static_assert(G >= kMt, "a block's rows come from one 64-row tile");
   extern __shared__ __align__(128) unsigned char smem[];
-  uint16_t* sbuf = reinterpret_cast<uint16_t*>(smem);  // [2][2][kPBN][kLd]: bf16 or f16 bits
-  auto sk = [&](int b) { return sbuf + size_t(2 * b) * kPBN * kLd; };
-  auto sv = [&](int b) { return sbuf + size_t(2 * b + 1) * kPBN * kLd; };
+  uint16_t* sbuf = reinterpret_cast<uint16_t*>(smem);  // bf16 or f16 bits
+  auto sk = [&](int b) { return sbuf + size_t(2 * b) * kBN * kLd; };
+  auto sv = [&](int b) { return sbuf + size_t(2 * b + 1) * kBN * kLd; };
   __shared__ int s_maxpos;
   pdl_trigger();
   pdl_wait();
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  constexpr int kSubs = G / kMt;                        // blocks per 64-row tile
   const int bx = int(gridDim.x) - 1 - int(blockIdx.x);  // the last rows of a sequence (longest) first
-  const int tile = bx / G, sub = bx % G;
+  const int tile = bx / kSubs, sub = bx % kSubs;
   const int seq = p.tiles[2 * tile], r0 = p.tiles[2 * tile + 1] + sub * kR;
   const SeqMeta sm = p.seqs[seq];
   if (r0 >= sm.q_len) return;
@@ -963,14 +972,21 @@ __global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kerne
   if (tid < rows) atomicMax(&s_maxpos, p.tokens[qrow0 + tid].pos);
   __syncthreads();
   const int kv_len = min(s_maxpos + 1, sm.ctx_len);
-  const int n_tiles = kv_len > 0 ? (kv_len + kPBN - 1) / kPBN : 0;
+  const int n_tiles = kv_len > 0 ? (kv_len + kBN - 1) / kBN : 0;
 
-  // This lane's mma rows a = warp * 16 + g and b = a + 8: (head h, query row r) = (m / kR, m % kR).
-  const int ma = warp * 16 + g, mb = ma + 8;
-  const int ha = ma / kR, ra = ma % kR, hb = mb / kR, rb = mb % kR;
-  const int pos_a = ra < rows ? p.tokens[qrow0 + ra].pos : -1, pos_b = rb < rows ? p.tokens[qrow0 + rb].pos : -1;
-  const int lim_a = min(pos_a, kv_len - 1), lim_b = min(pos_b, kv_len - 1);  // last column each row sees
-  int wmin = min(ra < rows ? lim_a : INT_MAX, rb < rows ? lim_b : INT_MAX), wmax = max(lim_a, lim_b);
+  // This lane's mma rows i (i = 2 mt + half): m = warp 16 kMt + 16 mt + g + 8 half, which is
+  // (head m / kR, query row m % kR); lim: the last column the row sees (-1: an unused row).
+  int rh[kNr], rr[kNr], lim[kNr];
+  int wmin = INT_MAX, wmax = -1;
+#pragma unroll
+  for (int i = 0; i < kNr; ++i) {
+    const int m = warp * 16 * kMt + 16 * (i / 2) + g + 8 * (i & 1);
+    rh[i] = m / kR;
+    rr[i] = m % kR;
+    lim[i] = rr[i] < rows ? min(p.tokens[qrow0 + rr[i]].pos, kv_len - 1) : -1;
+    if (rr[i] < rows) wmin = min(wmin, lim[i]);
+    wmax = max(wmax, lim[i]);
+  }
 #pragma unroll
   for (int o2 = 1; o2 < 32; o2 <<= 1) {
     wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o2));
@@ -988,7 +1004,7 @@ __global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kerne
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int idx = tid + 128 * i, r = idx / kChunks, c = idx % kChunks;
-      const int64_t off = row_off(it * kPBN + r) + c * 8;
+      const int64_t off = row_off(it * kBN + r) + c * 8;
       if constexpr (kFp8) {
         kst[i] = *reinterpret_cast<const uint2*>(kc + off);
         vst[i] = *reinterpret_cast<const uint2*>(vc + off);
@@ -1017,10 +1033,10 @@ __global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kerne
     if constexpr (kFp8) store_fp8(0);
   }
 
-  // q -> buffer 1's K (bf16, or f16 for the FP8 cache's f16 mma), then A fragments in registers
-  uint16_t* sq = sk(1);
+  // q (bf16, or f16 for the FP8 cache's f16 mma) -> shared memory
+  uint16_t* sq = kMt > 1 ? sbuf + 4 * size_t(kBN) * kLd : sk(1);
   const bf16* q = reinterpret_cast<const bf16*>(p.q);
-  for (int idx = tid; idx < 64 * kChunks; idx += 128) {
+  for (int idx = tid; idx < S::kRows * kChunks; idx += 128) {
     const int m = idx / kChunks, c = idx % kChunks, h = m / kR, r = m % kR;
     uint4 w = make_uint4(0, 0, 0, 0);
     if (r < rows) {
@@ -1031,24 +1047,26 @@ __global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kerne
     *reinterpret_cast<uint4*>(sq + m * kLd + c * 8) = w;
   }
   __syncthreads();
-  uint32_t qa[kKs][4];
+  // A fragments of q: in registers for kMt == 1; re-read each tile (ldmatrix) for kMt > 1
+  const uint16_t* sq_lane = sq + (warp * 16 * kMt + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + (lane >> 4) * 8;
+  uint32_t qa1[kMt == 1 ? kKs : 1][4];
+  if constexpr (kMt == 1) {
 #pragma unroll
-  for (int ks = 0; ks < kKs; ++ks) {
-    const uint16_t* base = sq + (warp * 16 + g) * kLd + ks * 16 + 2 * t;
-    qa[ks][0] = *reinterpret_cast<const uint32_t*>(base);
-    qa[ks][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kLd);
-    qa[ks][2] = *reinterpret_cast<const uint32_t*>(base + 8);
-    qa[ks][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kLd + 8);
+    for (int ks = 0; ks < kKs; ++ks) ldsm_x4(sq_lane + ks * 16, qa1[ks][0], qa1[ks][1], qa1[ks][2], qa1[ks][3]);
   }
 
-  float o[D / 8][4];
+  float o[kMt][D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+  float mrow[kNr], lrow[kNr];
+#pragma unroll
+  for (int i = 0; i < kNr; ++i) mrow[i] = -INFINITY, lrow[i] = 0.0f;
 
   for (int it = 0; it < n_tiles; ++it) {
-    const int b = it & 1, kv0 = it * kPBN;
-    __syncthreads();  // buffer b ^ 1 (q at it == 0) is no longer read; FP8: tile it's stores visible
+    const int b = it & 1, kv0 = it * kBN;
+    __syncthreads();  // buffer b ^ 1 (q at it == 0 when kMt == 1) is no longer read; FP8: tile it's stores visible
     const bool next = it + 1 < n_tiles;
     if (next) issue(it + 1, b ^ 1);
     if constexpr (!kFp8) {
@@ -1059,61 +1077,79 @@ __global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kerne
     if (kv0 <= wmax) {  // else every column of this tile is masked for all the warp's rows
       const uint16_t* kb = sk(b);
       const uint16_t* vb = sv(b);
-      float s[kNt][4];
+      float s[kMt][kNt][4];
 #pragma unroll
-      for (int n = 0; n < kNt; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      for (int mt = 0; mt < kMt; ++mt)
 #pragma unroll
-      for (int ks = 0; ks < kKs; ++ks)
+        for (int n = 0; n < kNt; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kKs; ++ks) {
+        uint32_t qa[kMt][4];
+#pragma unroll
+        for (int mt = 0; mt < kMt; ++mt) {
+          if constexpr (kMt == 1) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) qa[mt][j] = qa1[ks][j];
+          } else {
+            ldsm_x4(sq_lane + mt * 16 * kLd + ks * 16, qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3]);
+          }
+        }
 #pragma unroll
         for (int np = 0; np < kNt / 2; ++np) {
           uint32_t b0, b1, b2, b3;
           ldsm_x4(kb + (16 * np + (lane & 7) + ((lane >> 4) << 3)) * kLd + ks * 16 + ((lane >> 3) & 1) * 8, b0, b1, b2,
                   b3);
-          M::mma(s[2 * np], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], b0, b1);
-          M::mma(s[2 * np + 1], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], b2, b3);
+#pragma unroll
+          for (int mt = 0; mt < kMt; ++mt) {
+            M::mma(s[mt][2 * np], qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3], b0, b1);
+            M::mma(s[mt][2 * np + 1], qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3], b2, b3);
+          }
         }
-      const bool mask = kv0 + kPBN - 1 > wmin;
-      float mx_a = -INFINITY, mx_b = -INFINITY;
+      }
+      const bool mask = kv0 + kBN - 1 > wmin;
+      uint32_t pa[kMt][kNt / 2][4];
 #pragma unroll
-      for (int n = 0; n < kNt; ++n)
+      for (int mt = 0; mt < kMt; ++mt) {
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float x = s[n][i] * qk_scale;
-          if (mask && kv0 + 8 * n + 2 * t + (i & 1) > (i < 2 ? lim_a : lim_b)) x = -INFINITY;
-          s[n][i] = x;
-          if (i < 2) mx_a = fmaxf(mx_a, x);
-          else mx_b = fmaxf(mx_b, x);
+        for (int n = 0; n < kNt; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = s[mt][n][e] * qk_scale;
+            if (mask && kv0 + 8 * n + 2 * t + (e & 1) > lim[2 * mt + e / 2]) x = -INFINITY;
+            s[mt][n][e] = x;
+            mx[e / 2] = fmaxf(mx[e / 2], x);
+          }
+        float al[2], mu[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 1));
+          mx[hf] = fmaxf(mx[hf], __shfl_xor_sync(0xffffffffu, mx[hf], 2));
+          const float mn = fmaxf(mrow[2 * mt + hf], mx[hf]);
+          // a row with nothing visible yet keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+          mu[hf] = mn == -INFINITY ? 0.0f : mn;
+          al[hf] = fast_exp2(mrow[2 * mt + hf] - mu[hf]);
+          mrow[2 * mt + hf] = mn;
         }
+        float sum[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int o2 = 1; o2 <= 2; o2 <<= 1) {
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, o2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, o2));
-      }
-      const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-      // a row with nothing visible yet keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
-      const float mu_a = mn_a == -INFINITY ? 0.0f : mn_a, mu_b = mn_b == -INFINITY ? 0.0f : mn_b;
-      const float al_a = fast_exp2(m_a - mu_a), al_b = fast_exp2(m_b - mu_b);
-      m_a = mn_a;
-      m_b = mn_b;
-      float sum_a = 0.0f, sum_b = 0.0f;
-      uint32_t pa[kNt / 2][4];
+        for (int n = 0; n < kNt; ++n) {
+          const float p0 = fast_exp2(s[mt][n][0] - mu[0]), p1 = fast_exp2(s[mt][n][1] - mu[0]);
+          const float p2 = fast_exp2(s[mt][n][2] - mu[1]), p3 = fast_exp2(s[mt][n][3] - mu[1]);
+          sum[0] += p0 + p1;
+          sum[1] += p2 + p3;
+          pa[mt][n / 2][(n & 1) * 2] = M::pack(p0, p1);
+          pa[mt][n / 2][(n & 1) * 2 + 1] = M::pack(p2, p3);
+        }
+        lrow[2 * mt] = lrow[2 * mt] * al[0] + sum[0];
+        lrow[2 * mt + 1] = lrow[2 * mt + 1] * al[1] + sum[1];
 #pragma unroll
-      for (int n = 0; n < kNt; ++n) {
-        const float p0 = fast_exp2(s[n][0] - mu_a), p1 = fast_exp2(s[n][1] - mu_a);
-        const float p2 = fast_exp2(s[n][2] - mu_b), p3 = fast_exp2(s[n][3] - mu_b);
-        sum_a += p0 + p1;
-        sum_b += p2 + p3;
-        pa[n / 2][(n & 1) * 2] = M::pack(p0, p1);
-        pa[n / 2][(n & 1) * 2 + 1] = M::pack(p2, p3);
-      }
-      l_a = l_a * al_a + sum_a;
-      l_b = l_b * al_b + sum_b;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[n][0] *= al_a;
-        o[n][1] *= al_a;
-        o[n][2] *= al_b;
-        o[n][3] *= al_b;
+        for (int n = 0; n < D / 8; ++n) {
+          o[mt][n][0] *= al[0];
+          o[mt][n][1] *= al[0];
+          o[mt][n][2] *= al[1];
+          o[mt][n][3] *= al[1];
+        }
       }
       // O += P V: B fragments of V^T by a transposing ldmatrix (tokens are V's rows)
 #pragma unroll
@@ -1123,8 +1159,11 @@ __global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kerne
           uint32_t b0, b1, b2, b3;
           ldsm_x4_t(vb + (16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + 16 * dp + (lane >> 4) * 8, b0, b1, b2,
                     b3);
-          M::mma(o[2 * dp], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b0, b1);
-          M::mma(o[2 * dp + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b2, b3);
+#pragma unroll
+          for (int mt = 0; mt < kMt; ++mt) {
+            M::mma(o[mt][2 * dp], pa[mt][kk][0], pa[mt][kk][1], pa[mt][kk][2], pa[mt][kk][3], b0, b1);
+            M::mma(o[mt][2 * dp + 1], pa[mt][kk][0], pa[mt][kk][1], pa[mt][kk][2], pa[mt][kk][3], b2, b3);
+          }
         }
     }
     if constexpr (kFp8) {
@@ -1132,41 +1171,62 @@ __global__ void __launch_bounds__(128, prefill_min_blocks<D, C>()) prefill_kerne
     }
   }
 
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-  const float inv_a = l_a > 0.0f ? v_scale / l_a : 0.0f, inv_b = l_b > 0.0f ? v_scale / l_b : 0.0f;
   bf16* out = reinterpret_cast<bf16*>(p.out);
-  bf16* oa = out + (qrow0 + ra) * p.ldo + int64_t(head0 + ha) * D + 2 * t;
-  bf16* ob = out + (qrow0 + rb) * p.ldo + int64_t(head0 + hb) * D + 2 * t;
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    if (ra < rows) *reinterpret_cast<__nv_bfloat162*>(oa + 8 * n) = __floats2bfloat162_rn(o[n][0] * inv_a, o[n][1] * inv_a);
-    if (rb < rows) *reinterpret_cast<__nv_bfloat162*>(ob + 8 * n) = __floats2bfloat162_rn(o[n][2] * inv_b, o[n][3] * inv_b);
+  for (int i = 0; i < kNr; ++i) {
+    float l = lrow[i];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.0f ? v_scale / l : 0.0f;
+    if (rr[i] >= rows) continue;
+    bf16* orow = out + (qrow0 + rr[i]) * p.ldo + int64_t(head0 + rh[i]) * D + 2 * t;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<__nv_bfloat162*>(orow + 8 * n) =
+          __floats2bfloat162_rn(o[i / 2][n][2 * (i & 1)] * inv, o[i / 2][n][2 * (i & 1) + 1] * inv);
   }
 }
 
-// KILN_PREFILL_ATTN=v1: the wmma kernel (one block per query head), kept to measure against.
-bool prefill_attn_v1() {
-  static const bool v1 = [] {
+// KILN_PREFILL_ATTN: v1 = the wmma kernel (one block per query head), kept to measure against;
+// m1 = v2 with 16 rows a warp everywhere (the default takes 32 where the GQA group allows).
+// Measured and dropped (s2-pattn run 3, Llama-8B shapes): a 2- or 3-blocks-an-SM register cap for
+// both caches at head_dim 128 (3 for FP8 spills: 4x2048 780 -> 930 us; 2 for bf16: 64x128 184 -> 212 us).
+int prefill_attn_variant() {
+  static const int v = [] {
     const char* e = std::getenv("KILN_PREFILL_ATTN");
-    return e && std::string(e) == "v1";
+    const std::string s = e ? e : "";
+    return s == "v1" ? 1 : s == "m1" ? 2 : 0;
   }();
-  return v1;
+  return v;
 }
+bool prefill_attn_v1() { return prefill_attn_variant() == 1; }
 
-template <int D, int G, typename C>
-void prefill_launch_v2(const AttnParams& p, cudaStream_t s) {
+template <int D, int G, typename C, int kMt>
+void prefill_launch_v2_as(const AttnParams& p, cudaStream_t s) {
+  using S = PrefillSmemV2<D, kMt>;
+  // 32 rows a warp hold 2x the accumulators: 2 blocks an SM at every head dim
+  constexpr int kMinBlocks = kMt == 2 ? 2 : prefill_min_blocks<D, C>();
   static bool configured = false;  // the attribute is per function; set once per process
   if (!configured) {
-    cudaFuncSetAttribute(prefill_kernel_v2<D, G, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(PrefillSmemV2<D>::kBytes));
+    cudaFuncSetAttribute(prefill_kernel_v2<D, G, C, kMt, kMinBlocks>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(S::kBytes));
     configured = true;
   }
-  // each 64-row tile of AttnParams.tiles becomes G blocks of 64 / G rows (x G heads)
-  launch_pdl(prefill_kernel_v2<D, G, C>, dim3(p.num_tiles * G, p.n_heads / G), dim3(128), PrefillSmemV2<D>::kBytes, s,
-             p);
+  // each 64-row tile of AttnParams.tiles becomes G / kMt blocks of 64 kMt / G rows (x G heads)
+  launch_pdl(prefill_kernel_v2<D, G, C, kMt, kMinBlocks>, dim3(p.num_tiles * (G / kMt), p.n_heads / G), dim3(128),
+             S::kBytes, s, p);
+}
+
+// 32 rows a warp (kMt 2) where a block of 128 rows fits one 64-row tile (G >= 2): Llama-8B shapes,
+// attention alone (KV write + kernel), 4x2048 fp8 KV 780 -> 706 us, bf16 761 -> 666 us; 64x128
+// 215 -> 192 / 184 -> 185 us (s2-pattn run 3). Predicted more (half the ldmatrix bytes per mma):
+// the short-prompt case is bound by each block's fixed latency, not by shared memory.
+template <int D, int G, typename C>
+void prefill_launch_v2(const AttnParams& p, cudaStream_t s) {
+  if constexpr (G >= 2) {
+    if (prefill_attn_variant() != 2) return prefill_launch_v2_as<D, G, C, 2>(p, s);
+  }
+  prefill_launch_v2_as<D, G, C, 1>(p, s);
 }
 
 template <int D, typename C>
