@@ -4,6 +4,7 @@ include_usage, seed reproducibility, echo + logprobs (prompt logprobs), errors a
 streams that must match their solo greedy outputs. max_tokens stay small: the model runs on CPU."""
 import concurrent.futures
 import json
+import os
 import urllib.request
 
 import openai
@@ -83,6 +84,15 @@ def test_n_and_seed_reproducible(client):
     texts = {client.completions.create(model="smol", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=s).choices[0].text
              for s in range(4)}
     assert len(texts) > 1
+
+
+# The prompt row's logprob comes from a prefill over the whole prompt, the reference from a prefill
+# over the prefix: the same math on the CPU (f32, batch-invariant: 1e-3 is rounding), but on the GPU
+# BF16 activations and GEMMs chosen per token count differ by ~1e-2 in the logits (H100, s2 final
+# e2e run: 0.016 at one position), so the GPU run allows 0.05.
+PREFIX_LOGPROB_TOL = 5e-2 if os.environ.get("KILN_TEST_DEVICE", "cpu").startswith("cuda") else 1e-3
+# A greedy choice whose top-2 logprob gap is under this may differ between batch shapes (GPU only).
+TIE_LOGPROB_GAP = 5e-2 if os.environ.get("KILN_TEST_DEVICE", "cpu").startswith("cuda") else 0.0
 
 
 def test_stop_strings(client):
@@ -170,7 +180,7 @@ def test_echo_logprobs_scores_the_prompt(server, client):
         top = step.choices[0].logprobs.top_logprobs[0]
         tok = s.logprobs.tokens[i]
         if tok in top:
-            assert top[tok] == pytest.approx(s.logprobs.token_logprobs[i], abs=1e-3), (i, tok)
+            assert top[tok] == pytest.approx(s.logprobs.token_logprobs[i], abs=PREFIX_LOGPROB_TOL), (i, tok)
             matched += 1
     assert matched >= n // 2, f"only {matched} of {n - 1} prompt tokens were in the model's top 20"
 
@@ -223,17 +233,32 @@ def test_extra_sampling_params(client):
 
 
 def test_concurrent_streams_match_solo(client):
-    """32 concurrent streaming clients each receive exactly their solo greedy tokens."""
+    """32 concurrent streaming clients each receive exactly their solo greedy tokens. On the CPU the
+    forward pass is batch-invariant, so the tokens must be identical. On the GPU, BF16 GEMMs picked
+    per batch size move logits by ~1e-2, so a stream may leave its solo path only where the solo
+    run's top two candidates were that close (a near-tie), never at a clear choice: a token from
+    another request, or a dropped or repeated one, still fails."""
     prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(32)]
+    tie = TIE_LOGPROB_GAP
 
     def solo(p):
-        return client.completions.create(model="smol", prompt=p, max_tokens=6, temperature=0).choices[0].text
+        lp = client.completions.create(model="smol", prompt=p, max_tokens=6, temperature=0, logprobs=2).choices[0].logprobs
+        return lp.tokens, lp.top_logprobs
 
     def streamed(p):
-        s = client.completions.create(model="smol", prompt=p, max_tokens=6, temperature=0, stream=True)
-        return "".join(c.choices[0].text for c in s if c.choices)
+        s = client.completions.create(model="smol", prompt=p, max_tokens=6, temperature=0, stream=True, logprobs=2)
+        return [t for c in s if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
 
     alone = [solo(p) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         together = list(pool.map(streamed, prompts))
-    assert together == alone
+    diverged = 0
+    for k, ((want, tops), got) in enumerate(zip(alone, together)):
+        if got == want:
+            continue
+        i = next((j for j, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        assert i < len(want) and i < len(got), (k, want, got)  # a shorter or longer stream is never a tie
+        best = sorted(tops[i].values(), reverse=True)
+        assert len(best) >= 2 and best[0] - best[1] <= tie, (k, i, want, got, tops[i])
+        diverged += 1
+    assert diverged <= 4, f"{diverged} of 32 streams left their solo path at near-ties"
