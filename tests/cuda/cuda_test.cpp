@@ -21,76 +21,12 @@
 #include "backend/cuda/sampler.h"
 #include "core/dtype.h"
 #include "core/file.h"
+#include "cuda_test_util.h"
 
 using namespace kiln;
-
-#define REQUIRE_GPU()                                                   \
-  do {                                                                  \
-    std::string why_;                                                   \
-    if (!cuda::device_available(&why_)) GTEST_SKIP() << "no CUDA device: " << why_; \
-  } while (0)
+using namespace kiln::cuda_test;
 
 namespace {
-
-float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
-
-std::vector<float> random_vec(size_t n, std::mt19937& rng, float scale = 1.0f, bool round_bf16 = true) {
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = round_bf16 ? bf16_round(d(rng)) : d(rng);
-  return v;
-}
-
-struct Err {
-  double rel = 0, max_abs = 0, ref_max = 0;
-  size_t worst = 0;
-};
-
-Err compare(const std::vector<float>& got, const std::vector<float>& ref) {
-  Err e;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * ref[i];
-    if (!(std::fabs(d) <= e.max_abs)) {
-      e.max_abs = std::isnan(d) ? INFINITY : std::fabs(d);
-      e.worst = i;
-    }
-    e.ref_max = std::max(e.ref_max, std::fabs(double(ref[i])));
-  }
-  e.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  return e;
-}
-
-#define EXPECT_CLOSE(got, ref, tol, what)                                                                       \
-  do {                                                                                                          \
-    Err e_ = compare(got, ref);                                                                                 \
-    std::printf("  %-34s rel %.2e  max|d| %.3g (ref max %.3g)\n", std::string(what).c_str(), e_.rel, e_.max_abs, \
-                e_.ref_max);                                                                                    \
-    EXPECT_LE(e_.rel, tol) << what << ": first worst at " << e_.worst << " got " << (got)[e_.worst] << " ref "  \
-                           << (ref)[e_.worst];                                                                  \
-  } while (0)
-
-ModelConfig small_config(int heads, int kv, int hd, int hidden, int inter) {
-  ModelConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = hidden;
-  c.intermediate_size = inter;
-  c.num_layers = 2;
-  c.num_heads = heads;
-  c.num_kv_heads = kv;
-  c.head_dim = hd;
-  c.rope_theta = 500000.0f;
-  c.rope_scaling = RopeScaling::kLlama3;
-  c.rope_factor = 8.0f;
-  c.rope_low_freq_factor = 1.0f;
-  c.rope_high_freq_factor = 4.0f;
-  c.rope_original_max_pos = 64;
-  c.max_position_embeddings = 1024;
-  c.eos_token_ids = {2};
-  return c;
-}
 
 // Host bf16 weight with random values, and its device copy.
 struct TestWeight {
@@ -427,69 +363,6 @@ TEST(CudaKernels, ArgmaxMatchesHostWithTies) {
   EXPECT_EQ(got[1], 500);
   cudaFree(d);
   cudaFree(ids);
-}
-
-// One sequence per entry: prompt in one step, then decode steps fed with `forced` tokens (teacher
-// forcing), so CPU and GPU see the same inputs even when a near-tie flips one greedy choice.
-struct SeqRun {
-  std::vector<std::vector<float>> logits;  // per step, [vocab] of the sequence's last row
-  std::vector<int32_t> argmax;
-};
-
-std::vector<SeqRun> run_batch(ModelExecutor& ex, const std::function<Status(std::vector<float>*)>& get_logits,
-                              const std::vector<std::vector<int32_t>>& prompts,
-                              const std::vector<std::vector<int32_t>>& forced, int steps, int max_blocks,
-                              std::vector<float>* first_all_rows = nullptr) {
-  const size_t n = prompts.size();
-  std::vector<SeqRun> runs(n);
-  SamplingParams greedy;
-  greedy.temperature = 0.0f;
-  std::vector<std::vector<int32_t>> all = prompts;
-  std::vector<int32_t> computed(n, 0);
-  for (int step = 0; step <= steps; ++step) {
-    StepBatch b;
-    b.clear();
-    b.max_blocks_per_seq = max_blocks;
-    std::vector<SeqSampling> ss;
-    for (size_t s = 0; s < n; ++s) {
-      const int32_t q = int32_t(all[s].size()) - computed[s];
-      for (int32_t i = 0; i < q; ++i) {
-        b.token_ids.push_back(all[s][size_t(computed[s] + i)]);
-        b.positions.push_back(computed[s] + i);
-      }
-      const int32_t start = b.query_start.back();
-      b.query_start.push_back(start + q);
-      b.context_lens.push_back(int32_t(all[s].size()));
-      for (int j = 0; j < max_blocks; ++j) b.block_tables.push_back(int32_t(s) * max_blocks + j);
-      if (step == 0 && first_all_rows && n == 1)
-        for (int32_t i = 0; i < q - 1; ++i) {
-          b.logits_rows.push_back(start + i);
-          SeqSampling x;
-          x.params = &greedy;
-          ss.push_back(x);
-        }
-      b.logits_rows.push_back(start + q - 1);
-      SeqSampling x;
-      x.params = &greedy;
-      ss.push_back(x);
-    }
-    std::vector<SampledToken> out;
-    Status st = ex.execute(b, ss, &out);
-    EXPECT_TRUE(st.is_ok()) << st.message();
-    if (!st) return runs;
-    std::vector<float> lg;
-    EXPECT_TRUE(get_logits(&lg).is_ok());
-    const size_t V = lg.size() / ss.size();
-    if (step == 0 && first_all_rows) *first_all_rows = lg;
-    for (size_t s = 0; s < n; ++s) {
-      const size_t row = ss.size() - n + s;
-      runs[s].logits.emplace_back(lg.begin() + long(row * V), lg.begin() + long((row + 1) * V));
-      runs[s].argmax.push_back(out[row].id);
-      computed[s] = int32_t(all[s].size());
-      if (step < steps) all[s].push_back(forced[s][size_t(step)]);
-    }
-  }
-  return runs;
 }
 
 TEST(CudaExecutor, MatchesCpuExecutorOnDummyModel) {
