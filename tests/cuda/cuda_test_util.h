@@ -7,11 +7,17 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <numeric>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include <cuda_runtime_api.h>
+
+#include "backend/cpu/cpu_ops.h"
 #include "backend/cuda/cuda_executor.h"
+#include "backend/cuda/cuda_ops.h"
 #include "core/dtype.h"
 #include "model/config.h"
 #include "model/executor.h"
@@ -148,5 +154,57 @@ inline std::vector<SeqRun> run_batch(ModelExecutor& ex, const std::function<Stat
   }
   return runs;
 }
+
+
+// The CPU reference ops and their CUDA twin over a one-layer paged KV cache (bf16 or FP8 with the
+// given scales), for the attention tests. The device cache starts as NaN-ish garbage (0x7f bytes):
+// a kernel that reads a slot nothing wrote shows it. `perm` is a shuffled block order, so block
+// tables are scattered.
+struct AttnRig {
+  CpuKvCache ckv;
+  std::unique_ptr<CpuOps> cpu;
+  cuda::Gemm gemm;
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<cuda::CudaOps> gpu;
+  cuda::DeviceKv dkv;
+  std::vector<int32_t> perm;
+
+  ::testing::AssertionResult init(const ModelConfig& c, int num_blocks, int bs, bool fp8, float k_scale, float v_scale,
+                                  const cuda::StepCaps& caps, std::mt19937& rng) {
+    ckv.init(c, num_blocks, bs);
+    if (fp8) ckv.set_fp8({k_scale}, {v_scale});
+    cpu = std::make_unique<CpuOps>(c, &ckv);
+    if (!gemm.init().is_ok()) return ::testing::AssertionFailure() << "cuBLASLt init";
+    cudaStreamCreate(&stream);
+    gpu = std::make_unique<cuda::CudaOps>(c, &gemm, stream);
+    if (!gpu->reserve(caps).is_ok()) return ::testing::AssertionFailure() << "reserve";
+    dkv.num_blocks = num_blocks;
+    dkv.block_size = bs;
+    dkv.fp8 = fp8;
+    if (fp8) {
+      dkv.k_scale = {k_scale};
+      dkv.v_scale = {v_scale};
+    }
+    const size_t cache_bytes = size_t(num_blocks) * bs * c.kv_dim() * dkv.elem_bytes();
+    void *k = nullptr, *v = nullptr;
+    if (cudaMalloc(&k, cache_bytes) != cudaSuccess || cudaMalloc(&v, cache_bytes) != cudaSuccess)
+      return ::testing::AssertionFailure() << "cudaMalloc of the KV cache";
+    cudaMemset(k, 0x7f, cache_bytes);
+    cudaMemset(v, 0x7f, cache_bytes);
+    dkv.k.push_back(k);
+    dkv.v.push_back(v);
+    gpu->set_kv(&dkv);
+    perm.resize(static_cast<size_t>(num_blocks));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    return ::testing::AssertionSuccess();
+  }
+  ~AttnRig() {
+    gpu.reset();
+    for (void* p : dkv.k) cudaFree(p);
+    for (void* p : dkv.v) cudaFree(p);
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
 
 }  // namespace kiln::cuda_test

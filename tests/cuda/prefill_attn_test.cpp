@@ -26,6 +26,7 @@
 #include "backend/cuda/cuda_executor.h"
 #include "backend/cuda/cuda_ops.h"
 #include "core/dtype.h"
+#include "cuda_test_util.h"
 
 using namespace kiln;
 
@@ -97,37 +98,11 @@ TEST_P(CudaPrefillLong, MatchesCpu) {
   std::mt19937 rng(977 + pc.hd + nseq + pc.chunk);
   const float k_scale = 0.019f, v_scale = 0.027f;  // N(0, 1) values use most of E4M3's range
 
-  CpuKvCache ckv;
-  ckv.init(c, num_blocks, bs);
-  if (pc.fp8) ckv.set_fp8({k_scale}, {v_scale});
-  CpuOps cpu(c, &ckv);
-  cuda::Gemm gemm;
-  ASSERT_TRUE(gemm.init().is_ok());
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  cuda::CudaOps gpu(c, &gemm, stream);
-  ASSERT_TRUE(gpu.reserve(cuda::StepCaps{total + nseq, nseq, nseq, nseq * max_blocks}).is_ok());
-  cuda::DeviceKv dkv;
-  dkv.num_blocks = num_blocks;
-  dkv.block_size = bs;
-  dkv.fp8 = pc.fp8;
-  if (pc.fp8) {
-    dkv.k_scale = {k_scale};
-    dkv.v_scale = {v_scale};
-  }
-  const size_t cache_bytes = size_t(num_blocks) * bs * c.kv_dim() * dkv.elem_bytes();
-  void *kmem = nullptr, *vmem = nullptr;
-  ASSERT_EQ(cudaMalloc(&kmem, cache_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&vmem, cache_bytes), cudaSuccess);
-  // NaN-ish garbage where nothing was written: a kernel that reads an unwritten slot shows it
-  cudaMemset(kmem, 0x7f, cache_bytes);
-  cudaMemset(vmem, 0x7f, cache_bytes);
-  dkv.k.push_back(kmem);
-  dkv.v.push_back(vmem);
-  gpu.set_kv(&dkv);
-  std::vector<int32_t> perm(static_cast<size_t>(num_blocks));
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), rng);
+  cuda_test::AttnRig rig;
+  ASSERT_TRUE(rig.init(c, num_blocks, bs, pc.fp8, k_scale, v_scale, cuda::StepCaps{total + nseq, nseq, nseq, nseq * max_blocks}, rng));
+  CpuOps& cpu = *rig.cpu;
+  cuda::CudaOps& gpu = *rig.gpu;
+  const std::vector<int32_t>& perm = rig.perm;
 
   const int64_t Q = c.q_dim(), KV = c.kv_dim();
   std::vector<int> done(static_cast<size_t>(nseq), 0);
@@ -180,9 +155,6 @@ TEST_P(CudaPrefillLong, MatchesCpu) {
                   static_cast<long long>(bad % size_t(Q)), got[bad], cpu_out[bad]);
     if (HasFailure()) break;
   }
-  cudaFree(kmem);
-  cudaFree(vmem);
-  cudaStreamDestroy(stream);
 }
 
 INSTANTIATE_TEST_SUITE_P(
