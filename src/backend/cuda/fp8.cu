@@ -5,8 +5,10 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "backend/cuda/fp8.h"
+#include "backend/cuda/launch.cuh"
 
 namespace kiln::cuda {
 namespace {
@@ -85,6 +87,8 @@ __global__ void quantize_rows_kernel(const bf16* x, int64_t ldx, int32_t K, int 
                                      const unsigned int* amax_bits, uint8_t* xq, float* scales_out,
                                      bool scales_per_row) {
   __shared__ float red[32];
+  pdl_trigger();
+  pdl_wait();  // x is the previous kernel's output
   const int64_t r = blockIdx.x;
   const bf16* xr = x + r * ldx;
   float s;
@@ -105,6 +109,8 @@ __global__ void quantize_rows_kernel(const bf16* x, int64_t ldx, int32_t K, int 
 // order like their bit patterns).
 __global__ void amax_rows_kernel(const bf16* x, int64_t ldx, int32_t K, unsigned int* amax_bits) {
   __shared__ float red[32];
+  pdl_trigger();
+  pdl_wait();
   const float m = row_amax(x + int64_t(blockIdx.x) * ldx, K, red);
   if (threadIdx.x == 0) atomicMax(amax_bits, __float_as_uint(m));
 }
@@ -154,8 +160,19 @@ void launch_quantize_fp8(const bf16_t* x, int64_t ldx, int32_t n, int32_t K, Fp8
     cudaMemsetAsync(amax_scratch, 0, sizeof(unsigned int), s);
     amax_rows_kernel<<<n, 256, 0, s>>>(xb, ldx, K, amax_scratch);
   }
-  quantize_rows_kernel<<<n, 256, 0, s>>>(xb, ldx, K, int(mode), static_scale, amax_scratch, xq, scales_out,
-                                       scales_per_row || mode == Fp8Act::kDynamicToken);
+  // With programmatic dependent launch, as every kernel around it: the quantizer sits between a
+  // PDL kernel and the GEMM once per FP8 linear, and a plain launch boundary costs a few us each
+  // (KILN_FP8_QUANT_PDL=0: plain launch, for A/B).
+  static const bool pdl = [] {
+    const char* e = std::getenv("KILN_FP8_QUANT_PDL");
+    return !(e && e[0] == '0');
+  }();
+  const bool per_row = scales_per_row || mode == Fp8Act::kDynamicToken;
+  if (pdl)
+    launch_pdl(quantize_rows_kernel, dim3(n), dim3(256), 0, s, xb, ldx, K, int(mode), static_scale,
+               static_cast<const unsigned int*>(amax_scratch), xq, scales_out, per_row);
+  else
+    quantize_rows_kernel<<<n, 256, 0, s>>>(xb, ldx, K, int(mode), static_scale, amax_scratch, xq, scales_out, per_row);
 }
 
 void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const float* a, bool a_per_row, const float* b,
