@@ -276,6 +276,67 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
     }
 }
 
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The end of a split decode block, shared by both decode kernels: once its partials ([acc (D), l, m]
+// per head) are written, the last block of the (sequence, head group) to count (p.counters, put back
+// to 0 by that block for the next launch) merges the splits: every (split, head) m and l loaded at
+// once into shared memory, the split weights e^(m - M) / L computed once (2^(m - M) with kExp2: v2
+// keeps m in log2 units), then each output a dot over the splits (loads in flight, never a serial
+// chain of L2 round trips on the step's critical path). s_m and s_l hold 32 G floats, s_ml 2 G; the
+// block is 128 threads; `out` is the sequence's output row.
+template <int D, int G, bool kExp2>
+__device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int head0, int n_eff, float v_scale, bf16* out,
+                                             float* s_m, float* s_l, float* s_ml, bool& s_last) {
+  auto ex = [](float x) { return kExp2 ? fast_exp2(x) : __expf(x); };
+  const int tid = threadIdx.x;
+  __threadfence();  // partials visible device-wide before the count
+  __syncthreads();
+  if (tid == 0) {
+    int32_t* cnt = p.counters + int64_t(seq) * p.n_heads + blockIdx.y;
+    s_last = atomicAdd(cnt, 1) == n_eff - 1;
+    if (s_last) *cnt = 0;  // every other split has counted: ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const float* part0 = p.partials + (int64_t(seq) * p.n_heads + head0) * p.splits * (D + 2);
+  for (int idx = tid; idx < n_eff * G; idx += 128) {
+    const int sp = idx / G, h = idx % G;
+    const float* ph = part0 + (int64_t(h) * p.splits + sp) * (D + 2);
+    s_m[idx] = __ldcg(ph + D + 1);
+    s_l[idx] = __ldcg(ph + D);
+  }
+  __syncthreads();
+  if (tid < G) {
+    float M = -INFINITY, L = 0.0f;
+    for (int sp = 0; sp < n_eff; ++sp) M = fmaxf(M, s_m[sp * G + tid]);
+    for (int sp = 0; sp < n_eff; ++sp)
+      L += s_m[sp * G + tid] == -INFINITY ? 0.0f : s_l[sp * G + tid] * ex(s_m[sp * G + tid] - M);
+    s_ml[2 * tid] = M;
+    s_ml[2 * tid + 1] = L;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < n_eff * G; idx += 128) {
+    const int h = idx % G;
+    const float M = s_ml[2 * h], L = s_ml[2 * h + 1];
+    s_m[idx] = s_m[idx] == -INFINITY || L <= 0.0f ? 0.0f : ex(s_m[idx] - M) / L;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < G * D; idx += 128) {
+    const int h = idx / D, d = idx % D;
+    const float* ph = part0 + int64_t(h) * p.splits * (D + 2) + d;
+    float o = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < n_eff; ++sp) o += __ldcg(ph + sp * (D + 2)) * s_m[sp * G + h];
+    out[int64_t(head0 + h) * D + d] = __float2bfloat16(o * v_scale);
+  }
+}
+
 // v1 (KILN_DECODE_ATTN=v1, kept to measure against): online softmax per token on CUDA cores.
 // G query heads per block (the GQA group when it is 1, 2, 4 or 8; else 1 and one block per query head).
 // With p.rope, the block also applies the rotary embedding to q (in registers) and, in the block
@@ -458,53 +519,9 @@ __global__ void __launch_bounds__(128) decode_kernel_v1(AttnParams p) {
     }
   }
   if (n_eff == 1) return;
-  __threadfence();  // partials visible device-wide before the count
-  __syncthreads();
-  if (tid == 0) {
-    int32_t* cnt = p.counters + int64_t(seq) * p.n_heads + blockIdx.y;
-    s_last = atomicAdd(cnt, 1) == n_eff - 1;
-    if (s_last) *cnt = 0;  // every other split has counted: ready for the next launch
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  // Merge the splits: every (split, head) m and l loaded at once into shared memory, the split
-  // weights exp(m - M) / L computed once, then each output a dot over the splits (loads in flight,
-  // never a serial chain of L2 round trips on the step's critical path).
-  const float* part0 = p.partials + (int64_t(seq) * p.n_heads + head0) * p.splits * (D + 2);
-  float* sm_m = &red[0][0][0];  // [n_eff][G]; `red` is free again
-  float* sm_l = sm_m + 32 * 8;
-  float* sm_ml = sm_l + 32 * 8;  // [G][2]: M, L
-  for (int idx = tid; idx < n_eff * G; idx += 128) {
-    const int sp = idx / G, h = idx % G;
-    const float* ph = part0 + (int64_t(h) * p.splits + sp) * (D + 2);
-    sm_m[idx] = __ldcg(ph + D + 1);
-    sm_l[idx] = __ldcg(ph + D);
-  }
-  __syncthreads();
-  if (tid < G) {
-    float M = -INFINITY, L = 0.0f;
-    for (int sp = 0; sp < n_eff; ++sp) M = fmaxf(M, sm_m[sp * G + tid]);
-    for (int sp = 0; sp < n_eff; ++sp)
-      L += sm_m[sp * G + tid] == -INFINITY ? 0.0f : sm_l[sp * G + tid] * __expf(sm_m[sp * G + tid] - M);
-    sm_ml[2 * tid] = M;
-    sm_ml[2 * tid + 1] = L;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < n_eff * G; idx += 128) {
-    const int h = idx % G;
-    const float M = sm_ml[2 * h], L = sm_ml[2 * h + 1];
-    sm_m[idx] = sm_m[idx] == -INFINITY || L <= 0.0f ? 0.0f : __expf(sm_m[idx] - M) / L;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < G * D; idx += 128) {
-    const int h = idx / D, d = idx % D;
-    const float* ph = part0 + int64_t(h) * p.splits * (D + 2) + d;
-    float o = 0.0f;
-#pragma unroll 8
-    for (int sp = 0; sp < n_eff; ++sp) o += __ldcg(ph + sp * (D + 2)) * sm_m[sp * G + h];
-    out[int64_t(head0 + h) * D + d] = __float2bfloat16(o * v_scale);
-  }
+  // `red` is free again: the merge's shared arrays live in it
+  float* sm_m = &red[0][0][0];
+  merge_splits<D, G, false>(p, seq, head0, n_eff, v_scale, out, sm_m, sm_m + 32 * 8, sm_m + 2 * 32 * 8, s_last);
 }
 
 // ---- decode v2: tensor cores (mma.sync m16n8k16), the default ----
@@ -558,12 +575,6 @@ struct DecodeMma<fp8> {
 __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t x) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
   return uint32_t(h.x) | (uint32_t(h.y) << 16);
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 template <int kBytes>
@@ -834,48 +845,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
     }
   }
   if (n_eff == 1) return;
-  __threadfence();  // partials visible device-wide before the count
-  __syncthreads();
-  if (tid == 0) {
-    int32_t* cnt = p.counters + int64_t(seq) * p.n_heads + blockIdx.y;
-    s_last = atomicAdd(cnt, 1) == n_eff - 1;
-    if (s_last) *cnt = 0;  // every other split has counted: ready for the next launch
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  // Merge the splits: the split weights 2^(m - M) / L once, then each output a dot over the splits.
-  const float* part0 = p.partials + (int64_t(seq) * p.n_heads + head0) * p.splits * (D + 2);
-  for (int idx = tid; idx < n_eff * G; idx += 128) {
-    const int sp = idx / G, h = idx % G;
-    const float* ph = part0 + (int64_t(h) * p.splits + sp) * (D + 2);
-    s_m[idx] = __ldcg(ph + D + 1);
-    s_l[idx] = __ldcg(ph + D);
-  }
-  __syncthreads();
-  if (tid < G) {
-    float Mx = -INFINITY, Ls = 0.0f;
-    for (int sp = 0; sp < n_eff; ++sp) Mx = fmaxf(Mx, s_m[sp * G + tid]);
-    for (int sp = 0; sp < n_eff; ++sp)
-      Ls += s_m[sp * G + tid] == -INFINITY ? 0.0f : s_l[sp * G + tid] * fast_exp2(s_m[sp * G + tid] - Mx);
-    s_ml[2 * tid] = Mx;
-    s_ml[2 * tid + 1] = Ls;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < n_eff * G; idx += 128) {
-    const int h = idx % G;
-    const float Mx = s_ml[2 * h], Ls = s_ml[2 * h + 1];
-    s_m[idx] = s_m[idx] == -INFINITY || Ls <= 0.0f ? 0.0f : fast_exp2(s_m[idx] - Mx) / Ls;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < G * D; idx += 128) {
-    const int h = idx / D, d = idx % D;
-    const float* ph = part0 + int64_t(h) * p.splits * (D + 2) + d;
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int sp = 0; sp < n_eff; ++sp) acc += __ldcg(ph + sp * (D + 2)) * s_m[sp * G + h];
-    out[int64_t(head0 + h) * D + d] = __float2bfloat16(acc * v_scale);
-  }
+  merge_splits<D, G, true>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
 }
 
 // ---- prefill v2: tensor cores through mma.sync m16n8k16, the default ----
