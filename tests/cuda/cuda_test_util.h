@@ -63,6 +63,12 @@ inline Err compare(const std::vector<float>& got, const std::vector<float>& ref)
   return e;
 }
 
+inline double rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double* max_abs) {
+  const Err e = compare(got, ref);
+  if (max_abs) *max_abs = e.max_abs;
+  return e.rel;
+}
+
 #define EXPECT_CLOSE(got, ref, tol, what)                                                                       \
   do {                                                                                                          \
     Err e_ = compare(got, ref);                                                                                 \
@@ -71,6 +77,25 @@ inline Err compare(const std::vector<float>& got, const std::vector<float>& ref)
     EXPECT_LE(e_.rel, tol) << what << ": first worst at " << e_.worst << " got " << (got)[e_.worst] << " ref "  \
                            << (ref)[e_.worst];                                                                  \
   } while (0)
+
+// A one-block attention model: `heads` query heads over `kv` KV heads of head_dim `hd`, plain rope.
+inline ModelConfig attn_config(int heads, int kv, int hd, int layers = 2, int max_pos = 1024) {
+  ModelConfig c;
+  c.vocab_size = 300;
+  c.hidden_size = heads * hd;
+  c.intermediate_size = 64;
+  c.num_layers = layers;
+  c.num_heads = heads;
+  c.num_kv_heads = kv;
+  c.head_dim = hd;
+  c.rope_theta = 10000.0f;
+  c.max_position_embeddings = max_pos;
+  c.eos_token_ids = {2};
+  return c;
+}
+
+// Relative L2 error of got against ref (NaN anywhere makes it NaN) and, optionally, the max |d|.
+inline double rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double* max_abs = nullptr);
 
 inline ModelConfig small_config(int heads, int kv, int hd, int hidden, int inter) {
   ModelConfig c;

@@ -28,27 +28,9 @@
 #include "cuda_test_util.h"
 
 using namespace kiln;
+using namespace kiln::cuda_test;
 
 namespace {
-
-std::vector<float> normal_bf16(size_t n, std::mt19937& rng, float sd) {
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = bf16_to_f32(f32_to_bf16(d(rng)));
-  return v;
-}
-
-double rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double* max_abs) {
-  double num = 0, den = 0, mx = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - ref[i];
-    num += d * d;
-    den += double(ref[i]) * ref[i];
-    mx = std::isnan(d) ? INFINITY : std::max(mx, std::fabs(d));
-  }
-  *max_abs = mx;
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 struct LongCase {
   int heads, kv, hd, block_size;
@@ -64,20 +46,9 @@ void PrintTo(const LongCase& c, std::ostream* os) {
 class CudaDecodeLong : public ::testing::TestWithParam<LongCase> {};
 
 TEST_P(CudaDecodeLong, MatchesCpu) {
-  std::string why;
-  if (!cuda::device_available(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  REQUIRE_GPU();
   const LongCase pc = GetParam();
-  ModelConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = pc.heads * pc.hd;
-  c.intermediate_size = 64;
-  c.num_layers = 1;
-  c.num_heads = pc.heads;
-  c.num_kv_heads = pc.kv;
-  c.head_dim = pc.hd;
-  c.rope_theta = 10000.0f;
-  c.max_position_embeddings = 4096;
-  c.eos_token_ids = {2};
+  const ModelConfig c = attn_config(pc.heads, pc.kv, pc.hd, /*layers=*/1, /*max_pos=*/4096);
   const int nseq = int(pc.ctx.size()), bs = pc.block_size;
   const int max_ctx = *std::max_element(pc.ctx.begin(), pc.ctx.end());
   const int max_blocks = (max_ctx + bs - 1) / bs, num_blocks = nseq * max_blocks + 5;
@@ -115,8 +86,8 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
     if (T == 0) continue;
     cpu.begin_step(b);
     gpu.begin_step(b);
-    auto q = normal_bf16(size_t(T * Q), rng, 1.0f), k = normal_bf16(size_t(T * KV), rng, 1.0f),
-         v = normal_bf16(size_t(T * KV), rng, 1.0f);
+    auto q = random_vec(size_t(T * Q), rng, 1.0f), k = random_vec(size_t(T * KV), rng, 1.0f),
+         v = random_vec(size_t(T * KV), rng, 1.0f);
     gpu.write_buffer(Buf::kQ, q.data(), T, Q);
     gpu.write_buffer(Buf::kK, k.data(), T, KV);
     gpu.write_buffer(Buf::kV, v.data(), T, KV);

@@ -32,50 +32,12 @@
 #include "core/file.h"
 #include "model/fp8.h"
 #include "model/ops.h"
+#include "cuda_test_util.h"
 
 using namespace kiln;
-
-#define KV_FP8_REQUIRE_GPU()                                                        \
-  do {                                                                              \
-    std::string why_;                                                               \
-    if (!cuda::device_available(&why_)) GTEST_SKIP() << "no CUDA device: " << why_; \
-  } while (0)
+using namespace kiln::cuda_test;
 
 namespace {
-
-std::vector<float> normal_bf16(size_t n, std::mt19937& rng, float sd) {
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = bf16_to_f32(f32_to_bf16(d(rng)));
-  return v;
-}
-
-double rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double* max_abs = nullptr) {
-  double num = 0, den = 0, mx = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - ref[i];
-    num += d * d;
-    den += double(ref[i]) * ref[i];
-    mx = std::isnan(d) ? INFINITY : std::max(mx, std::fabs(d));
-  }
-  if (max_abs) *max_abs = mx;
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-ModelConfig attn_config(int heads, int kv, int hd) {
-  ModelConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = heads * hd;
-  c.intermediate_size = 64;
-  c.num_layers = 2;
-  c.num_heads = heads;
-  c.num_kv_heads = kv;
-  c.head_dim = hd;
-  c.rope_theta = 10000.0f;
-  c.max_position_embeddings = 1024;
-  c.eos_token_ids = {2};
-  return c;
-}
 
 struct AttnCase {
   int heads, kv, hd, block_size;
@@ -84,7 +46,7 @@ struct AttnCase {
 class CudaKvFp8Grid : public ::testing::TestWithParam<AttnCase> {};
 
 TEST_P(CudaKvFp8Grid, AttentionMatchesCpuEmulation) {
-  KV_FP8_REQUIRE_GPU();
+  REQUIRE_GPU();
   const AttnCase pc = GetParam();
   const ModelConfig c = attn_config(pc.heads, pc.kv, pc.hd);
   std::printf("[kv fp8] heads %d kv %d head_dim %d block %d\n", pc.heads, pc.kv, pc.hd, pc.block_size);
@@ -164,8 +126,8 @@ TEST_P(CudaKvFp8Grid, AttentionMatchesCpuEmulation) {
     cpu.begin_step(b);
     gpu.begin_step(b);
     const std::string tag = "step " + std::to_string(si) + " (" + std::to_string(T) + " tokens) ";
-    auto q = normal_bf16(size_t(T * Q), rng, 1.0f), k = normal_bf16(size_t(T * KV), rng, 1.0f),
-         v = normal_bf16(size_t(T * KV), rng, 1.0f);
+    auto q = random_vec(size_t(T * Q), rng, 1.0f), k = random_vec(size_t(T * KV), rng, 1.0f),
+         v = random_vec(size_t(T * KV), rng, 1.0f);
     gpu.write_buffer(Buf::kQ, q.data(), T, Q);
     gpu.write_buffer(Buf::kK, k.data(), T, KV);
     gpu.write_buffer(Buf::kV, v.data(), T, KV);
@@ -294,7 +256,7 @@ int argmax_row(const std::vector<float>& r) { return int(std::max_element(r.begi
 class CudaKvFp8Golden : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaKvFp8Golden, AsCloseToF32AsCpuFp8Emulation) {
-  KV_FP8_REQUIRE_GPU();
+  REQUIRE_GPU();
   const std::string dir = std::string(KILN_SOURCE_DIR) + "/tests/golden/" + GetParam();
   if (!file_exists(dir + "/golden.json")) GTEST_SKIP() << "fixture not present: " << dir;
   auto text = read_file(dir + "/golden.json");
@@ -410,7 +372,7 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaKvFp8Golden,
 // kv_cache_dtype on the executor: fp8 halves the KV bytes (and doubles the blocks a budget buys),
 // bf16 overrides a checkpoint's FP8 request, unknown values and unusable scales are clear errors.
 TEST(CudaKvFp8, ExecutorOptions) {
-  KV_FP8_REQUIRE_GPU();
+  REQUIRE_GPU();
   ModelConfig c = attn_config(8, 2, 64);
   c.hidden_size = 256;
   c.intermediate_size = 512;

@@ -29,15 +29,9 @@
 #include "cuda_test_util.h"
 
 using namespace kiln;
+using namespace kiln::cuda_test;
 
 namespace {
-
-std::vector<float> normal_bf16(size_t n, std::mt19937& rng, float sd) {
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);
-  for (auto& x : v) x = bf16_to_f32(f32_to_bf16(d(rng)));
-  return v;
-}
 
 double rel_l2(const std::vector<float>& got, const std::vector<float>& ref, double* max_abs, size_t* first_bad) {
   double num = 0, den = 0, mx = 0;
@@ -74,20 +68,9 @@ void PrintTo(const PrefillCase& c, std::ostream* os) {
 class CudaPrefillLong : public ::testing::TestWithParam<PrefillCase> {};
 
 TEST_P(CudaPrefillLong, MatchesCpu) {
-  std::string why;
-  if (!cuda::device_available(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  REQUIRE_GPU();
   const PrefillCase pc = GetParam();
-  ModelConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = pc.heads * pc.hd;
-  c.intermediate_size = 64;
-  c.num_layers = 1;
-  c.num_heads = pc.heads;
-  c.num_kv_heads = pc.kv;
-  c.head_dim = pc.hd;
-  c.rope_theta = 10000.0f;
-  c.max_position_embeddings = 4096;
-  c.eos_token_ids = {2};
+  const ModelConfig c = attn_config(pc.heads, pc.kv, pc.hd, /*layers=*/1, /*max_pos=*/4096);
   const int nseq = int(pc.prompt.size()), bs = pc.block_size;
   const int max_len = *std::max_element(pc.prompt.begin(), pc.prompt.end());
   const int max_blocks = (max_len + bs - 1) / bs, num_blocks = nseq * max_blocks + 5;
@@ -128,8 +111,8 @@ TEST_P(CudaPrefillLong, MatchesCpu) {
     if (T == 0) break;
     cpu.begin_step(b);
     gpu.begin_step(b);
-    auto q = normal_bf16(size_t(T * Q), rng, 1.0f), k = normal_bf16(size_t(T * KV), rng, 1.0f),
-         v = normal_bf16(size_t(T * KV), rng, 1.0f);
+    auto q = random_vec(size_t(T * Q), rng, 1.0f), k = random_vec(size_t(T * KV), rng, 1.0f),
+         v = random_vec(size_t(T * KV), rng, 1.0f);
     gpu.write_buffer(Buf::kQ, q.data(), T, Q);
     gpu.write_buffer(Buf::kK, k.data(), T, KV);
     gpu.write_buffer(Buf::kV, v.data(), T, KV);
@@ -179,8 +162,7 @@ INSTANTIATE_TEST_SUITE_P(
 // median of 20 launches with events. Runs with KILN_PREFILL_BENCH=1 (KILN_PREFILL_ATTN=v1 times the
 // old kernel); prints us and the causal attention TFLOP/s.
 TEST(CudaPrefillTiming, LlamaShapes) {
-  std::string why;
-  if (!cuda::device_available(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  REQUIRE_GPU();
   if (!std::getenv("KILN_PREFILL_BENCH")) GTEST_SKIP() << "set KILN_PREFILL_BENCH=1 to time";
   ModelConfig c;
   c.vocab_size = 300;
@@ -234,9 +216,9 @@ TEST(CudaPrefillTiming, LlamaShapes) {
       const int64_t T = b.num_tokens();
       gpu.begin_step(b);
       std::mt19937 rng(5);
-      gpu.write_buffer(Buf::kQ, normal_bf16(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
-      gpu.write_buffer(Buf::kK, normal_bf16(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
-      gpu.write_buffer(Buf::kV, normal_bf16(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+      gpu.write_buffer(Buf::kQ, random_vec(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
+      gpu.write_buffer(Buf::kK, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+      gpu.write_buffer(Buf::kV, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
       auto once = [&] {
         gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
       };
