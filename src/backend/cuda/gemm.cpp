@@ -616,22 +616,15 @@ void Gemm::linear_fp8(const void* xq, int64_t n, int64_t ldx, const float* x_sca
   if (n == 0) return;
   ensure_one();
   const LtApi& api = lt_api();
-  const bool vec = x_per_row || w_per_row;
+  // cuBLASLt's outer-vector mode takes a vector on both sides ([N] weight, [n] token scales). A
+  // per-tensor side next to a vector one, or no outer-vector algorithm for this shape: unit scales
+  // in the GEMM and both scales in the epilogue.
+  const bool vec = x_per_row && w_per_row;
   Plan* p = plan_fp8(n, ldx, N, K, ldy, vec);
-  bool epilogue = false;
-  if (vec && !p->found) {
-    // No outer-vector algorithm here: unit scales in the GEMM, both scales in the epilogue.
-    p = plan_fp8(n, ldx, N, K, ldy, false);
-    epilogue = true;
-  }
+  const bool epilogue = x_per_row != w_per_row || (vec && !p->found);
+  if (epilogue && vec) p = plan_fp8(n, ldx, N, K, ldy, false);
   KILN_CHECK_MSG(p->found, "cuBLASLt has no FP8 E4M3 algorithm for n=" + std::to_string(n) + " N=" +
                                std::to_string(N) + " K=" + std::to_string(K) + " (needs sm_89 or newer)");
-  // Outer-vector mode reads [N] and [n] vectors; a per-tensor side is broadcast by the caller's
-  // scale pointer being read as a vector, so it needs the vector form too: use the epilogue then.
-  if (vec && !epilogue && !(x_per_row && w_per_row)) {
-    p = plan_fp8(n, ldx, N, K, ldy, false);
-    epilogue = true;
-  }
   const float* a_scale = epilogue ? d_one_ : w_scales;
   const float* b_scale = epilogue ? d_one_ : x_scales;
   api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale));
