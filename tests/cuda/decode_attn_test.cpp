@@ -1,5 +1,5 @@
-// Decode attention at long contexts and many sequences (the v2 tensor-core kernel: 16- and 32-token
-// tiles, one softmax rescale per tile, KV splits merged by the last block, and no split), bf16 and
+// Decode attention at long contexts and many sequences (the v3 pipelined kernel at head_dim 64 / 128,
+// v2 at 16 / 32: one softmax rescale per tile, KV splits merged by the last block, and no split), bf16 and
 // FP8 caches, against the CPU. The op grids (cuda_test.cpp, kv_fp8_test.cpp) cover contexts up to
 // 152; here a sequence spans many tiles, splits end mid-tile, block tables are scattered and GQA
 // groups are 4, 8 and 1 (7 heads per KV head: one block per query head). Part of test_cuda; skips
@@ -142,5 +142,19 @@ INSTANTIATE_TEST_SUITE_P(
                       LongCase{28, 4, 128, 32, true, {700, 2, 129}}, LongCase{16, 2, 64, 8, false, {1200, 95}},
                       LongCase{16, 2, 64, 8, true, {1200, 95}}, LongCase{8, 1, 32, 16, true, {999, 3}},
                       LongCase{4, 2, 16, 16, false, {640, 31}}, LongCase{4, 2, 16, 16, true, {640, 31}}));
+
+// The v3 pipeline (64-token stages copied by cp.async, head_dim 64 / 128): block sizes that are not a
+// power of two, that exceed a stage, and of one token (every row its own block); contexts one past
+// and one short of a stage; one sequence alone, split 32 ways of 64 tokens, the last split ending
+// mid-stage.
+INSTANTIATE_TEST_SUITE_P(
+    Pipeline, CudaDecodeLong,
+    ::testing::Values(LongCase{32, 8, 128, 24, true, {1000, 65, 129, 63, 3}},
+                      LongCase{32, 8, 128, 24, false, {1000, 65, 129, 63, 3}},
+                      LongCase{32, 8, 128, 128, true, {700, 64, 257, 2}}, LongCase{32, 8, 128, 1, false, {300, 77, 2}},
+                      LongCase{32, 8, 128, 1, true, {300, 77, 2}}, LongCase{32, 8, 128, 16, true, {2040}},
+                      LongCase{32, 8, 128, 16, false, {2047}}, LongCase{32, 8, 128, 32, true, {2049, 1983}},
+                      LongCase{8, 4, 64, 16, true, {1999, 64, 65}}, LongCase{8, 4, 64, 48, false, {1999, 64, 65}},
+                      LongCase{64, 8, 128, 16, true, {1500, 129}}, LongCase{16, 16, 128, 16, false, {1100, 5}}));
 
 }  // namespace

@@ -7,7 +7,8 @@
 //  - decode (q_len == 1 everywhere): one block per (sequence, KV head, KV split) computing all the
 //    query heads of the KV head's group, so each K/V byte is read once, not once per query head
 //    (4x fewer bytes for Llama-3-8B's GQA); each warp takes 16-32 tokens at a time through
-//    tensor-core QK^T and PV products (decode v2 below); splits are merged by the last block to
+//    tensor-core QK^T and PV products (decode v2 below; v3, v2's math fed by a cp.async pipeline of
+//    64-token K/V stages, where a block streams many stages); splits are merged by the last block to
 //    finish (flash-decoding), so batch 1 still fills the GPU.
 // FP8 KV cache (p.kv_fp8): the same kernels instantiated on __nv_fp8_e4m3 cache elements (half the
 // bytes streamed). E4M3 values are all exact in f16 (and bf16), so prefill converts the fp8 tiles
@@ -848,6 +849,352 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
   merge_splits<D, G, true>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
 }
 
+// ---- decode v3: v2's math fed by a multi-stage cp.async pipeline, the default at head_dim 64/128 ----
+// v2 loads each warp's K/V straight into registers and only then multiplies: a warp has its 8 KB
+// in flight during the load and nothing during the math, so at batch 256 x ctx 1000 (FP8 cache) the
+// SMs held too few bytes in flight and the kernel streamed at ~66 % of DRAM bandwidth (ncu, s2-attn
+// run 3; 168 registers with spills, 3 blocks an SM). v3 copies 64-token K/V stages (4 warps x 16
+// tokens) into shared memory with cp.async, kS stages deep: while a stage is multiplied the next
+// kS - 1 are in flight (FP8 at head_dim 128: 2 x 16 KB a block, 4 blocks an SM; Little's law asks
+// ~3 TB/s x ~1 us / 132 SMs ~ 24-32 KB an SM). Each thread copies fixed 16-byte chunks of a stage's
+// rows (row = one token of one KV head, contiguous in the paged cache; any block_size), reading the
+// block table one stage ahead of its copies; rows past the split are zero-filled (no DRAM read).
+// Chunks are XOR-swizzled within a row so that the fragment reads below (v2's layouts: K by token
+// row, 16-byte pieces at 64-byte stride; V 4 token rows a piece) hit distinct banks.
+// The new token (p.rope): stages that do not hold it are issued before the rope arithmetic, the one
+// that does only after the block has written it (generic stores, then a barrier: cp.async reads
+// through L2 like a load).
+template <int D, typename C>
+struct DecodePipe {
+  static constexpr int kEsz = int(sizeof(C));
+  static constexpr int kTok = 64;                 // tokens a stage: 4 warps x 16
+  static constexpr int kRowB = D * kEsz;          // bytes of one token's K (or V) row
+  static constexpr int kCpr = kRowB / 16;         // 16-byte chunks a row
+  static constexpr int kTileB = kTok * kRowB;     // K (or V) bytes a stage
+  static constexpr int kStageB = 2 * kTileB;      // [K tile][V tile]
+  static constexpr int kPerThr = kTok * kCpr / 128;  // chunks a thread copies per tile
+  static constexpr int kRowStep = 128 / kCpr;        // rows between a thread's chunks
+  // 3 stages (2 in flight while one is read): FP8 at head_dim 128 3 x 16 KB, 4 blocks an SM (126
+  // registers, no spill); bf16 at 128 3 x 32 KB, 2 blocks. Blocks an SM beat depth (s3-dattn run 1,
+  // batch 256 x ctx 1000 FP8 step: 4 stages / 3 blocks 12.19 ms, 3 / 4 11.74 ms, 6 / 2 13.22 ms).
+  static constexpr int kStages = 3;
+  static constexpr int kMinBlocks = kStageB >= 32768 ? 2 : 4;
+  static_assert(kCpr >= 4 && 128 % kCpr == 0 && (kTok * kCpr) % 128 == 0, "head_dim 64 or 128");
+  // row r's logical chunk c sits at c ^ swz(r): rows 2k and 2k + 1 differ in bit 2, the 4 even (odd)
+  // rows of 8 in bits 1-2, so K's 2-rows-a-phase and V's 4-rows-a-phase reads are conflict-free
+  static __device__ __forceinline__ int swz(int r) { return ((((r >> 1) & 3) << 1) ^ ((r & 1) << 2)) & (kCpr - 1); }
+  // shared-memory byte offset of logical byte o (a piece never crosses a 16-byte chunk) of row r
+  static __device__ __forceinline__ int at(int r, int o) { return r * kRowB + ((((o >> 4) ^ swz(r))) << 4) + (o & 15); }
+};
+
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void pipe_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void pipe_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <int kBytes>
+__device__ __forceinline__ void lds_raw(uint32_t addr, uint32_t* w) {
+  if constexpr (kBytes == 16) {
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                 : "r"(addr));
+  } else {
+    static_assert(kBytes == 8, "piece size");
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(w[0]), "=r"(w[1]) : "r"(addr));
+  }
+}
+
+template <int D, int G, typename C, int kS = DecodePipe<D, C>::kStages, int kMinBlocks = DecodePipe<D, C>::kMinBlocks>
+__global__ void __launch_bounds__(128, kMinBlocks) decode_kernel_v3(AttnParams p) {
+  constexpr int kWarps = 4, kN = 16;
+  constexpr int kKs = D / 16, kMt = D / 16;
+  using L = DecodeLayout<D, C>;
+  using M = DecodeMma<C>;
+  using P = DecodePipe<D, C>;
+  constexpr bool kFp8 = std::is_same<C, fp8>::value;
+  static_assert(L::kWK * L::kEsz == 16, "K pieces of 16 bytes");
+  static_assert(kS >= 3, "at least two stages in flight");
+  extern __shared__ __align__(128) unsigned char smem[];
+  // after the loop the stages hold the warps' partial results; before it the last stage holds q
+  float(*red)[G][D + 2] = reinterpret_cast<float(*)[G][D + 2]>(smem);
+  float(*sq)[D] = reinterpret_cast<float(*)[D]>(smem + size_t(kS - 1) * P::kStageB);
+  static_assert(sizeof(float) * kWarps * G * (D + 2) <= size_t(kS) * P::kStageB && sizeof(float) * G * D <= P::kStageB,
+                "smem");
+  __shared__ float s_m[32 * G], s_l[32 * G], s_ml[2 * G];  // the split merge (splits <= 32)
+  __shared__ bool s_last;
+  pdl_trigger();
+  pdl_wait();
+  const int seq = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
+  const int kvh = head0 / (p.n_heads / p.n_kv);
+  const SeqMeta sm = p.seqs[seq];
+  if (sm.q_len != 1) return;  // a prefill sequence of a mixed step: the prefill kernel's
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int ctx = sm.ctx_len;
+  // Splits are fixed when a graph is captured, the context is not: a split takes at least one stage
+  // of tokens, and splits past the context exit at once.
+  const int per = (max((ctx + p.splits - 1) / p.splits, P::kTok) + P::kTok - 1) / P::kTok * P::kTok;
+  const int n_eff = max(1, (ctx + per - 1) / per);
+  if (split >= n_eff) return;
+  const int j0 = split * per, j1 = min(ctx, j0 + per);
+  const int n_st = (j1 - j0 + P::kTok - 1) / P::kTok;
+  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+  C* kc = static_cast<C*>(const_cast<void*>(p.k_cache));
+  C* vc = static_cast<C*>(const_cast<void*>(p.v_cache));
+  const float qk_scale = (kFp8 ? p.scale * p.k_scale : p.scale) * 1.4426950408889634f;  // log2 units
+  const float v_scale = kFp8 ? p.v_scale : 1.0f;
+  const bf16* qrow = reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq + int64_t(head0) * D;
+  const uint32_t sbase = uint32_t(__cvta_generic_to_shared(smem));
+
+  // The copy side: this thread's chunk c0 of rows r0 + k kRowStep of every stage.
+  const int bs = p.block_size;
+  const bool bs_pow2 = (bs & (bs - 1)) == 0;
+  const int bs_shift = __ffs(bs) - 1;
+  const int c0 = tid % P::kCpr, r0 = tid / P::kCpr;
+  auto block_of = [&](int j) { return bs_pow2 ? j >> bs_shift : j / bs; };
+  // table entries of a stage's rows (rows past the split: any valid entry, the copy zero-fills)
+  auto load_tbl = [&](int st, int32_t (&tb)[P::kPerThr]) {
+#pragma unroll
+    for (int k = 0; k < P::kPerThr; ++k) {
+      const int j = min(j0 + st * P::kTok + r0 + k * P::kRowStep, j1 - 1);
+      tb[k] = st < n_st ? __ldg(table + block_of(j)) : 0;
+    }
+  };
+  auto issue = [&](int st, const int32_t (&tb)[P::kPerThr]) {
+    if (st < n_st) {
+      const uint32_t dst = sbase + uint32_t((st % kS) * P::kStageB);
+#pragma unroll
+      for (int k = 0; k < P::kPerThr; ++k) {
+        const int r = r0 + k * P::kRowStep, j = j0 + st * P::kTok + r;
+        const int off = bs_pow2 ? j & (bs - 1) : j % bs;
+        const int64_t row = (int64_t(tb[k]) * p.n_kv + kvh) * bs + off;
+        const bool ok = j < j1;
+        const int64_t e = ok ? row * D + c0 * (16 / P::kEsz) : 0;
+        const uint32_t o = uint32_t(P::at(r, c0 * 16));
+        cp_async16_zfill(dst + o, kc + e, ok);
+        cp_async16_zfill(dst + P::kTileB + o, vc + e, ok);
+      }
+    }
+    pipe_commit();  // one group a stage, empty past the split: the wait counts stay uniform
+  };
+
+  const TokenMeta tm = p.rope ? p.tokens[sm.q_start] : TokenMeta{};
+  const bool write = p.rope && tm.slot >= 0 && ctx > 0 && (ctx - 1) / per == split;
+  // stages issued before the rope: all but the one holding the new token (and those after it)
+  const int n_pre = write ? min(kS - 1, (ctx - 1 - j0) / P::kTok) : kS - 1;
+  int32_t tbp[kS - 1][P::kPerThr];
+#pragma unroll
+  for (int st = 0; st < kS - 1; ++st) load_tbl(st, tbp[st]);
+#pragma unroll
+  for (int st = 0; st < kS - 1; ++st)
+    if (st < n_pre) issue(st, tbp[st]);
+
+  // q (roped with p.rope, rounded to bf16 as the unfused path stores it) -> sq; the new token's
+  // roped k and its v -> the cache, by the block whose split holds it. The rope arithmetic is the
+  // rope kernel's (kernels.cu), so the fused and unfused paths store the same values. One sincos
+  // a thread: pair i for heads h = hg, hg + kHg, ... (and the new k as head G).
+  if (p.rope) {
+    const float pos = float(tm.pos);
+    const bool inter = p.rope == 2;
+    const int64_t dst = write ? ((int64_t(tm.slot / p.block_size) * p.n_kv + kvh) * p.block_size +
+                                 tm.slot % p.block_size) * D
+                              : 0;
+    const bf16* kn = reinterpret_cast<const bf16*>(p.k_new) + int64_t(sm.q_start) * p.ldk + int64_t(kvh) * D;
+    constexpr int kHg = 128 / (D / 2);
+    const int i = tid % (D / 2);
+    float sn, cs;
+    sincosf(pos * p.inv_freq[i], &sn, &cs);
+    const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
+    for (int h = tid / (D / 2); h <= G; h += kHg) {
+      if (h == G && !write) break;
+      const bf16* x = h < G ? qrow + h * D : kn;
+      const float x0 = __bfloat162float(x[a]), x1 = __bfloat162float(x[b]);
+      const float r0v = __bfloat162float(__float2bfloat16(x0 * cs - x1 * sn));
+      const float r1v = __bfloat162float(__float2bfloat16(x1 * cs + x0 * sn));
+      if (h < G) {
+        sq[h][a] = r0v;
+        sq[h][b] = r1v;
+      } else if constexpr (kFp8) {
+        kc[dst + a] = fp8(__fdiv_rn(r0v, p.k_scale));
+        kc[dst + b] = fp8(__fdiv_rn(r1v, p.k_scale));
+      } else {
+        kc[dst + a] = __float2bfloat16(r0v);
+        kc[dst + b] = __float2bfloat16(r1v);
+      }
+    }
+    if (write) {
+      const bf16* vn = reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D;
+      for (int d = tid; d < D; d += 128) {
+        if constexpr (kFp8) vc[dst + d] = fp8(__fdiv_rn(__bfloat162float(vn[d]), p.v_scale));
+        else vc[dst + d] = vn[d];
+      }
+    }
+  } else {
+    for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(qrow[(idx / D) * D + idx % D]);
+  }
+  __syncthreads();  // sq ready; the new token's global writes visible to this block's copies
+#pragma unroll
+  for (int st = 0; st < kS - 1; ++st)
+    if (st >= n_pre) issue(st, tbp[st]);
+  int32_t tb[P::kPerThr];
+  load_tbl(kS - 1, tb);
+
+  uint32_t qa[kKs][2];  // A fragments of q: rows g < G, k permuted as the K slices (kphys)
+#pragma unroll
+  for (int ks = 0; ks < kKs; ++ks) {
+    const int d = L::kphys(4 * ks, t);
+    qa[ks][0] = g < G ? M::pack(sq[g][d], sq[g][d + 1]) : 0u;
+    qa[ks][1] = g < G ? M::pack(sq[g][d + 2], sq[g][d + 3]) : 0u;
+  }
+
+  // This lane's fragment pieces, as byte offsets in a stage (v2's layouts, rows of the warp's 16).
+  uint32_t koff[kN / 8][D / 4 / L::kWK];
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+    for (int pc = 0; pc < D / 4 / L::kWK; ++pc)
+      koff[nt][pc] = uint32_t(P::at(warp * kN + nt * 8 + g, (t + pc * 4) * 16));
+  uint32_t voff[4][D / 8 / L::kWV];  // tokens 2t, 2t + 1, 2t + 8, 2t + 9
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
+      voff[i][pc] = uint32_t(P::at(warp * kN + 2 * t + (i & 1) + 8 * (i >> 1), (g + pc * 8) * L::kWV * L::kEsz)) + P::kTileB;
+
+  float o[kMt][4];  // O^T: dims vphys(2i, g) (o[i][0..1]) and vphys(2i + 1, g) (o[i][2..3]), heads 2t, 2t + 1
+#pragma unroll
+  for (int i = 0; i < kMt; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m_run = -INFINITY, l_run = 0.0f;  // row g; l over this lane's columns, summed at the end
+  for (int st = 0; st < n_st; ++st) {
+    pipe_wait<kS - 2>();  // this thread's copies of stage st have landed
+    __syncthreads();          // everyone's have; everyone is done reading stage st - 1's buffer
+    issue(st + kS - 1, tb);   // into stage st - 1's buffer
+    load_tbl(st + kS, tb);    // a stage ahead: its latency hides behind this stage's math
+    const int jt = j0 + st * P::kTok + warp * kN;
+    if (jt >= j1) continue;  // the split's last stage: this warp's tokens are all past it
+    const uint32_t sb = sbase + uint32_t((st % kS) * P::kStageB);
+    uint32_t kw[kN / 8][L::kKW];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+      for (int pc = 0; pc < D / 4 / L::kWK; ++pc) lds_raw<16>(sb + koff[nt][pc], &kw[nt][pc * 4]);
+    uint32_t vw[4][L::kVW];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
+        lds_raw<L::kWV * L::kEsz>(sb + voff[i][pc], &vw[i][pc * L::kWV * L::kEsz / 4]);
+
+    // S = Q K^T: this lane holds row g, tokens nt * 8 + 2t, + 1
+    float s[kN / 8][2];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int ks = 0; ks < kKs; ++ks) {
+        uint32_t b0, b1;
+        if constexpr (kFp8) {
+          b0 = fp8x2_to_f16x2(kw[nt][ks]);
+          b1 = fp8x2_to_f16x2(kw[nt][ks] >> 16);
+        } else {
+          b0 = kw[nt][2 * ks];
+          b1 = kw[nt][2 * ks + 1];
+        }
+        M::mma(c, qa[ks][0], 0u, qa[ks][1], 0u, b0, b1);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) s[nt][i] = jt + nt * 8 + 2 * t + i < j1 ? c[i] * qk_scale : -INFINITY;
+    }
+    float mx = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run, mx);  // finite: token jt is in the split
+    const float alpha = fast_exp2(m_run - m_new);
+    m_run = m_new;
+    l_run *= alpha;
+    // this lane's accumulators are heads 2t, 2t + 1; their rows' alphas live in lanes 8t, 8t + 4
+    const float al0 = __shfl_sync(0xffffffffu, alpha, 8 * t), al1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+#pragma unroll
+    for (int i = 0; i < kMt; ++i) {
+      o[i][0] *= al0;
+      o[i][1] *= al1;
+      o[i][2] *= al0;
+      o[i][3] *= al1;
+    }
+    uint32_t pa[2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const float p0 = fast_exp2(s[nt][0] - m_new), p1 = fast_exp2(s[nt][1] - m_new);
+      l_run += p0 + p1;
+      pa[nt] = M::pack(p0, p1);
+    }
+    // O^T += V^T P^T, as v2 (tokens paired by a byte permute)
+#pragma unroll
+    for (int i = 0; i < kMt; ++i) {
+      uint32_t a0, a1, a2, a3;
+      if constexpr (kFp8) {
+        const int w = i / 2;
+        const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
+        const uint32_t lo = __byte_perm(vw[0][w], vw[1][w], sel);
+        const uint32_t hi = __byte_perm(vw[2][w], vw[3][w], sel);
+        a0 = fp8x2_to_f16x2(lo);
+        a1 = fp8x2_to_f16x2(lo >> 16);
+        a2 = fp8x2_to_f16x2(hi);
+        a3 = fp8x2_to_f16x2(hi >> 16);
+      } else {
+        a0 = __byte_perm(vw[0][i], vw[1][i], 0x5410u);
+        a1 = __byte_perm(vw[0][i], vw[1][i], 0x7632u);
+        a2 = __byte_perm(vw[2][i], vw[3][i], 0x5410u);
+        a3 = __byte_perm(vw[2][i], vw[3][i], 0x7632u);
+      }
+      M::mma(o[i], a0, a1, a2, a3, pa[0], pa[1]);
+    }
+  }
+  pipe_wait<0>();  // (only empty groups can be pending) the stages become red
+  __syncthreads();
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+#pragma unroll
+  for (int i = 0; i < kMt; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int h = 2 * t + (r & 1);
+      if (h < G) red[warp][h][L::vphys(2 * i + (r >> 1), g)] = o[i][r];
+    }
+  if (g < G && t == 0) {
+    red[warp][g][D] = m_run;
+    red[warp][g][D + 1] = l_run;
+  }
+  __syncthreads();
+  // Merge the warps, then (splits > 1) write partials; the last block merges the splits.
+  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start) * p.ldo;
+  for (int idx = tid; idx < G * (D + 1); idx += 128) {
+    const int h = idx / (D + 1), d = idx % (D + 1);
+    float Mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) Mx = fmaxf(Mx, red[w][h][D]);
+    float sum = 0.0f, Ls = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = red[w][h][D] == -INFINITY ? 0.0f : fast_exp2(red[w][h][D] - Mx);
+      sum += (d < D ? red[w][h][d] : red[w][h][D + 1]) * wt;
+      Ls += red[w][h][D + 1] * wt;
+    }
+    if (n_eff == 1) {
+      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(Ls > 0.0f ? sum / Ls * v_scale : 0.0f);
+    } else {
+      float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
+      part[d] = sum;  // d == D: the merged l
+      if (d == 0) part[D + 1] = Mx;
+    }
+  }
+  if (n_eff == 1) return;
+  merge_splits<D, G, true>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
+}
+
 // ---- prefill v2: tensor cores through mma.sync m16n8k16, the default ----
 // v1 (KILN_PREFILL_ATTN=v1) ran one block per (64-row query tile, query head), gathered each K/V
 // tile into shared memory with plain loads before any math (no overlap inside a block), went
@@ -1223,15 +1570,46 @@ void prefill_launch(const AttnParams& p, cudaStream_t s) {
   else prefill_launch_as<D, bf16>(p, s);
 }
 
-// KILN_DECODE_ATTN: v1 = the CUDA-core kernel; t16 / b2 = v2 at head_dim 128 with 16 tokens per warp
-// iteration, or 2 blocks an SM (more registers, no spill): variants timed against the default.
+// KILN_DECODE_ATTN: unset = auto (v3 where p.splits <= KILN_DECODE_V3_MAX_SPLITS, else v2; v2 at head
+// dims 16 and 32); v3 = v3 whenever the head dim has it; v2old = v2 (registers, no pipeline); v1 = the
+// CUDA-core kernel; t16 / b2 = v2 at head_dim 128 with 16 tokens per warp iteration, or 2 blocks an SM;
+// v3s4 = v3 at head_dim 128 with 4 stages (3 blocks an SM for FP8, 1 for bf16): variants to time.
 int decode_attn_variant() {
   static const int v = [] {
     const char* e = std::getenv("KILN_DECODE_ATTN");
     const std::string s = e ? e : "";
-    return s == "v1" ? 1 : s == "t16" ? 2 : s == "b2" ? 3 : 0;
+    return s == "v1" ? 1 : s == "t16" ? 2 : s == "b2" ? 3 : s == "v2old" ? 4 : s == "v3" ? 5 : s == "v3s4" ? 6 : 0;
   }();
   return v;
+}
+
+int env_int_or(const char* name, int dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : dflt;
+}
+
+// Auto picks v3 where each block streams many stages (large batch: few splits) and v2 where a block
+// has one or two 64-token stages (small batch, 8-32 splits), whose step v3 slowed (batch 1, s3-dattn
+// run 1: ctx 128 3.80 -> 4.11 ms, ctx 2048 3.97 -> 4.21 ms).
+int decode_v3_max_splits() {
+  static const int v = env_int_or("KILN_DECODE_V3_MAX_SPLITS", 4);
+  return v;
+}
+
+template <int D, int G, typename C, int kS, int kMinBlocks>
+void decode_launch_v3(const AttnParams& p, const dim3& grid, cudaStream_t s) {
+  constexpr size_t kBytes = size_t(kS) * DecodePipe<D, C>::kStageB;
+  static bool configured = false;  // the attribute is per function; set once per process
+  if (!configured) {
+    cudaFuncSetAttribute(decode_kernel_v3<D, G, C, kS, kMinBlocks>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(kBytes));
+    // KILN_DECODE_CARVEOUT=1: ask for all of L1 as shared memory (experiment; run 1 had it on)
+    if (env_int_or("KILN_DECODE_CARVEOUT", 0) == 1)
+      cudaFuncSetAttribute(decode_kernel_v3<D, G, C, kS, kMinBlocks>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           int(cudaSharedmemCarveoutMaxShared));
+    configured = true;
+  }
+  launch_pdl(decode_kernel_v3<D, G, C, kS, kMinBlocks>, grid, dim3(128), kBytes, s, p);
 }
 
 template <int D, int G, typename C>
@@ -1240,8 +1618,15 @@ void decode_launch_g(const AttnParams& p, cudaStream_t s) {
   const int v = decode_attn_variant();
   if (v == 1) return launch_pdl(decode_kernel_v1<D, G, C>, grid, dim3(128), 0, s, p);
   if constexpr (D == 128) {
+    constexpr bool kFp8 = std::is_same<C, fp8>::value;
     if (v == 2) return launch_pdl(decode_kernel<D, G, C, 16>, grid, dim3(128), 0, s, p);
     if (v == 3) return launch_pdl(decode_kernel<D, G, C, decode_tile<D, C>(), 2>, grid, dim3(128), 0, s, p);
+    if (v == 6) return decode_launch_v3<D, G, C, 4, kFp8 ? 3 : 1>(p, grid, s);
+  }
+  if constexpr (D == 64 || D == 128) {
+    using P = DecodePipe<D, C>;
+    if (v == 5 || (v == 0 && p.splits <= decode_v3_max_splits()))
+      return decode_launch_v3<D, G, C, P::kStages, P::kMinBlocks>(p, grid, s);
   }
   launch_pdl(decode_kernel<D, G, C>, grid, dim3(128), 0, s, p);
 }
