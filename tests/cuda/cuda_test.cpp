@@ -788,7 +788,9 @@ TEST(CudaKernels, GemvFp8MatchesReference) {
   cudaStreamDestroy(s);
 }
 
-// Decode GEMV timing on Llama-3.1-8B's shapes, bf16 and FP8 weights (batch 1): each launch reads a
+// Decode GEMV timing on Llama-3.1-8B's shapes, bf16 and FP8 weights (batch 1; FP8 through the
+// CUDA-core kernel with bf16 activations, "cvt", and through the tensor-core one with a static input
+// scale, "mma", gemv_fp8.cu): each launch reads a
 // different weight copy (rotating over >= 256 MB, so L2 holds none of them), launches back to back
 // on one stream (PDL as in the decode graph), events around 30 launches. Prints us and GB/s (weight
 // bytes / time); fails only if a launch is refused or an output is not finite.
@@ -819,10 +821,15 @@ TEST(CudaKernels, GemvTiming8B) {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
-  std::printf("[gemv-timing] %-14s %9s %9s %9s %9s\n", "shape", "bf16 us", "GB/s", "fp8 us", "GB/s");
+  float* d_input_scale = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_input_scale), 4), cudaSuccess);
+  cuda::launch_fill_f32(d_input_scale, 1, 0.01f, s);
+  std::printf("[gemv-timing] %-14s %9s %9s %9s %9s %9s %9s\n", "shape", "bf16 us", "GB/s", "cvt us", "GB/s", "mma us",
+              "GB/s");
   for (const Shape& sh : shapes) {
-    double us[2] = {0, 0}, gbs[2] = {0, 0};
-    for (int fp8 = 0; fp8 < 2; ++fp8) {
+    double us[3] = {0, 0, 0}, gbs[3] = {0, 0, 0};
+    for (int variant = 0; variant < 3; ++variant) {
+      const int fp8 = variant > 0 ? 1 : 0;
       const int rows = sh.silu ? 2 * sh.N : sh.N;
       const size_t bytes = size_t(rows) * sh.K * (fp8 ? 1 : 2);
       const int copies = int(std::max<size_t>(2, (size_t(256) << 20) / bytes + 1));
@@ -846,6 +853,10 @@ TEST(CudaKernels, GemvTiming8B) {
       cuda::GemvW w;
       w.fp8 = fp8 != 0;
       w.scale = 0.01f;
+      if (variant == 2) {
+        w.act = cuda::GemvAct::kStatic;
+        w.input_scale = d_input_scale;
+      }
       auto launch = [&](int c) {
         w.data = static_cast<const char*>(dw) + size_t(c % copies) * bytes;
         const auto* x = static_cast<const cuda::bf16_t*>(dx);
@@ -864,15 +875,17 @@ TEST(CudaKernels, GemvTiming8B) {
       ASSERT_EQ(cudaEventSynchronize(e1), cudaSuccess) << sh.name;
       float ms = 0;
       cudaEventElapsedTime(&ms, e0, e1);
-      us[fp8] = 1e3 * ms / kIters;
-      gbs[fp8] = double(bytes) / (us[fp8] * 1e-6) / 1e9;
+      us[variant] = 1e3 * ms / kIters;
+      gbs[variant] = double(bytes) / (us[variant] * 1e-6) / 1e9;
       float y0 = 0;
       if (sh.name[0] == 'l') cudaMemcpy(&y0, dy, 4, cudaMemcpyDeviceToHost);
-      EXPECT_TRUE(std::isfinite(y0)) << sh.name << " fp8 " << fp8;
+      EXPECT_TRUE(std::isfinite(y0)) << sh.name << " variant " << variant;
       cudaFree(dw);
     }
-    std::printf("[gemv-timing] %-14s %9.1f %9.0f %9.1f %9.0f\n", sh.name, us[0], gbs[0], us[1], gbs[1]);
+    std::printf("[gemv-timing] %-14s %9.1f %9.0f %9.1f %9.0f %9.1f %9.0f\n", sh.name, us[0], gbs[0], us[1], gbs[1],
+                us[2], gbs[2]);
   }
+  cudaFree(d_input_scale);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   for (void* p : {dx, dy, dres, dnw, dout, static_cast<void*>(counter)}) cudaFree(p);

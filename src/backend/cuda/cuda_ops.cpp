@@ -138,6 +138,15 @@ GemvW CudaOps::gemv_weight(const void* w) const {
     g.fp8 = true;
     g.scale = f->second.scale;
     g.row_scales = f->second.per_channel ? f->second.d_row_scales : nullptr;
+    // The tensor-core GEMV quantizes x as the FP8 GEMM path does (launch_quantize_fp8), so decode
+    // at n <= 4 and larger steps compute the same function; act kNone keeps the CUDA-core kernel
+    // (bf16 activations).
+    if (gemv_fp8_mma_enabled()) switch (f->second.act) {
+      case Fp8Act::kStatic: g.act = GemvAct::kStatic; break;
+      case Fp8Act::kDynamicTensor: g.act = GemvAct::kDynamicTensor; break;
+      case Fp8Act::kDynamicToken: g.act = GemvAct::kDynamicToken; break;
+    }
+    g.input_scale = f->second.d_input_scale;
   }
   return g;
 }

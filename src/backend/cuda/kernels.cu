@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/gemv_fp8.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/launch.cuh"
 
@@ -649,6 +650,12 @@ void gemv_launch_n(int split, const GemvArgs& a) {
 template <bool kSilu, bool kNorm = false>
 bool gemv_dispatch(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, int64_t pair_off,
                    void* y, int64_t ldy, bool y_f32, cudaStream_t s, const NormEpi& ne = {}) {
+  // FP8 weights with activation quantization take the tensor-core GEMV (gemv_fp8.cu); it declines
+  // weight-only GemvWs, KILN_FP8_GEMV=cvt and pre-sm_89 devices, which take the widening kernel below.
+  if (w.fp8) {
+    const GemvFold fold{ne.residual, ne.w, reinterpret_cast<bf16_t*>(ne.out), ne.ldo, ne.eps, ne.counter};
+    if (launch_gemv_fp8_mma(x, ldx, n, w, N, K, pair_off, kSilu, y, ldy, y_f32, kNorm ? &fold : nullptr, s)) return true;
+  }
   const int per_vec = w.fp8 ? 16 : 8;  // weights per 16-byte load: rows must start 16-byte aligned
   if (!w.data || K % per_vec || ldx % 8 || n < 1 || n > 4 || N < 1) return false;
   if (reinterpret_cast<uintptr_t>(w.data) % 16 || reinterpret_cast<uintptr_t>(x) % 16) return false;

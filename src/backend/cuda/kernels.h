@@ -97,14 +97,27 @@ void launch_add_bias(void* y, bool y_f32, int64_t ldy, const float* bias, int32_
 // ids[r] = argmax(logits[r, :]) (first maximum), r < L                  logits: [L, V] f32
 void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cudaStream_t s);
 
+// How an FP8 GEMV treats its bf16 input (fp8.h Fp8Act, plus weight-only). kNone: the activations
+// stay bf16 and the weights are widened (the CUDA-core kernel in kernels.cu). The others quantize x
+// to E4M3 inside the kernel exactly as launch_quantize_fp8 and the CPU emulation do (static
+// input_scale, amax / 448 over all n rows, or per row) and run the dot on the tensor cores
+// (gemv_fp8.cu): y = (x_q . w_q) * s_x * s_w.
+enum class GemvAct : uint8_t { kNone, kStatic, kDynamicTensor, kDynamicToken };
+
 // A decode weight [N, K] row-major: bf16, or FP8 E4M3 with a per-tensor dequantization scale or
-// device per-row scales (real = fp8 * scale). Activations stay bf16 (weight-only dequantization).
+// device per-row scales (real = fp8 * scale).
 struct GemvW {
   const void* data = nullptr;
   bool fp8 = false;
   float scale = 1.0f;
   const float* row_scales = nullptr;  // device [N] (fp8 only; for the silu pair: [2 I]); replaces scale
+  GemvAct act = GemvAct::kNone;       // fp8 only
+  const float* input_scale = nullptr;  // device [1] (GemvAct::kStatic)
 };
+// Whether the model's FP8 decode linears take the tensor-core GEMV (CudaOps::gemv_weight fills
+// GemvW::act only then): KILN_FP8_GEMV=mma | cvt (A/B), the build's default otherwise, never
+// before sm_89 (gemv_fp8.cu).
+bool gemv_fp8_mma_enabled();
 
 // y[n, N] = x[n, K] W[N, K]^T for n <= 4 (decode); y bf16 or f32 rows of stride ldy. x and the
 // weight 16-byte aligned, K % 8 == 0 (bf16) or K % 16 == 0 (fp8). Returns false (nothing launched)

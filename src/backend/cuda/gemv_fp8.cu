@@ -1,0 +1,434 @@
+// Decode GEMV for FP8 E4M3 weights on the tensor cores (gemv_fp8.h). The CUDA-core FP8 GEMV
+// (kernels.cu, kFp8) widens every weight byte to f32 (F2FP unpack + HADD2.F32 + FFMA per weight,
+// ~2.5x the instructions per byte of the bf16 kernel) and ran at 1.4-2.6 TB/s; here each weight
+// byte goes straight from memory into mma.sync.m16n8k32.e4m3 as the A operand, against the
+// activations quantized once per block into shared memory (B, n of its 8 columns used).
+//
+// Layout. A block owns a tile of 16 weight rows (for the silu pair: 16 gate rows and the 16 up rows
+// pair_off below) over all of K; its 8 warps split K into 64-wide chunks, interleaved (warp w takes
+// chunks w, w + 8, ...: the block streams each row front to back). In a chunk, lane (g = lane / 4,
+// t = lane % 4) loads the 16 bytes at k = 64 c + 16 t of rows g and g + 8, and the 16 bytes of x_q
+// column g at the same k from shared memory; bytes [0, 8) feed one mma and [8, 16) the next. The
+// mma's own k order (a0..a3: row g, k 4t..4t+3; a8..a11: row g, k 16+4t..; b0..b3 / b4..b7 likewise
+// for column g) is thus permuted, but A and B use the same permutation (logical k 4t+j <-> byte j,
+// 16+4t+j <-> byte 4+j of the lane's 8), so the sum over k is the dot (IntegerInputsAreExact).
+// Partial sums (one 16 x 8 C fragment per warp) are added across warps in shared memory.
+//
+// Activation quantization matches launch_quantize_fp8 and the CPU emulation bit for bit: fp8(x / s)
+// with IEEE division and saturating round-to-nearest-even, s = input_scale (static), amax / 448
+// over all n rows (dynamic per tensor), or per row (dynamic per token); y = acc * s_x * s_w(row).
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "backend/cuda/gemv_fp8.h"
+#include "backend/cuda/launch.cuh"
+
+namespace kiln::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kWarps = 8, kThreads = 32 * kWarps;
+constexpr int kChunk = 64;  // K per warp step: 4 lanes x 16 bytes
+constexpr int kMaxN = 8;    // columns of the mma's B
+// The model's FP8 decode linears take this kernel unless KILN_FP8_GEMV=cvt (gemv_fp8_mma_enabled).
+constexpr bool kMmaDefault = true;
+
+struct Params {
+  const bf16* x;  // [n, ldx]
+  int64_t ldx;
+  int32_t n;
+  const uint8_t* w;  // [N (x2 for the silu pair), K]
+  int32_t N, K;
+  int64_t pair_off;
+  void* y;  // [n, ldy] bf16 or f32
+  int64_t ldy;
+  bool y_f32;
+  float wscale;
+  const float* row_scales;  // [N] or null (then wscale)
+  int act;                  // GemvAct
+  const float* input_scale;
+  int32_t kp;  // row stride (bytes) of x_q in shared memory
+  bool interleave;
+  GemvFold fold;
+};
+
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// 8 bf16 -> 8 E4M3 codes: fp8(x / s), as fp8.cu's quantize_row (division, not a reciprocal).
+__device__ __forceinline__ uint2 quantize8(const uint4 u, float s) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+  uint32_t o[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __bfloat1622float2(p[i]);
+    f.x = __fdiv_rn(f.x, s);
+    f.y = __fdiv_rn(f.y, s);
+    const uint32_t q = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+    o[i / 2] |= q << (16 * (i % 2));
+  }
+  return make_uint2(o[0], o[1]);
+}
+
+// As model/fp8.h fp8_scale_for_amax: 1 for zero or non-finite.
+__device__ __forceinline__ float scale_for_amax(float amax) {
+  return (amax > 0.0f && amax < 3.0e38f) ? amax / 448.0f : 1.0f;
+}
+
+__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, u) : v + u;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // red may be in use by a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = is_max ? red[0] : 0.0f;
+  for (int i = is_max ? 1 : 0; i < kWarps; ++i) r = is_max ? fmaxf(r, red[i]) : r + red[i];
+  return r;
+}
+
+// The fold's tail, as kernels.cu's gemv_norm_tail (same arithmetic and order): the last block to
+// arrive reads the whole residual back from L2 and writes rms_norm(residual) * w.
+__device__ __forceinline__ void norm_tail(const GemvFold& f, int n, int dim) {
+  __shared__ unsigned int last;
+  __shared__ float red[32];
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(f.counter, 1u) == gridDim.x - 1 ? 1u : 0u;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  constexpr int kV = 4;  // float4 per thread: dim <= 4096 at 256 threads (checked at launch)
+  const int nv = dim / 4;
+  for (int m = 0; m < n; ++m) {
+    const float4* r = reinterpret_cast<const float4*>(f.residual + int64_t(m) * dim);
+    float4 v[kV];
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      const int idx = threadIdx.x + j * blockDim.x;
+      v[j] = idx < nv ? __ldcg(r + idx) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int j = 0; j < kV; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    ss = block_reduce(ss, red, false);
+    const float inv = rsqrtf(ss / float(dim) + f.eps);
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(f.out + int64_t(m) * f.ldo);
+    const float4* wv = reinterpret_cast<const float4*>(f.w);
+#pragma unroll
+    for (int j = 0; j < kV; ++j) {
+      const int idx = threadIdx.x + j * blockDim.x;
+      if (idx < nv) {
+        const float4 g = __ldg(wv + idx);
+        o[2 * idx] = __floats2bfloat162_rn(g.x * (v[j].x * inv), g.y * (v[j].y * inv));
+        o[2 * idx + 1] = __floats2bfloat162_rn(g.z * (v[j].z * inv), g.w * (v[j].w * inv));
+      }
+    }
+  }
+  if (threadIdx.x == 0) *f.counter = 0u;
+}
+
+// kL: chunks in flight per warp (each 2 x 16 bytes per lane and row tile). Slot j is refilled with
+// chunk c + kL as soon as chunk c has gone into the mma, so a warp keeps kL chunks outstanding.
+template <bool kSilu, bool kNorm, int kL, int kMinBlocks>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(const Params p) {
+  extern __shared__ __align__(16) uint8_t smem[];  // x_q [n, kp]; after the loop, the partial sums
+  __shared__ float sx[kMaxN];                      // dynamic activation scales
+  __shared__ float red_s[32];
+  pdl_trigger();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  constexpr int kR = kSilu ? 2 : 1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int K = p.K, N = p.N, n = p.n;
+  // The warp's chunks: base + i * stride for i < cnt. Interleaved (stride 8): at any moment the
+  // block's 8 warps read adjacent 64-byte pieces of each row, 512 contiguous bytes per row and step
+  // instead of 8 streams 1/8 of K apart (DRAM page locality; p.interleave). Contiguous: K / 8 each.
+  const int chunks = (K + kChunk - 1) / kChunk;
+  int base, stride, cnt;
+  if (p.interleave) {
+    base = warp;
+    stride = kWarps;
+    cnt = warp < chunks ? (chunks - warp + kWarps - 1) / kWarps : 0;
+  } else {
+    const int per = (chunks + kWarps - 1) / kWarps;
+    base = min(chunks, warp * per);
+    stride = 1;
+    cnt = min(chunks, base + per) - base;
+  }
+  const int row0 = blockIdx.x * 16;
+
+  // Rows past N read row N - 1 (finite; their outputs are not written).
+  const uint8_t* wp[kR][2];
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wp[r][h] = p.w + (int64_t(min(row0 + g + 8 * h, N - 1)) + (r ? p.pair_off : 0)) * K + 16 * t;
+  uint4 buf[kR][2][kL];
+  auto load = [&](int j, int i) {
+    const int c = base + i * stride;
+    const bool ok = i < cnt && c * kChunk + 16 * t < K;  // K % 16 == 0: a lane's 16 bytes are all in or out
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        buf[r][h][j] = ok ? __ldcs(reinterpret_cast<const uint4*>(wp[r][h] + int64_t(c) * kChunk))
+                          : make_uint4(0u, 0u, 0u, 0u);
+  };
+  // Weights do not depend on the previous kernel: their first loads overlap its tail.
+#pragma unroll
+  for (int j = 0; j < kL; ++j) load(j, j);
+
+  // The epilogue thread (row tid % 16, column tid / 16) and its row scales.
+  const int er = threadIdx.x & 15, em = threadIdx.x >> 4, erow = row0 + er;
+  const bool epi = em < n && erow < N;
+  float rs[kR];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) rs[r] = p.wscale;
+  if (p.row_scales && epi)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) rs[r] = __ldg(p.row_scales + erow + r * p.pair_off);
+
+  pdl_wait();  // x and the residual are earlier kernels' outputs
+  float res = 0.0f;
+  if (kNorm && epi) res = p.fold.residual[int64_t(em) * N + erow];
+
+  // Activation scales. Static (the fast path): no block barrier before the loop.
+  float s_static = 1.0f;
+  const bool dynamic = p.act != int(GemvAct::kStatic);
+  if (!dynamic) {
+    s_static = __ldg(p.input_scale);
+  } else {
+    for (int m = 0; m < n; ++m) {
+      const uint4* xr = reinterpret_cast<const uint4*>(p.x + m * p.ldx);
+      float a = 0.0f;
+      for (int i = threadIdx.x; i < K / 8; i += kThreads) {
+        const uint4 u = __ldg(xr + i);
+        const __nv_bfloat162* q = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __bfloat1622float2(q[e]);
+          a = fmaxf(a, fmaxf(fabsf(f.x), fabsf(f.y)));
+        }
+      }
+      a = block_reduce(a, red_s, true);
+      if (threadIdx.x == 0) sx[m] = a;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (p.act == int(GemvAct::kDynamicTensor)) {
+        float a = 0.0f;
+        for (int m = 0; m < n; ++m) a = fmaxf(a, sx[m]);
+        for (int m = 0; m < n; ++m) sx[m] = scale_for_amax(a);
+      } else {
+        for (int m = 0; m < n; ++m) sx[m] = scale_for_amax(sx[m]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // Each warp quantizes the chunks it reads (no block barrier: its lanes alone use them), kQ x
+  // loads per lane in flight (one L2 round trip per kQ instead of per vector: the weights already
+  // in flight wait for this).
+  constexpr int kQ = 4;
+  const int nvec = cnt * (kChunk / 8);  // 16-byte x vectors per row
+  for (int m = 0; m < n; ++m) {
+    const float s = dynamic ? sx[m] : s_static;
+    const uint4* xr = reinterpret_cast<const uint4*>(p.x + m * p.ldx);
+    for (int v0 = 0; v0 < nvec; v0 += 32 * kQ) {
+      uint4 xv[kQ];
+      int kq[kQ];
+#pragma unroll
+      for (int u = 0; u < kQ; ++u) {
+        const int v = v0 + u * 32 + lane;
+        kq[u] = v < nvec ? (base + (v >> 3) * stride) * kChunk + (v & 7) * 8 : K;
+        xv[u] = kq[u] < K ? __ldg(xr + kq[u] / 8) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < kQ; ++u)
+        if (kq[u] < K) *reinterpret_cast<uint2*>(smem + m * p.kp + kq[u]) = quantize8(xv[u], s);
+    }
+  }
+  __syncwarp();
+
+  float acc[kR][2][4];
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][h][i] = 0.0f;
+  const uint8_t* xb = smem + g * p.kp + 16 * t;
+  const bool bcol = g < n;
+  for (int i0 = 0; i0 < cnt; i0 += kL) {
+#pragma unroll
+    for (int j = 0; j < kL; ++j) {
+      const int i = i0 + j, c = base + i * stride;
+      if (i < cnt) {  // warp-uniform
+        uint4 b = make_uint4(0u, 0u, 0u, 0u);
+        if (bcol && c * kChunk + 16 * t < K) b = *reinterpret_cast<const uint4*>(xb + c * kChunk);
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          const uint4 lo = buf[r][0][j], hi = buf[r][1][j];
+          mma_e4m3(acc[r][0], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+          mma_e4m3(acc[r][1], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+        }
+      }
+      load(j, i + kL);
+    }
+  }
+
+  // C fragment: c0, c1 = (row g, columns 2t, 2t + 1); c2, c3 = (row g + 8, the same columns).
+  __syncthreads();  // every warp is done with x_q: the region now holds the partial sums
+  float* red = reinterpret_cast<float*>(smem);  // [kWarps][kR][16][8]
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    float* o = red + (warp * kR + r) * 128;
+    o[g * 8 + 2 * t] = acc[r][0][0] + acc[r][1][0];
+    o[g * 8 + 2 * t + 1] = acc[r][0][1] + acc[r][1][1];
+    o[(g + 8) * 8 + 2 * t] = acc[r][0][2] + acc[r][1][2];
+    o[(g + 8) * 8 + 2 * t + 1] = acc[r][0][3] + acc[r][1][3];
+  }
+  __syncthreads();
+  if (epi) {
+    const float s = dynamic ? sx[em] : s_static;
+    float v[kR];
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      float a = 0.0f;
+#pragma unroll
+      for (int q = 0; q < kWarps; ++q) a += red[(q * kR + r) * 128 + er * 8 + em];
+      v[r] = a * (s * rs[r]);
+    }
+    float out = v[0];
+    if constexpr (kSilu) out = out / (1.0f + __expf(-out)) * v[kR - 1];
+    if (p.y_f32) {
+      static_cast<float*>(p.y)[em * p.ldy + erow] = out;
+    } else {
+      const bf16 ob = __float2bfloat16(out);
+      static_cast<bf16*>(p.y)[em * p.ldy + erow] = ob;
+      if constexpr (kNorm) p.fold.residual[int64_t(em) * N + erow] = res + __bfloat162float(ob);
+    }
+  }
+  if constexpr (kNorm) norm_tail(p.fold, n, N);
+#endif
+}
+
+int env_int(const char* name, int dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : dflt;
+}
+
+bool device_has_fp8_mma() {
+  static const bool on = [] {
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return major * 10 + minor >= 89;
+  }();
+  return on;
+}
+
+int max_smem() {
+  static const int v = [] {
+    int dev = 0, b = 48 << 10;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&b, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    return b - 1024;  // the static arrays
+  }();
+  return v;
+}
+
+template <bool kSilu, bool kNorm, int kL, int kMinBlocks>
+void launch(const Params& p, int grid, int smem, cudaStream_t s) {
+  auto* k = gemv_fp8_mma_kernel<kSilu, kNorm, kL, kMinBlocks>;
+  // More than 48 KB of x_q (n * K bytes) only after raising the limit; once per instantiation.
+  // KILN_FP8_GEMV_CARVEOUT: preferred shared-memory carveout in percent (experiment; -1 = driver's).
+  static const bool raised = [k] {
+    const int carve = env_int("KILN_FP8_GEMV_CARVEOUT", -1);
+    if (carve >= 0) cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, carve);
+    return cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem()) == cudaSuccess;
+  }();
+  (void)raised;
+  launch_pdl(k, dim3(grid), dim3(kThreads), size_t(smem), s, p);
+}
+
+}  // namespace
+
+bool gemv_fp8_mma_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_FP8_GEMV");
+    const std::string v = e ? e : "";
+    return (v == "mma" || (v != "cvt" && kMmaDefault)) && device_has_fp8_mma();
+  }();
+  return on;
+}
+
+bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, int64_t pair_off,
+                         bool silu, void* y, int64_t ldy, bool y_f32, const GemvFold* fold, cudaStream_t s) {
+  if (!w.fp8 || w.act == GemvAct::kNone || !w.data || !device_has_fp8_mma()) return false;
+  if (n < 1 || n > kMaxN || N < 1 || K < 16 || K % 16 || ldx % 8) return false;
+  if (reinterpret_cast<uintptr_t>(w.data) % 16 || reinterpret_cast<uintptr_t>(x) % 16) return false;
+  if (w.act == GemvAct::kStatic && !w.input_scale) return false;
+  if (fold && (silu || y_f32 || N % 4 || N > 4096 || fold->ldo % 4 || reinterpret_cast<uintptr_t>(fold->w) % 16))
+    return false;
+  Params p{};
+  p.x = reinterpret_cast<const bf16*>(x);
+  p.ldx = ldx;
+  p.n = n;
+  p.w = static_cast<const uint8_t*>(w.data);
+  p.N = N;
+  p.K = K;
+  p.pair_off = pair_off;
+  p.y = y;
+  p.ldy = ldy;
+  p.y_f32 = y_f32;
+  p.wscale = w.scale;
+  p.row_scales = w.row_scales;
+  p.act = int(w.act);
+  p.input_scale = w.input_scale;
+  // Row stride of x_q: 64 mod 128 bytes, so the two columns a quarter-warp reads hit different banks.
+  p.kp = (K + 127) / 128 * 128 + 64;
+  if (fold) p.fold = *fold;
+  static const bool interleave = env_int("KILN_FP8_GEMV_ILV", 1) != 0;
+  p.interleave = interleave;
+  const int smem = std::max(n * p.kp, kWarps * (silu ? 2 : 1) * 128 * 4);
+  if (smem > max_smem()) return false;
+  const int grid = (N + 15) / 16;
+  // Chunks in flight per warp (H100, batch 1, docs/PERF_fp8_gpu.md): 4 (80 registers, 3 blocks per
+  // SM) puts qkv's 384 tiles in one wave (11.2 us against 14.8 with 8) and won the decode step
+  // (3.74-3.78 ms against 3.88 with 8). 8 (115 registers, 2 blocks per SM) streams down_proj's long
+  // rows faster alone (27.2 against 29.1 us) but not inside the step (3.76-3.78 with 8 for K >= 8192
+  // only: the fat blocks leave no room for the next kernel's early PDL blocks).
+  // KILN_FP8_GEMV_LOADS=8 for A/B (44: 4 under a 64-register cap, 4 blocks per SM; slower).
+  static const int loads = env_int("KILN_FP8_GEMV_LOADS", 4);
+  // (The silu pair holds two tiles' chunks: 4 of them already take 124 registers.)
+  if (silu) launch<true, false, 4, 2>(p, grid, smem, s);
+  else if (fold) {
+    if (loads == 4) launch<false, true, 4, 3>(p, grid, smem, s);
+    else if (loads == 44) launch<false, true, 4, 4>(p, grid, smem, s);
+    else launch<false, true, 8, 2>(p, grid, smem, s);
+  } else {
+    if (loads == 4) launch<false, false, 4, 3>(p, grid, smem, s);
+    else if (loads == 44) launch<false, false, 4, 4>(p, grid, smem, s);
+    else launch<false, false, 8, 2>(p, grid, smem, s);
+  }
+  return true;
+}
+
+}  // namespace kiln::cuda
