@@ -1,6 +1,6 @@
-// Decode attention at long contexts and many sequences (the v3 pipelined kernel at head_dim 64 / 128,
-// v2 at 16 / 32: one softmax rescale per tile, KV splits merged by the last block, and no split), bf16 and
-// FP8 caches, against the CPU. The op grids (cuda_test.cpp, kv_fp8_test.cpp) cover contexts up to
+// Decode attention at long contexts and many sequences (v2, and v3 = v2's math fed by a cp.async
+// pipeline, at head_dim 64 / 128: one softmax rescale per tile, KV splits merged by the last block,
+// and no split), bf16 and FP8 caches, against the CPU. The op grids (cuda_test.cpp, kv_fp8_test.cpp) cover contexts up to
 // 152; here a sequence spans many tiles, splits end mid-tile, block tables are scattered and GQA
 // groups are 4, 8 and 1 (7 heads per KV head: one block per query head). Part of test_cuda; skips
 // without a GPU.
@@ -8,16 +8,18 @@
 // Each case: one prefill step of ctx - 1 tokens per sequence (cache written by both sides), then
 // one decode step through attention() (the unfused path: KV write + decode kernel) and again through
 // rope_attention() (the fused rope + KV write + attention kernel), against the CPU's attention on the
-// same roped bf16 q/k. Tolerance: the grids' 1.5e-2 relative L2 (bf16 P and output rounding; the FP8
-// codes are equal on both sides).
+// same roped bf16 q/k; then both again with the other decode kernel (v3 <-> v2). Tolerance: the
+// grids' 1.5e-2 relative L2 (bf16 P and output rounding; the FP8 codes are equal on both sides).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 
 #include <cuda_runtime_api.h>
 
@@ -119,6 +121,33 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
       gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
       const double rel3 = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
       EXPECT_LE(rel3, 1.5e-2) << "rope_attention, third launch";
+
+      // The other decode kernel on the same cache and inputs: v3 where this run picks v2 (auto at
+      // small batches: many splits; or KILN_DECODE_ATTN=v2old), v2 where it picks v3. The variant
+      // is read at each launch.
+      const char* env = std::getenv("KILN_DECODE_ATTN");
+      const std::string saved = env ? env : "";
+      const char* other = saved == "v3" ? "v2old" : "v3";
+      setenv("KILN_DECODE_ATTN", other, 1);
+      gpu.write_buffer(Buf::kQ, q_roped.data(), T, Q);
+      gpu.write_buffer(Buf::kK, k_roped.data(), T, KV);
+      gpu.write_buffer(Buf::kV, v.data(), T, KV);
+      gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+      gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+      rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
+      std::printf("  decode  attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
+      EXPECT_LE(rel, 1.5e-2) << "decode, " << other;
+      gpu.write_buffer(Buf::kQ, q.data(), T, Q);
+      gpu.write_buffer(Buf::kK, k.data(), T, KV);
+      gpu.write_buffer(Buf::kV, v.data(), T, KV);
+      gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+      gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+      gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+      rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
+      std::printf("  decode  rope_attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
+      EXPECT_LE(rel, 1.5e-2) << "rope_attention, " << other;
+      if (env) setenv("KILN_DECODE_ATTN", saved.c_str(), 1);
+      else unsetenv("KILN_DECODE_ATTN");
     }
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
   }

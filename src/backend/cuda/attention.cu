@@ -875,8 +875,9 @@ struct DecodePipe {
   static constexpr int kPerThr = kTok * kCpr / 128;  // chunks a thread copies per tile
   static constexpr int kRowStep = 128 / kCpr;        // rows between a thread's chunks
   // 3 stages (2 in flight while one is read): FP8 at head_dim 128 3 x 16 KB, 4 blocks an SM (126
-  // registers, no spill); bf16 at 128 3 x 32 KB, 2 blocks. Blocks an SM beat depth (s3-dattn run 1,
-  // batch 256 x ctx 1000 FP8 step: 4 stages / 3 blocks 12.19 ms, 3 / 4 11.74 ms, 6 / 2 13.22 ms).
+  // registers, no spill); bf16 at 128 3 x 32 KB, 2 blocks (179 registers). Blocks an SM beat depth
+  // (s3-dattn run 1, batch 256 x ctx 1000 FP8 step: 4 stages / 3 blocks 12.19 ms, 3 / 4 11.74 ms,
+  // 6 / 2 13.22 ms).
   static constexpr int kStages = 3;
   static constexpr int kMinBlocks = kStageB >= 32768 ? 2 : 4;
   static_assert(kCpr >= 4 && 128 % kCpr == 0 && (kTok * kCpr) % 128 == 0, "head_dim 64 or 128");
@@ -908,13 +909,14 @@ __device__ __forceinline__ void lds_raw(uint32_t addr, uint32_t* w) {
   }
 }
 
-template <int D, int G, typename C, int kS = DecodePipe<D, C>::kStages, int kMinBlocks = DecodePipe<D, C>::kMinBlocks>
-__global__ void __launch_bounds__(128, kMinBlocks) decode_kernel_v3(AttnParams p) {
+template <int D, int G, typename C>
+__global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kernel_v3(AttnParams p) {
   constexpr int kWarps = 4, kN = 16;
   constexpr int kKs = D / 16, kMt = D / 16;
   using L = DecodeLayout<D, C>;
   using M = DecodeMma<C>;
   using P = DecodePipe<D, C>;
+  constexpr int kS = P::kStages;
   constexpr bool kFp8 = std::is_same<C, fp8>::value;
   static_assert(L::kWK * L::kEsz == 16, "K pieces of 16 bytes");
   static_assert(kS >= 3, "at least two stages in flight");
@@ -1572,44 +1574,40 @@ void prefill_launch(const AttnParams& p, cudaStream_t s) {
 
 // KILN_DECODE_ATTN: unset = auto (v3 where p.splits <= KILN_DECODE_V3_MAX_SPLITS, else v2; v2 at head
 // dims 16 and 32); v3 = v3 whenever the head dim has it; v2old = v2 (registers, no pipeline); v1 = the
-// CUDA-core kernel; t16 / b2 = v2 at head_dim 128 with 16 tokens per warp iteration, or 2 blocks an SM;
-// v3s4 = v3 at head_dim 128 with 4 stages (3 blocks an SM for FP8, 1 for bf16): variants to time.
+// CUDA-core kernel; t16 / b2 = v2 at head_dim 128 with 16 tokens per warp iteration, or 2 blocks an SM.
+// Read at every launch (launches are captured once per graph), so a test can switch kernels.
 int decode_attn_variant() {
+  const char* e = std::getenv("KILN_DECODE_ATTN");
+  const std::string s = e ? e : "";
+  return s == "v1" ? 1 : s == "t16" ? 2 : s == "b2" ? 3 : s == "v2old" ? 4 : s == "v3" ? 5 : 0;
+}
+
+// Auto picks v3 where a block streams many stages (large batches: few splits) and v2 where it has one
+// or two 64-token stages (small batches: 8-32 splits), whose step v3 slows: batch 1, FP8 (s3-dattn
+// run 2) ctx 128 3.92 -> 4.10 ms, ctx 2048 4.11 -> 4.21 ms a step, the kernel alone 15.1 -> 16.7 us
+// and 19.5 -> 20.7 us. There a block holds one stage, so the pipeline has nothing to overlap; where
+// the extra time goes is not established.
+int decode_v3_max_splits() {
   static const int v = [] {
-    const char* e = std::getenv("KILN_DECODE_ATTN");
-    const std::string s = e ? e : "";
-    return s == "v1" ? 1 : s == "t16" ? 2 : s == "b2" ? 3 : s == "v2old" ? 4 : s == "v3" ? 5 : s == "v3s4" ? 6 : 0;
+    const char* e = std::getenv("KILN_DECODE_V3_MAX_SPLITS");
+    return e && *e ? std::atoi(e) : 4;
   }();
   return v;
 }
 
-int env_int_or(const char* name, int dflt) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoi(e) : dflt;
-}
-
-// Auto picks v3 where each block streams many stages (large batch: few splits) and v2 where a block
-// has one or two 64-token stages (small batch, 8-32 splits), whose step v3 slowed (batch 1, s3-dattn
-// run 1: ctx 128 3.80 -> 4.11 ms, ctx 2048 3.97 -> 4.21 ms).
-int decode_v3_max_splits() {
-  static const int v = env_int_or("KILN_DECODE_V3_MAX_SPLITS", 4);
-  return v;
-}
-
-template <int D, int G, typename C, int kS, int kMinBlocks>
+template <int D, int G, typename C>
 void decode_launch_v3(const AttnParams& p, const dim3& grid, cudaStream_t s) {
-  constexpr size_t kBytes = size_t(kS) * DecodePipe<D, C>::kStageB;
+  using P = DecodePipe<D, C>;
+  constexpr size_t kBytes = size_t(P::kStages) * P::kStageB;
+  // Measured and dropped (s3-dattn runs 1-2): 4 stages (FP8: 3 blocks an SM, 218 vs 203 us at batch
+  // 256 x ctx 1000; bf16: 1 block, 458 vs 377 us), 6 stages (FP8 step 13.22 vs 11.74 ms), and a
+  // max-shared carveout hint (no change: 202.1 vs 202.8 us, batch-1 step 4.098 vs 4.102 ms).
   static bool configured = false;  // the attribute is per function; set once per process
   if (!configured) {
-    cudaFuncSetAttribute(decode_kernel_v3<D, G, C, kS, kMinBlocks>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(kBytes));
-    // KILN_DECODE_CARVEOUT=1: ask for all of L1 as shared memory (experiment; run 1 had it on)
-    if (env_int_or("KILN_DECODE_CARVEOUT", 0) == 1)
-      cudaFuncSetAttribute(decode_kernel_v3<D, G, C, kS, kMinBlocks>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                           int(cudaSharedmemCarveoutMaxShared));
+    cudaFuncSetAttribute(decode_kernel_v3<D, G, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBytes));
     configured = true;
   }
-  launch_pdl(decode_kernel_v3<D, G, C, kS, kMinBlocks>, grid, dim3(128), kBytes, s, p);
+  launch_pdl(decode_kernel_v3<D, G, C>, grid, dim3(128), kBytes, s, p);
 }
 
 template <int D, int G, typename C>
@@ -1618,15 +1616,11 @@ void decode_launch_g(const AttnParams& p, cudaStream_t s) {
   const int v = decode_attn_variant();
   if (v == 1) return launch_pdl(decode_kernel_v1<D, G, C>, grid, dim3(128), 0, s, p);
   if constexpr (D == 128) {
-    constexpr bool kFp8 = std::is_same<C, fp8>::value;
     if (v == 2) return launch_pdl(decode_kernel<D, G, C, 16>, grid, dim3(128), 0, s, p);
     if (v == 3) return launch_pdl(decode_kernel<D, G, C, decode_tile<D, C>(), 2>, grid, dim3(128), 0, s, p);
-    if (v == 6) return decode_launch_v3<D, G, C, 4, kFp8 ? 3 : 1>(p, grid, s);
   }
   if constexpr (D == 64 || D == 128) {
-    using P = DecodePipe<D, C>;
-    if (v == 5 || (v == 0 && p.splits <= decode_v3_max_splits()))
-      return decode_launch_v3<D, G, C, P::kStages, P::kMinBlocks>(p, grid, s);
+    if (v == 5 || (v == 0 && p.splits <= decode_v3_max_splits())) return decode_launch_v3<D, G, C>(p, grid, s);
   }
   launch_pdl(decode_kernel<D, G, C>, grid, dim3(128), 0, s, p);
 }
