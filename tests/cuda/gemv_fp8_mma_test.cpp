@@ -147,8 +147,9 @@ TEST(GemvFp8Mma, MatchesReference) {
   const float* lut = fp8_decode_table();
   int checked = 0;
   double worst_f32 = 0, worst_bf16 = 0;
+  // 13000 x 272 and the 6000-row silu pair have more tiles than the chip holds blocks at once.
   for (Shape sh : {Shape{20, 16}, Shape{36, 272}, Shape{300, 528}, Shape{1000, 2064}, Shape{4096, 1040},
-                   Shape{1024, 4096}, Shape{200, 14336}}) {
+                   Shape{1024, 4096}, Shape{200, 14336}, Shape{13000, 272}, Shape{6000, 528}}) {
     const int N = sh.N, K = sh.K, ldx = K + 16;
     std::vector<uint8_t> wq(size_t(2) * N * K);  // the silu pair's 2 N rows; plain and fold use N
     {
@@ -203,6 +204,7 @@ TEST(GemvFp8Mma, MatchesReference) {
         DevBuf dy(size_t(n) * N * 4);
         for (Kind kind : {kPlain, kSilu, kFold}) {
           if (n > 4 && kind != kPlain) continue;
+          if (kind == kFold && N > 4096) continue;  // the fold takes N <= 4096
           for (bool per_row : {false, true}) {
             const std::vector<float>& sw = per_row ? row_scales : tensor_scales;
             cuda::GemvW w;
@@ -319,5 +321,81 @@ TEST(GemvFp8Mma, DeclinesWhatItDoesNotTake) {
   EXPECT_FALSE(cuda::launch_gemv_fp8_mma(x, 64, 1, weight_only, 64, 64, 0, false, dy.p, 64, true, nullptr, s));
   EXPECT_TRUE(cuda::launch_gemv(x, 64, 1, weight_only, 64, 64, dy.p, 64, true, s)) << "the CUDA-core kernel takes it";
   EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  cudaStreamDestroy(s);
+}
+
+// The fold at n = 8 rows of K = 14336: x_q fills 115 KB of shared memory (past the 48 KB default,
+// one block per SM, 256 tiles in two waves). Residual, normalized output and the counter as in
+// MatchesReference.
+TEST(GemvFp8Mma, FoldEightRowsOfLongK) {
+  REQUIRE_GPU();
+  std::mt19937 rng(7);
+  cudaStream_t s;
+  cudaStreamCreate(&s);
+  const int N = 4096, K = 14336, n = 8;
+  const float* lut = fp8_decode_table();
+  std::vector<uint8_t> wq(size_t(N) * K);
+  std::normal_distribution<float> d(0.0f, 16.0f), nd(0.0f, 1.0f);
+  for (auto& q : wq) {
+    q = f32_to_fp8e4m3(d(rng));
+    if ((q & 0x7f) == 0x7f) q ^= 1;
+  }
+  std::vector<float> xk(size_t(n) * K);
+  for (auto& v : xk) v = bf16_round(nd(rng));
+  const float input_scale = fp8_amax(xk.data(), int64_t(n) * K) / 448.0f;
+  std::vector<float> row_scales(static_cast<size_t>(N));
+  std::uniform_real_distribution<float> us(0.5f / 256.0f, 2.0f / 256.0f);
+  for (auto& v : row_scales) v = us(rng);
+  std::vector<float> ref(size_t(n) * N);
+  {
+    std::vector<uint8_t> xq(static_cast<size_t>(K));
+    for (int m = 0; m < n; ++m) {
+      fp8_quantize(xk.data() + size_t(m) * K, K, input_scale, xq.data());
+      for (int r = 0; r < N; ++r) {
+        double a = 0;
+        const uint8_t* wr = wq.data() + size_t(r) * K;
+        for (int k = 0; k < K; ++k) a += double(lut[xq[size_t(k)]]) * lut[wr[k]];
+        ref[size_t(m) * N + r] = float(a * input_scale * row_scales[size_t(r)]);
+      }
+    }
+  }
+  std::vector<uint16_t> xb(xk.size());
+  for (size_t i = 0; i < xk.size(); ++i) xb[i] = f32_to_bf16(xk[i]);
+  const std::vector<float> res0 = random_vec(size_t(n) * N, rng, 1.0f, false), normw = random_vec(size_t(N), rng, 1.0f, false);
+  DevBuf dw(wq), dx(xb), drs(row_scales), dis(std::vector<float>{input_scale}), dres(res0), dnw(normw);
+  DevBuf dy(size_t(n) * N * 2), dout(size_t(n) * N * 2), counter(4);
+  cudaMemset(counter.p, 0, 4);
+  cudaMemset(dy.p, 0xff, size_t(n) * N * 2);
+  cudaMemset(dout.p, 0xff, size_t(n) * N * 2);
+  cuda::GemvW w;
+  w.data = dw.p;
+  w.fp8 = true;
+  w.act = cuda::GemvAct::kStatic;
+  w.input_scale = dis.as<float>();
+  w.row_scales = drs.as<float>();
+  ASSERT_TRUE(cuda::launch_gemv_add_rms_norm(dx.as<cuda::bf16_t>(), K, n, w, N, K, dy.as<cuda::bf16_t>(), N,
+                                             dres.as<float>(), dnw.as<float>(), 1e-5f, dout.as<cuda::bf16_t>(), N,
+                                             counter.as<unsigned int>(), s));
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  const std::vector<float> got = bf16_from_device(dy.p, ref.size());
+  EXPECT_CLOSE(got, ref, 6e-3, "y (bf16)");
+  std::vector<float> res_ref(res0.size()), out_ref(res0.size());
+  for (int m = 0; m < n; ++m) {
+    double ss = 0;
+    for (int r = 0; r < N; ++r) {
+      const size_t j = size_t(m) * N + r;
+      res_ref[j] = res0[j] + got[j];
+      ss += double(res_ref[j]) * res_ref[j];
+    }
+    const double inv = 1.0 / std::sqrt(ss / N + 1e-5);
+    for (int r = 0; r < N; ++r) out_ref[size_t(m) * N + r] = float(res_ref[size_t(m) * N + r] * inv * normw[size_t(r)]);
+  }
+  const std::vector<float> res_got = f32_from_device(dres.p, res0.size());
+  const std::vector<float> out_got = bf16_from_device(dout.p, res0.size());
+  EXPECT_CLOSE(res_got, res_ref, 1e-6, "residual");
+  EXPECT_CLOSE(out_got, out_ref, 6e-3, "normed output");
+  unsigned int c = 1;
+  cudaMemcpy(&c, counter.p, 4, cudaMemcpyDeviceToHost);
+  EXPECT_EQ(c, 0u) << "the fold leaves its counter at 0";
   cudaStreamDestroy(s);
 }

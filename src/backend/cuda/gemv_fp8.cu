@@ -154,9 +154,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
   constexpr int kR = kSilu ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, N = p.N, n = p.n;
-  // The warp's chunks: base + i * stride for i < cnt. Interleaved (stride 8): at any moment the
-  // block's 8 warps read adjacent 64-byte pieces of each row, 512 contiguous bytes per row and step
-  // instead of 8 streams 1/8 of K apart (DRAM page locality; p.interleave). Contiguous: K / 8 each.
+  // The warp's chunks: base + i * stride for i < cnt. Interleaved (stride 8, the default): at any
+  // moment the block's 8 warps read adjacent 64-byte pieces of each row, 512 contiguous bytes per
+  // row and step; contiguous (KILN_FP8_GEMV_ILV=0, K / 8 per warp: 8 streams 1/8 of K apart) ran the
+  // decode step at 4.00 ms against 3.88.
   const int chunks = (K + kChunk - 1) / kChunk;
   int base, stride, cnt;
   if (p.interleave) {
@@ -413,21 +414,15 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   // Chunks in flight per warp (H100, batch 1, docs/PERF_fp8_gpu.md): 4 (80 registers, 3 blocks per
   // SM) puts qkv's 384 tiles in one wave (11.2 us against 14.8 with 8) and won the decode step
   // (3.74-3.78 ms against 3.88 with 8). 8 (115 registers, 2 blocks per SM) streams down_proj's long
-  // rows faster alone (27.2 against 29.1 us) but not inside the step (3.76-3.78 with 8 for K >= 8192
-  // only: the fat blocks leave no room for the next kernel's early PDL blocks).
-  // KILN_FP8_GEMV_LOADS=8 for A/B (44: 4 under a 64-register cap, 4 blocks per SM; slower).
+  // rows faster alone (27.2 against 29.1 us) but not inside the step (3.76-3.78 ms with 8 for
+  // K >= 8192 only; presumably the fat blocks leave no room for the next kernel's early PDL blocks).
+  // KILN_FP8_GEMV_LOADS=8 for A/B. Tried and not kept (no gain in the step): 12-warp blocks for the
+  // 256-tile shapes, a persistent grid walking tiles, cp.async stages in shared memory.
   static const int loads = env_int("KILN_FP8_GEMV_LOADS", 4);
   // (The silu pair holds two tiles' chunks: 4 of them already take 124 registers.)
   if (silu) launch<true, false, 4, 2>(p, grid, smem, s);
-  else if (fold) {
-    if (loads == 4) launch<false, true, 4, 3>(p, grid, smem, s);
-    else if (loads == 44) launch<false, true, 4, 4>(p, grid, smem, s);
-    else launch<false, true, 8, 2>(p, grid, smem, s);
-  } else {
-    if (loads == 4) launch<false, false, 4, 3>(p, grid, smem, s);
-    else if (loads == 44) launch<false, false, 4, 4>(p, grid, smem, s);
-    else launch<false, false, 8, 2>(p, grid, smem, s);
-  }
+  else if (fold) loads == 8 ? launch<false, true, 8, 2>(p, grid, smem, s) : launch<false, true, 4, 3>(p, grid, smem, s);
+  else loads == 8 ? launch<false, false, 8, 2>(p, grid, smem, s) : launch<false, false, 4, 3>(p, grid, smem, s);
   return true;
 }
 
