@@ -124,7 +124,64 @@ struct CudaOps::ProfScope {
   }
 };
 
+static int fuse_quant_mode() {
+  static const int m = [] {
+    const char* e = std::getenv("KILN_FP8_FUSE_QUANT");
+    return e && *e ? std::atoi(e) : 1;
+  }();
+  return m;
+}
+
+void CudaOps::flush_silu() {
+  if (!silu_.on) return;
+  silu_.on = false;
+  ProfScope prof(this, "silu_mul");
+  launch_silu_mul(static_cast<const bf16_t*>(silu_.gate), silu_.ldg, static_cast<const bf16_t*>(silu_.up), silu_.ldu,
+                  static_cast<bf16_t*>(silu_.out), silu_.ldo, int32_t(silu_.n), int32_t(silu_.dim), stream_);
+}
+
+bool CudaOps::take_silu_quant(const View& xv, int64_t n, const Weight& w) {
+  if (!silu_.on || xv.ptr != silu_.out || xv.ld != silu_.ldo || n != silu_.n || w.cols != silu_.dim) return false;
+  auto f = fp8_.find(w.data);
+  // Only where matmul() takes the quantize + GEMM path (never the GEMV, which reads the bf16 x).
+  if (f == fp8_.end() || f->second.act != Fp8Act::kStatic || n <= gemm_->gemv_max_m() || n > caps_.tokens ||
+      w.cols > fp8_cols_ || fuse_quant_mode() == 0)
+    return false;
+  const Fp8Weight& q = f->second;
+  ProfScope prof(this, "silu_mul+quantize fp8", n, w.cols);
+  const bool keep_bf16 = fuse_quant_mode() == 2;
+  launch_silu_mul_quantize_fp8(static_cast<const bf16_t*>(silu_.gate), silu_.ldg, static_cast<const bf16_t*>(silu_.up),
+                               silu_.ldu, int32_t(n), int32_t(w.cols), q.d_input_scale, xq_, x_scales_, q.per_channel,
+                               keep_bf16 ? static_cast<bf16_t*>(silu_.out) : nullptr, silu_.ldo, stream_);
+  xq_holds_ = {xv.ptr, xv.ld, n, w.cols, q.d_input_scale, q.per_channel};
+  if (!keep_bf16) silu_lazy_ = silu_;
+  silu_.on = false;
+  return true;
+}
+
+void CudaOps::touch(const void* p) {
+  if (!silu_lazy_.on || !p) return;
+  const char* c = static_cast<const char*>(p);
+  const char* g0 = static_cast<const char*>(gate_up_);
+  const bool in_gate_up = c >= g0 && c < g0 + size_t(caps_.tokens) * 2 * size_t(c_.intermediate_size) * 2;
+  if (!in_gate_up && p != silu_lazy_.out) return;
+  silu_lazy_.on = false;
+  ProfScope prof(this, "silu_mul (deferred bf16)");
+  launch_silu_mul(static_cast<const bf16_t*>(silu_lazy_.gate), silu_lazy_.ldg,
+                  static_cast<const bf16_t*>(silu_lazy_.up), silu_lazy_.ldu, static_cast<bf16_t*>(silu_lazy_.out),
+                  silu_lazy_.ldo, int32_t(silu_lazy_.n), int32_t(silu_lazy_.dim), stream_);
+}
+
+// [gate | up] rows 0..n are about to be rewritten as a whole: a skipped product that lived in gate
+// is dead (nothing can read it any more), anything else is computed first.
+void CudaOps::gate_up_rewritten(const void* gate, int64_t n) {
+  if (silu_lazy_.on && gate == bufs_[size_t(Buf::kGate)] && silu_lazy_.out == gate && n >= silu_lazy_.n)
+    silu_lazy_.on = false;
+  touch(gate);
+}
+
 void CudaOps::flush_pending() {
+  flush_silu();
   if (!pending_.on) return;
   pending_.on = false;
   matmul(pending_.x, pending_.ldx, pending_.n, pending_.w, pending_.rows, pending_.cols, pending_.y, pending_.ldy, false);
@@ -169,8 +226,12 @@ void CudaOps::matmul(const void* x, int64_t ldx, int64_t n, const void* w, int64
   // Vector scales whenever either side has them: per-token activations, or per-channel weights
   // (the per-tensor side is then repeated: d_row_scales / the quantizer's per-row output).
   const bool vec = q.per_channel || q.act == Fp8Act::kDynamicToken;
-  launch_quantize_fp8(static_cast<const bf16_t*>(x), ldx, int32_t(n), int32_t(cols), q.act, q.d_input_scale, xq_,
-                      x_scales_, vec, amax_, stream_);
+  const bool have = xq_holds_.x == x && xq_holds_.ldx == ldx && xq_holds_.n == n && xq_holds_.cols == cols &&
+                    q.act == Fp8Act::kStatic && xq_holds_.scale == q.d_input_scale && xq_holds_.per_row == vec;
+  xq_holds_ = {};
+  if (!have)
+    launch_quantize_fp8(static_cast<const bf16_t*>(x), ldx, int32_t(n), int32_t(cols), q.act, q.d_input_scale, xq_,
+                        x_scales_, vec, amax_, stream_);
   gemm_->linear_fp8(xq_, n, cols, x_scales_, vec, w, rows, cols, vec ? q.d_row_scales : q.d_scale, vec, y, ldy,
                     stream_);
 }
@@ -217,6 +278,9 @@ Status CudaOps::reserve(const StepCaps& want) {
   cudaFree(xq_);
   cudaFree(x_scales_);
   cudaFree(amax_);
+  silu_ = {};  // reserve() runs between steps, after the last op's flush
+  silu_lazy_ = {};
+  xq_holds_ = {};
   xq_ = nullptr;
   x_scales_ = nullptr;
   amax_ = nullptr;
@@ -332,6 +396,9 @@ void CudaOps::upload_step() {
 
 void CudaOps::begin_step(const StepBatch& batch) {
   flush_pending();
+  // The last step's activations are dead: a skipped bf16 product is never computed (and so never
+  // lands in a decode graph being captured).
+  silu_lazy_ = {};
   last_fused_ = {};
   pack_step(batch);
   if (!external_upload_) upload_step();
@@ -350,6 +417,7 @@ CudaOps::View CudaOps::view(Act p, int64_t dense_ld) const {
 void CudaOps::embed(const Weight& table, Act out) {
   ProfScope prof(this, "embed");
   flush_pending();
+  touch(out);
   last_fused_ = {};
   View o = view(out, table.cols);
   KILN_CHECK_MSG(o.f32, "embed writes the f32 residual buffer");
@@ -360,6 +428,8 @@ void CudaOps::embed(const Weight& table, Act out) {
 void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
   ProfScope prof(this, "rms_norm");
   flush_pending();
+  touch(x);
+  touch(out);
   last_fused_ = {};
   View xv = view(x, dim), ov = view(out, dim);
   launch_rms_norm(xv.ptr, xv.f32, xv.ld, static_cast<const float*>(w.data), int32_t(n), int32_t(dim), eps,
@@ -369,6 +439,8 @@ void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps
 void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
   ProfScope prof(this, "add_rms_norm (+ folded GEMV)");
   last_fused_ = {};
+  touch(delta);
+  touch(out);
   View rv = view(residual, dim), dv = view(delta, dim), ov = view(out, dim);
   KILN_CHECK_MSG(rv.f32 && rv.ld == dim, "add_rms_norm: the residual is the dense f32 buffer");
   if (pending_.on && pending_.y == dv.ptr && pending_.n == n && pending_.rows == dim && !ov.f32 &&
@@ -388,8 +460,13 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
 
 void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act y) {
   ProfScope prof(this, fp8_.count(w.data) ? "linear fp8" : "linear bf16", w.rows, w.cols);
-  flush_pending();
   View xv = view(x, w.cols), yv = view(y, w.rows);
+  // Before flush_pending, which would launch the recorded silu_mul plain; x is then read as xq_ only.
+  const bool prequant = take_silu_quant(xv, n, w);
+  flush_pending();
+  if (!prequant) touch(x);
+  if (y == bufs_[size_t(Buf::kGate)]) gate_up_rewritten(y, n);
+  touch(y);
   if (y == bufs_[size_t(Buf::kProj)] && !yv.f32 && (!bias || bias->empty()) && n >= 1 && n <= 4 &&
       n <= gemm_->gemv_max_m() && fused_norm_enabled() && fused_.find(w.data) == fused_.end()) {
     last_fused_ = {};
@@ -422,6 +499,9 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
 void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act gate, Act up) {
   ProfScope prof(this, "gate_up+silu", l.w_gate.rows, l.w_gate.cols);
   flush_pending();
+  touch(x);
+  gate_up_rewritten(gate, n);
+  touch(up);
   const int64_t I = l.w_gate.rows;
   auto f = fused_.find(l.w_gate.data);
   // Decode: one GEMV over [gate; up] with silu(gate) * up in its epilogue (no silu_mul kernel).
@@ -440,6 +520,7 @@ void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act g
 void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, const Weight& w, float eps) {
   ProfScope prof(this, "head_rms_norm");
   flush_pending();
+  touch(x);
   last_fused_ = {};
   View xv = view(x, heads * head_dim);
   launch_head_rms_norm(static_cast<bf16_t*>(xv.ptr), xv.ld, int32_t(n), int32_t(heads), int32_t(head_dim),
@@ -449,6 +530,8 @@ void CudaOps::head_rms_norm(Act x, int64_t n, int64_t heads, int64_t head_dim, c
 void CudaOps::rope(Act q, Act k, const ModelConfig& c) {
   ProfScope prof(this, "rope");
   flush_pending();
+  touch(q);
+  touch(k);
   last_fused_ = {};
   View qv = view(q, c.q_dim()), kv = view(k, c.kv_dim());
   launch_rope(static_cast<bf16_t*>(qv.ptr), qv.ld, static_cast<bf16_t*>(kv.ptr), kv.ld, d_tokens_, T_, inv_freq_,
@@ -488,6 +571,7 @@ AttnParams CudaOps::attn_params(int32_t layer, Act q, Act out, const ModelConfig
 void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
   ProfScope prof(this, "attention");
   flush_pending();
+  for (Act p : {q, k, v, out}) touch(p);
   last_fused_ = {};
   View kv = view(k, c.kv_dim()), vv = view(v, c.kv_dim());
   if (kv_->fp8)
@@ -506,6 +590,7 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
 void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
   ProfScope prof(this, "rope+attention");
   flush_pending();
+  for (Act p : {q, k, v, out}) touch(p);
   // KILN_FUSED_DECODE_ATTENTION=0: the separate kernels everywhere (to measure the fusion)
   static const bool fused = [] {
     const char* e = std::getenv("KILN_FUSED_DECODE_ATTENTION");
@@ -529,17 +614,18 @@ void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConf
 }
 
 void CudaOps::silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) {
-  ProfScope prof(this, "silu_mul");
   flush_pending();
   last_fused_ = {};
+  for (Act p : {gate, up, out}) touch(p);
   View gv = view(gate, dim), uv = view(up, dim), ov = view(out, dim);
-  launch_silu_mul(static_cast<const bf16_t*>(gv.ptr), gv.ld, static_cast<const bf16_t*>(uv.ptr), uv.ld,
-                  static_cast<bf16_t*>(ov.ptr), ov.ld, int32_t(n), int32_t(dim), stream_);
+  // Recorded: launched by the next op (fused with down_proj's FP8 quantization where it can be).
+  silu_ = {true, gv.ptr, uv.ptr, ov.ptr, gv.ld, uv.ld, ov.ld, n, dim};
 }
 
 void CudaOps::gather_logit_rows(Act x, int64_t dim, Act out) {
   ProfScope prof(this, "gather_logit_rows");
   flush_pending();
+  touch(x);
   last_fused_ = {};
   View xv = view(x, dim);
   launch_gather_rows(static_cast<const bf16_t*>(xv.ptr), xv.ld, d_rows_, L_, int32_t(dim), static_cast<bf16_t*>(out),
@@ -548,6 +634,7 @@ void CudaOps::gather_logit_rows(Act x, int64_t dim, Act out) {
 
 void CudaOps::write_buffer(Buf b, const float* host, int64_t rows, int64_t cols) {
   flush_pending();
+  touch(bufs_[size_t(b)]);
   View v = view(bufs_[size_t(b)], cols);
   if (v.f32) {
     KILN_CHECK(cuda_ok(cudaMemcpy2D(v.ptr, size_t(v.ld) * 4, host, size_t(cols) * 4, size_t(cols) * 4, size_t(rows),
@@ -562,6 +649,7 @@ void CudaOps::write_buffer(Buf b, const float* host, int64_t rows, int64_t cols)
 
 std::vector<float> CudaOps::read_buffer(Buf b, int64_t rows, int64_t cols) {
   flush_pending();
+  touch(bufs_[size_t(b)]);
   KILN_CHECK(cuda_ok(cudaStreamSynchronize(stream_), "read_buffer"));
   View v = view(bufs_[size_t(b)], cols);
   std::vector<float> out(size_t(rows * cols));

@@ -113,6 +113,32 @@ class CudaOps final : public Ops {
   void matmul(const void* x, int64_t ldx, int64_t n, const void* w, int64_t rows, int64_t cols, void* y, int64_t ldy,
               bool y_f32);
   GemvW gemv_weight(const void* w) const;
+  // Prefill FP8 down_proj: silu_mul() only records (silu_); the next op launches it. When that op
+  // is linear(out, w) on a static-scale FP8 weight taking the GEMM path, one kernel writes the FP8
+  // codes of the product into xq_ (launch_silu_mul_quantize_fp8) and matmul() skips its quantize
+  // pass (xq_holds_); by default the bf16 product is then not written at all (silu_lazy_): any
+  // later op that reads or partly writes gate/up or the product computes it first (touch), and a
+  // full rewrite of [gate | up] ends the record. KILN_FP8_FUSE_QUANT=0: separate kernels; =2: the
+  // fused kernel also writes the bf16 product.
+  struct SiluRec {
+    bool on = false;
+    const void* gate = nullptr;
+    const void* up = nullptr;
+    void* out = nullptr;
+    int64_t ldg = 0, ldu = 0, ldo = 0, n = 0, dim = 0;
+  };
+  void flush_silu();
+  bool take_silu_quant(const View& xv, int64_t n, const Weight& w);
+  void touch(const void* p);
+  void gate_up_rewritten(const void* gate, int64_t n);
+  SiluRec silu_, silu_lazy_;
+  struct {
+    const void* x = nullptr;
+    int64_t ldx = 0, n = 0, cols = 0;
+    const float* scale = nullptr;
+    bool per_row = false;
+  } xq_holds_;  // xq_ = quantize(x [n, cols], *scale) already (x_scales_ written per_row or not)
+
   struct Fused {
     const void* head;
     int64_t rows;

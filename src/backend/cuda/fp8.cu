@@ -125,6 +125,51 @@ __global__ void scale_outer_kernel(bf16* y, int64_t ldy, int32_t n, int32_t N, c
   }
 }
 
+// silu(g) * u rounded to bf16, the expression of kernels.cu's silu_mul_kernel (same operations in
+// the same order, so the same bits; FusedSiluQuant tests hold the two together).
+__device__ __forceinline__ float silu_mul_bf16(bf16 g, bf16 u, bf16* o) {
+  const float gv = __bfloat162float(g);
+  *o = __float2bfloat16(gv / (1.0f + __expf(-gv)) * __bfloat162float(u));
+  return __bfloat162float(*o);
+}
+
+// grid (column chunks, rows): kVec: 8 columns per thread with 16-byte loads (every row pointer
+// aligned, dim % 8 == 0), else one column per thread.
+template <bool kVec, bool kOut>
+__global__ void silu_mul_quantize_kernel(const bf16* gate, int64_t ldg, const bf16* up, int64_t ldu, int32_t n,
+                                         int32_t dim, const float* scale, uint8_t* xq, float* scales_out,
+                                         bool per_row, bf16* out, int64_t ldo) {
+  pdl_trigger();
+  pdl_wait();  // gate / up are the previous kernel's output
+  const float s = *scale;
+  const int32_t cols = kVec ? dim / 8 : dim;
+  for (int64_t r = blockIdx.y; r < n; r += gridDim.y) {
+    if (blockIdx.x == 0 && threadIdx.x == 0 && (per_row || r == 0)) scales_out[per_row ? r : 0] = s;
+    const bf16* gr = gate + r * ldg;
+    const bf16* ur = up + r * ldu;
+    uint8_t* qr = xq + r * int64_t(dim);
+    for (int32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+      if constexpr (kVec) {
+        const uint4 gv = reinterpret_cast<const uint4*>(gr)[c];
+        const uint4 uv = reinterpret_cast<const uint4*>(ur)[c];
+        const bf16* g = reinterpret_cast<const bf16*>(&gv);
+        const bf16* u = reinterpret_cast<const bf16*>(&uv);
+        uint4 ov;
+        bf16* o = reinterpret_cast<bf16*>(&ov);
+        uint8_t q[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q[j] = to_fp8(silu_mul_bf16(g[j], u[j], &o[j]) / s);
+        *reinterpret_cast<uint2*>(qr + 8 * int64_t(c)) = *reinterpret_cast<const uint2*>(q);
+        if (kOut) reinterpret_cast<uint4*>(out + r * ldo)[c] = ov;
+      } else {
+        bf16 o;
+        qr[c] = to_fp8(silu_mul_bf16(gr[c], ur[c], &o) / s);
+        if (kOut) out[r * ldo + c] = o;
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ uint64_t mix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
@@ -173,6 +218,28 @@ void launch_quantize_fp8(const bf16_t* x, int64_t ldx, int32_t n, int32_t K, Fp8
                static_cast<const unsigned int*>(amax_scratch), xq, scales_out, per_row);
   else
     quantize_rows_kernel<<<n, 256, 0, s>>>(xb, ldx, K, int(mode), static_scale, amax_scratch, xq, scales_out, per_row);
+}
+
+void launch_silu_mul_quantize_fp8(const bf16_t* gate, int64_t ldg, const bf16_t* up, int64_t ldu, int32_t n,
+                                  int32_t dim, const float* static_scale, uint8_t* xq, float* scales_out,
+                                  bool scales_per_row, bf16_t* out, int64_t ldo, cudaStream_t s) {
+  if (n <= 0 || dim <= 0) return;
+  auto a16 = [](const void* p, int64_t ld) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0 && (ld & 7) == 0; };
+  const bool vec = (dim & 7) == 0 && a16(gate, ldg) && a16(up, ldu) && (reinterpret_cast<uintptr_t>(xq) & 7) == 0 &&
+                   (!out || a16(out, ldo));
+  const int32_t cols = vec ? dim / 8 : dim;
+  const dim3 grid((cols + 255) / 256, n < 65535 ? n : 65535);
+  const bf16* g = reinterpret_cast<const bf16*>(gate);
+  const bf16* u = reinterpret_cast<const bf16*>(up);
+  bf16* o = reinterpret_cast<bf16*>(out);
+  auto go = [&](auto kernel) {
+    launch_pdl(kernel, grid, dim3(256), 0, s, g, ldg, u, ldu, n, dim, static_scale, xq, scales_out, scales_per_row, o,
+               ldo);
+  };
+  if (vec)
+    out ? go(silu_mul_quantize_kernel<true, true>) : go(silu_mul_quantize_kernel<true, false>);
+  else
+    out ? go(silu_mul_quantize_kernel<false, true>) : go(silu_mul_quantize_kernel<false, false>);
 }
 
 void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const float* a, bool a_per_row, const float* b,

@@ -1,0 +1,216 @@
+// silu_mul fused with the FP8 quantization of down_proj's input (fp8.h launch_silu_mul_quantize_fp8)
+// against the two kernels it replaces (launch_silu_mul, then launch_quantize_fp8 kStatic): the
+// codes, the scales and the optional bf16 product must be byte-identical, so prefill computes the
+// same function fused or not. Then CudaOps's deferral: silu_mul + linear(w_down FP8 static) gives
+// the same projection as the separate kernels + the FP8 GEMM, and the skipped bf16 product is
+// computed when something reads it. Without a GPU every test skips with the reason.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/fp8.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernels.h"
+#include "cuda_test_util.h"
+
+using namespace kiln;
+using namespace kiln::cuda_test;
+using kiln::cuda::bf16_t;
+
+namespace {
+
+template <class T>
+T* dev_alloc(size_t n) {
+  void* p = nullptr;
+  EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(T)), cudaSuccess);
+  cudaMemset(p, 0, std::max<size_t>(1, n) * sizeof(T));
+  return static_cast<T*>(p);
+}
+
+template <class T>
+std::vector<T> to_host(const T* d, size_t n) {
+  std::vector<T> v(n);
+  cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
+  return v;
+}
+
+// First differing index of two byte ranges, or -1.
+int64_t first_diff(const void* a, const void* b, size_t n) {
+  const auto* x = static_cast<const uint8_t*>(a);
+  const auto* y = static_cast<const uint8_t*>(b);
+  for (size_t i = 0; i < n; ++i)
+    if (x[i] != y[i]) return int64_t(i);
+  return -1;
+}
+
+struct SiluCase {
+  int n, dim;
+  float scale;  // static activation scale; small ones saturate (|silu(g) u| / s > 448)
+};
+
+}  // namespace
+
+// gate | up live in one [n, 2 dp] buffer (dp = dim rounded up to 8, the reference kernel's
+// granularity), as CudaOps's gate_up_ does; dim not a multiple of 8 takes the scalar path.
+TEST(CudaFp8Fused, SiluQuantMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  std::mt19937 rng(11);
+  cudaStream_t s = nullptr;
+  const SiluCase cases[] = {{1, 14336, 0.05f},  {7, 14336, 0.02f},  {333, 14336, 0.003f}, {1031, 14336, 0.05f},
+                            {37, 256, 1.0f},     {5, 1000, 0.004f},  {3, 13, 0.01f},      {129, 77, 0.05f},
+                            {64, 4104, 0.002f},  {2, 1, 0.1f},       {300, 5, 0.001f}};
+  for (const SiluCase& tc : cases)
+    for (bool per_row : {false, true})
+      for (bool keep_bf16 : {false, true}) {
+        const int dp = (tc.dim + 7) / 8 * 8, ld = 2 * dp;
+        const size_t rows = size_t(tc.n);
+        std::vector<float> gu = random_vec(rows * ld, rng, 2.0f);
+        gu[0] = 30.0f;  // a large product: saturates even at scale 0.1
+        gu[size_t(dp)] = -25.0f;
+        std::vector<bf16_t> gub(gu.size());
+        for (size_t i = 0; i < gu.size(); ++i) gub[i] = f32_to_bf16(gu[i]);
+        auto* d_gu = dev_alloc<bf16_t>(gub.size());
+        cudaMemcpy(d_gu, gub.data(), gub.size() * 2, cudaMemcpyHostToDevice);
+        auto* d_scale = dev_alloc<float>(1);
+        cudaMemcpy(d_scale, &tc.scale, 4, cudaMemcpyHostToDevice);
+        // Reference: the two kernels of the unfused path.
+        auto* d_prod = dev_alloc<bf16_t>(rows * dp);
+        auto* d_q_ref = dev_alloc<uint8_t>(rows * tc.dim);
+        auto* d_s_ref = dev_alloc<float>(rows);
+        cuda::launch_silu_mul(d_gu, ld, d_gu + dp, ld, d_prod, dp, tc.n, dp, s);
+        cuda::launch_quantize_fp8(d_prod, dp, tc.n, tc.dim, cuda::Fp8Act::kStatic, d_scale, d_q_ref, d_s_ref, per_row,
+                                  nullptr, s);
+        // Fused.
+        auto* d_q = dev_alloc<uint8_t>(rows * tc.dim);
+        auto* d_s = dev_alloc<float>(rows);
+        auto* d_out = keep_bf16 ? dev_alloc<bf16_t>(rows * dp) : nullptr;
+        cuda::launch_silu_mul_quantize_fp8(d_gu, ld, d_gu + dp, ld, tc.n, tc.dim, d_scale, d_q, d_s, per_row, d_out, dp,
+                                           s);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const auto q_ref = to_host(d_q_ref, rows * tc.dim), q = to_host(d_q, rows * tc.dim);
+        const auto s_ref = to_host(d_s_ref, per_row ? rows : 1), sc = to_host(d_s, per_row ? rows : 1);
+        int sat = 0;
+        for (uint8_t b : q) sat += (b & 0x7f) == 0x7e;  // +-448
+        const int64_t dq = first_diff(q.data(), q_ref.data(), q.size());
+        EXPECT_EQ(dq, -1) << "n " << tc.n << " dim " << tc.dim << " scale " << tc.scale << ": code " << dq << " (row "
+                          << dq / tc.dim << ") fused " << int(dq >= 0 ? q[size_t(dq)] : 0) << " vs "
+                          << int(dq >= 0 ? q_ref[size_t(dq)] : 0);
+        EXPECT_EQ(first_diff(sc.data(), s_ref.data(), sc.size() * 4), -1) << "scales, n " << tc.n << " dim " << tc.dim;
+        if (keep_bf16) {
+          std::vector<bf16_t> p_ref = to_host(d_prod, rows * dp), p = to_host(d_out, rows * dp);
+          for (size_t r = 0; r < rows; ++r)
+            ASSERT_EQ(first_diff(p.data() + r * dp, p_ref.data() + r * dp, size_t(tc.dim) * 2), -1)
+                << "bf16 product, n " << tc.n << " dim " << tc.dim << " row " << r;
+        }
+        if (!per_row && !keep_bf16)
+          std::printf("[silu+quant] n %5d dim %5d scale %.3g: %zu codes identical (%d saturated)\n", tc.n, tc.dim,
+                      double(tc.scale), q.size(), sat);
+        for (void* p : {static_cast<void*>(d_gu), static_cast<void*>(d_scale), static_cast<void*>(d_prod),
+                        static_cast<void*>(d_q_ref), static_cast<void*>(d_s_ref), static_cast<void*>(d_q),
+                        static_cast<void*>(d_s), static_cast<void*>(d_out)})
+          cudaFree(p);
+      }
+}
+
+// CudaOps at prefill: silu_mul(gate, up, T, I, gate) then linear(gate, w_down FP8 static) through
+// the deferral equals the separate kernels + the FP8 GEMM bit for bit, and reading the gate buffer
+// afterwards yields the bf16 product (computed then under the default KILN_FP8_FUSE_QUANT=1).
+TEST(CudaFp8Fused, OpsSiluThenDownProjMatchesSeparate) {
+  REQUIRE_GPU();
+  const ModelConfig c = small_config(8, 2, 64, 256, 512);
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.init().is_ok());
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cuda::CudaOps ops(c, &gemm, stream);
+  ASSERT_TRUE(ops.reserve(cuda::StepCaps{64, 4, 4, 16}).is_ok());
+  std::mt19937 rng(21);
+  for (bool per_channel : {false, true}) {
+    // FP8 w_down [H, I]: random codes (no NaN: 0x7f / 0xff excluded), scales per tensor or row.
+    std::vector<uint8_t> wq(size_t(H * I));
+    for (auto& b : wq) {
+      b = uint8_t(rng() % 256);
+      if ((b & 0x7f) == 0x7f) b = 0x10;
+    }
+    std::vector<float> row_scales(static_cast<size_t>(H));
+    for (auto& r : row_scales) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.002f;
+    const float input_scale = 0.03f;
+    auto* d_w = dev_alloc<uint8_t>(wq.size());
+    cudaMemcpy(d_w, wq.data(), wq.size(), cudaMemcpyHostToDevice);
+    auto* d_rs = dev_alloc<float>(size_t(H));
+    cudaMemcpy(d_rs, row_scales.data(), size_t(H) * 4, cudaMemcpyHostToDevice);
+    auto* d_is = dev_alloc<float>(1);
+    cudaMemcpy(d_is, &input_scale, 4, cudaMemcpyHostToDevice);
+    cuda::Fp8Weight f;
+    f.scale = row_scales[0];
+    f.d_scale = d_rs;
+    f.d_row_scales = d_rs;
+    f.per_channel = per_channel;
+    f.act = cuda::Fp8Act::kStatic;
+    f.d_input_scale = d_is;
+    ops.register_fp8(d_w, f);
+    Weight w_down;
+    w_down.format = WeightFormat::kF8E4M3;
+    w_down.rows = H;
+    w_down.cols = I;
+    w_down.row_bytes = size_t(I);
+    w_down.data = d_w;
+
+    const int64_t T = 37;
+    StepBatch b;
+    b.clear();
+    b.max_blocks_per_seq = 4;
+    for (int i = 0; i < T; ++i) {
+      b.token_ids.push_back(i);
+      b.positions.push_back(i);
+    }
+    b.query_start.push_back(int32_t(T));
+    b.context_lens.push_back(int32_t(T));
+    for (int j = 0; j < 4; ++j) b.block_tables.push_back(j);
+    b.logits_rows.push_back(int32_t(T - 1));
+    ops.begin_step(b);
+    std::vector<float> g = random_vec(size_t(T * I), rng, 2.0f), u = random_vec(size_t(T * I), rng, 2.0f);
+    ops.write_buffer(Buf::kGate, g.data(), T, I);
+    ops.write_buffer(Buf::kUp, u.data(), T, I);
+
+    // Reference on the same device data: separate kernels, then the FP8 GEMM.
+    const int64_t ld = 2 * I;
+    const auto* gate = static_cast<const bf16_t*>(ops.buffer(Buf::kGate));
+    const auto* up = static_cast<const bf16_t*>(ops.buffer(Buf::kUp));
+    auto* d_prod = dev_alloc<bf16_t>(size_t(T * I));
+    auto* d_xq = dev_alloc<uint8_t>(size_t(T * I));
+    auto* d_xs = dev_alloc<float>(size_t(T));
+    auto* d_y = dev_alloc<bf16_t>(size_t(T * H));
+    cuda::launch_silu_mul(gate, ld, up, ld, d_prod, I, int32_t(T), int32_t(I), stream);
+    cuda::launch_quantize_fp8(d_prod, I, int32_t(T), int32_t(I), cuda::Fp8Act::kStatic, d_is, d_xq, d_xs, per_channel,
+                              nullptr, stream);
+    gemm.linear_fp8(d_xq, T, I, d_xs, per_channel, d_w, H, I, d_rs, per_channel, d_y, H, stream);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    const std::vector<bf16_t> y_ref = to_host(d_y, size_t(T * H)), prod_ref = to_host(d_prod, size_t(T * I));
+
+    // The engine's calls (forward.cpp), then the projection and the gate buffer read back.
+    ops.silu_mul(ops.buffer(Buf::kGate), ops.buffer(Buf::kUp), T, I, ops.buffer(Buf::kGate));
+    ops.linear(ops.buffer(Buf::kGate), T, w_down, nullptr, ops.buffer(Buf::kProj));
+    const std::vector<float> y = ops.read_buffer(Buf::kProj, T, H);
+    const std::vector<float> prod = ops.read_buffer(Buf::kGate, T, I);
+    int bad_y = 0, bad_p = 0;
+    for (size_t i = 0; i < y.size(); ++i) bad_y += y[i] != bf16_to_f32(y_ref[i]);
+    for (size_t i = 0; i < prod.size(); ++i) bad_p += prod[i] != bf16_to_f32(prod_ref[i]);
+    EXPECT_EQ(bad_y, 0) << "per_channel " << per_channel << ": down_proj outputs differ from the separate path";
+    EXPECT_EQ(bad_p, 0) << "per_channel " << per_channel << ": the bf16 silu product read back differs";
+    double amax = 0;
+    for (float v : y) amax = std::max(amax, double(std::fabs(v)));
+    EXPECT_GT(amax, 0.0);
+    std::printf("[ops silu+down fp8] per_channel %d: %lld x %lld outputs identical (max |y| %.3g), product identical\n",
+                int(per_channel), (long long)T, (long long)H, amax);
+    for (void* p : {static_cast<void*>(d_w), static_cast<void*>(d_rs), static_cast<void*>(d_is),
+                    static_cast<void*>(d_prod), static_cast<void*>(d_xq), static_cast<void*>(d_xs),
+                    static_cast<void*>(d_y)})
+      cudaFree(p);
+  }
+  cudaStreamDestroy(stream);
+}
