@@ -214,3 +214,205 @@ TEST(CudaFp8Fused, OpsSiluThenDownProjMatchesSeparate) {
   }
   cudaStreamDestroy(stream);
 }
+
+// add_rms_norm fused with the quantization of its output against launch_add_rms_norm followed by
+// launch_quantize_fp8: residual, bf16 output, codes and scales byte-identical; dims covering the
+// three block sizes (128, 256, 1024 threads) and odd ones.
+TEST(CudaFp8Fused, AddRmsNormQuantMatchesSeparateKernels) {
+  REQUIRE_GPU();
+  std::mt19937 rng(12);
+  cudaStream_t s = nullptr;
+  const SiluCase cases[] = {{1, 4096, 0.02f}, {37, 4096, 0.005f}, {1031, 4096, 0.03f}, {5, 5120, 0.01f},
+                            {3, 77, 0.02f},   {129, 200, 0.004f}, {17, 300, 0.05f},   {2, 1, 0.1f}};
+  for (const SiluCase& tc : cases)
+    for (bool per_row : {false, true}) {
+      const size_t rows = size_t(tc.n), dim = size_t(tc.dim), ldd = dim + 3, ldo = dim + 5;
+      std::vector<float> res = random_vec(rows * dim, rng, 3.0f, false), wv = random_vec(dim, rng, 1.0f, false);
+      std::vector<float> dl = random_vec(rows * ldd, rng, 1.0f);
+      std::vector<bf16_t> dlb(dl.size());
+      for (size_t i = 0; i < dl.size(); ++i) dlb[i] = f32_to_bf16(dl[i]);
+      auto* d_res_ref = dev_alloc<float>(res.size());
+      auto* d_res = dev_alloc<float>(res.size());
+      cudaMemcpy(d_res_ref, res.data(), res.size() * 4, cudaMemcpyHostToDevice);
+      cudaMemcpy(d_res, res.data(), res.size() * 4, cudaMemcpyHostToDevice);
+      auto* d_w = dev_alloc<float>(dim);
+      cudaMemcpy(d_w, wv.data(), dim * 4, cudaMemcpyHostToDevice);
+      auto* d_dl = dev_alloc<bf16_t>(dlb.size());
+      cudaMemcpy(d_dl, dlb.data(), dlb.size() * 2, cudaMemcpyHostToDevice);
+      auto* d_scale = dev_alloc<float>(1);
+      cudaMemcpy(d_scale, &tc.scale, 4, cudaMemcpyHostToDevice);
+      auto* d_out_ref = dev_alloc<bf16_t>(rows * ldo);
+      auto* d_out = dev_alloc<bf16_t>(rows * ldo);
+      auto* d_q_ref = dev_alloc<uint8_t>(rows * dim);
+      auto* d_q = dev_alloc<uint8_t>(rows * dim);
+      auto* d_s_ref = dev_alloc<float>(rows);
+      auto* d_s = dev_alloc<float>(rows);
+      cuda::launch_add_rms_norm(d_res_ref, d_dl, int64_t(ldd), d_w, tc.n, tc.dim, 1e-5f, d_out_ref, int64_t(ldo), s);
+      cuda::launch_quantize_fp8(d_out_ref, int64_t(ldo), tc.n, tc.dim, cuda::Fp8Act::kStatic, d_scale, d_q_ref, d_s_ref,
+                                per_row, nullptr, s);
+      cuda::launch_add_rms_norm_quantize_fp8(d_res, d_dl, int64_t(ldd), d_w, tc.n, tc.dim, 1e-5f, d_out, int64_t(ldo),
+                                             d_scale, d_q, d_s, per_row, s);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::string what = "n " + std::to_string(tc.n) + " dim " + std::to_string(tc.dim);
+      auto same = [&](const void* a, const void* b, size_t bytes, const char* name) {
+        std::vector<uint8_t> x(bytes), y(bytes);
+        cudaMemcpy(x.data(), a, bytes, cudaMemcpyDeviceToHost);
+        cudaMemcpy(y.data(), b, bytes, cudaMemcpyDeviceToHost);
+        const int64_t d = first_diff(x.data(), y.data(), bytes);
+        EXPECT_EQ(d, -1) << name << " differs at byte " << d << ", " << what;
+      };
+      same(d_res, d_res_ref, rows * dim * 4, "residual");
+      same(d_q, d_q_ref, rows * dim, "codes");
+      same(d_s, d_s_ref, (per_row ? rows : 1) * 4, "scales");
+      std::vector<bf16_t> o = to_host(d_out, rows * ldo), o_ref = to_host(d_out_ref, rows * ldo);
+      for (size_t r = 0; r < rows; ++r)
+        ASSERT_EQ(first_diff(o.data() + r * ldo, o_ref.data() + r * ldo, dim * 2), -1) << "bf16 out row " << r << ", " << what;
+      if (!per_row) {
+        const auto q = to_host(d_q, rows * dim);
+        int sat = 0;
+        for (uint8_t b : q) sat += (b & 0x7f) == 0x7e;
+        std::printf("[add_rms_norm+quant] %s scale %.3g: residual, bf16, %zu codes identical (%d saturated)\n",
+                    what.c_str(), double(tc.scale), q.size(), sat);
+      }
+      for (void* p : {static_cast<void*>(d_res_ref), static_cast<void*>(d_res), static_cast<void*>(d_w),
+                      static_cast<void*>(d_dl), static_cast<void*>(d_scale), static_cast<void*>(d_out_ref),
+                      static_cast<void*>(d_out), static_cast<void*>(d_q_ref), static_cast<void*>(d_q),
+                      static_cast<void*>(d_s_ref), static_cast<void*>(d_s)})
+        cudaFree(p);
+    }
+}
+
+// CudaOps at prefill over one MLP: add_rms_norm -> linear_gate_up_silu -> linear(w_down), every
+// weight FP8 with a static input scale (gate and up unfused, so the norm's fused quantization
+// feeds w_gate and w_up quantizes the bf16 output it also wrote), against the separate kernels
+// and GEMMs: residual, normed output and projection bit for bit.
+TEST(CudaFp8Fused, OpsNormMlpMatchesSeparate) {
+  REQUIRE_GPU();
+  const ModelConfig c = small_config(8, 2, 64, 256, 512);
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.init().is_ok());
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cuda::CudaOps ops(c, &gemm, stream);
+  ASSERT_TRUE(ops.reserve(cuda::StepCaps{512, 4, 4, 64}).is_ok());
+  std::mt19937 rng(31);
+  std::vector<void*> mem;
+  auto dev = [&](const void* host, size_t bytes) {
+    void* p = dev_alloc<uint8_t>(bytes);
+    cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice);
+    mem.push_back(p);
+    return p;
+  };
+  struct W {
+    Weight w;
+    const float* is;
+    const float* rs;
+  };
+  auto make_w = [&](int64_t rows, int64_t cols, float in_scale, bool per_channel) {
+    std::vector<uint8_t> q(size_t(rows * cols));
+    for (auto& b : q) {
+      b = uint8_t(rng() % 256);
+      if ((b & 0x7f) == 0x7f) b = 0x10;
+    }
+    std::vector<float> rs(static_cast<size_t>(rows));
+    for (auto& r : rs) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.002f;
+    W w;
+    w.w.format = WeightFormat::kF8E4M3;
+    w.w.rows = rows;
+    w.w.cols = cols;
+    w.w.row_bytes = size_t(cols);
+    w.w.data = dev(q.data(), q.size());
+    w.rs = static_cast<const float*>(dev(rs.data(), rs.size() * 4));
+    w.is = static_cast<const float*>(dev(&in_scale, 4));
+    cuda::Fp8Weight f;
+    f.scale = rs[0];
+    f.d_scale = w.rs;
+    f.d_row_scales = w.rs;
+    f.per_channel = per_channel;
+    f.act = cuda::Fp8Act::kStatic;
+    f.d_input_scale = w.is;
+    ops.register_fp8(w.w.data, f);
+    return w;
+  };
+  for (bool per_channel : {false, true})
+    for (int64_t T : {37, 300}) {
+      const W wg = make_w(I, H, 0.02f, per_channel), wu = make_w(I, H, 0.015f, per_channel),
+              wd = make_w(H, I, 0.03f, per_channel);
+      std::vector<float> normw = random_vec(size_t(H), rng, 1.0f, false);
+      const auto* d_normw = static_cast<const float*>(dev(normw.data(), normw.size() * 4));
+      Weight norm;
+      norm.rows = 1;
+      norm.cols = H;
+      norm.data = d_normw;
+      LayerWeights l;
+      l.w_gate = wg.w;
+      l.w_up = wu.w;
+      StepBatch b;
+      b.clear();
+      b.max_blocks_per_seq = 32;
+      for (int i = 0; i < T; ++i) {
+        b.token_ids.push_back(i);
+        b.positions.push_back(i);
+      }
+      b.query_start.push_back(int32_t(T));
+      b.context_lens.push_back(int32_t(T));
+      for (int j = 0; j < 32; ++j) b.block_tables.push_back(j);
+      b.logits_rows.push_back(int32_t(T - 1));
+      ops.begin_step(b);
+      std::vector<float> res = random_vec(size_t(T * H), rng, 3.0f, false), delta = random_vec(size_t(T * H), rng);
+      ops.write_buffer(Buf::kResidual, res.data(), T, H);
+      ops.write_buffer(Buf::kProj, delta.data(), T, H);
+
+      // Reference: separate kernels and GEMMs on copies.
+      auto* r_res = static_cast<float*>(dev(res.data(), res.size() * 4));
+      const auto* proj = static_cast<const bf16_t*>(ops.buffer(Buf::kProj));
+      auto* h = dev_alloc<bf16_t>(size_t(T * H));
+      auto* g = dev_alloc<bf16_t>(size_t(T * 2 * I));  // [T, 2 I] as the engine's gate | up
+      bf16_t* u = g + I;
+      auto* y = dev_alloc<bf16_t>(size_t(T * H));
+      auto* xq = dev_alloc<uint8_t>(size_t(T * I));
+      auto* xs = dev_alloc<float>(size_t(T));
+      for (void* p : {static_cast<void*>(h), static_cast<void*>(g), static_cast<void*>(y),
+                      static_cast<void*>(xq), static_cast<void*>(xs)})
+        mem.push_back(p);
+      auto fp8_linear = [&](const bf16_t* x, int64_t ldx, int64_t K, const W& w, bf16_t* out, int64_t ldy) {
+        cuda::launch_quantize_fp8(x, ldx, int32_t(T), int32_t(K), cuda::Fp8Act::kStatic, w.is, xq, xs, per_channel,
+                                  nullptr, stream);
+        gemm.linear_fp8(xq, T, K, xs, per_channel, w.w.data, w.w.rows, K, w.rs, per_channel, out, ldy, stream);
+      };
+      cuda::launch_add_rms_norm(r_res, proj, H, d_normw, int32_t(T), int32_t(H), 1e-5f, h, H, stream);
+      fp8_linear(h, H, H, wg, g, 2 * I);
+      fp8_linear(h, H, H, wu, u, 2 * I);
+      cuda::launch_silu_mul(g, 2 * I, u, 2 * I, g, 2 * I, int32_t(T), int32_t(I), stream);
+      fp8_linear(g, 2 * I, I, wd, y, H);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+
+      // The engine's calls (forward.cpp's MLP).
+      ops.add_rms_norm(ops.buffer(Buf::kResidual), ops.buffer(Buf::kProj), norm, T, H, 1e-5f, ops.buffer(Buf::kNormed));
+      ops.linear_gate_up_silu(ops.buffer(Buf::kNormed), T, l, ops.buffer(Buf::kGate), ops.buffer(Buf::kUp));
+      ops.linear(ops.buffer(Buf::kGate), T, wd.w, nullptr, ops.buffer(Buf::kProj));
+      auto bad = [](const std::vector<float>& got, const std::vector<float>& ref) {
+        int64_t n = 0;
+        for (size_t i = 0; i < got.size(); ++i) n += !(got[i] == ref[i]);
+        return n;
+      };
+      auto bf = [](const std::vector<bf16_t>& v) {
+        std::vector<float> f(v.size());
+        for (size_t i = 0; i < v.size(); ++i) f[i] = bf16_to_f32(v[i]);
+        return f;
+      };
+      const std::string what = "per_channel " + std::to_string(per_channel) + " T " + std::to_string(T);
+      EXPECT_EQ(bad(ops.read_buffer(Buf::kResidual, T, H), to_host(r_res, size_t(T * H))), 0) << "residual, " << what;
+      EXPECT_EQ(bad(ops.read_buffer(Buf::kNormed, T, H), bf(to_host(h, size_t(T * H)))), 0) << "normed, " << what;
+      const std::vector<float> yo = ops.read_buffer(Buf::kProj, T, H), yr = bf(to_host(y, size_t(T * H)));
+      EXPECT_EQ(bad(yo, yr), 0) << "down_proj output, " << what;
+      double amax = 0;
+      for (float v : yo) amax = std::max(amax, double(std::fabs(v)));
+      EXPECT_GT(amax, 0.0);
+      std::printf("[ops norm+mlp fp8] %s: residual, normed and %lld x %lld outputs identical (max |y| %.3g)\n",
+                  what.c_str(), (long long)T, (long long)H, amax);
+    }
+  for (void* p : mem) cudaFree(p);
+  cudaStreamDestroy(stream);
+}

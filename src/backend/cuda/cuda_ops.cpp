@@ -180,8 +180,43 @@ void CudaOps::gate_up_rewritten(const void* gate, int64_t n) {
   touch(gate);
 }
 
+static bool fuse_norm_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_FP8_FUSE_NORM");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+void CudaOps::flush_norm() {
+  if (!norm_.on) return;
+  norm_.on = false;
+  ProfScope prof(this, "add_rms_norm");
+  launch_add_rms_norm(norm_.residual, static_cast<const bf16_t*>(norm_.delta), norm_.ld_delta, norm_.w,
+                      int32_t(norm_.n), int32_t(norm_.dim), norm_.eps, static_cast<bf16_t*>(norm_.out), norm_.ldo,
+                      stream_);
+}
+
+bool CudaOps::take_norm_quant(const View& xv, int64_t n, const Weight& w) {
+  if (!norm_.on || xv.ptr != norm_.out || xv.ld != norm_.ldo || n != norm_.n || w.cols != norm_.dim) return false;
+  auto f = fp8_.find(w.data);
+  // As take_silu_quant: only where matmul() quantizes for the GEMM.
+  if (f == fp8_.end() || f->second.act != Fp8Act::kStatic || n <= gemm_->gemv_max_m() || n > caps_.tokens ||
+      w.cols > fp8_cols_ || fuse_quant_mode() == 0 || !fuse_norm_enabled())
+    return false;
+  const Fp8Weight& q = f->second;
+  ProfScope prof(this, "add_rms_norm+quantize fp8", n, w.cols);
+  launch_add_rms_norm_quantize_fp8(norm_.residual, static_cast<const bf16_t*>(norm_.delta), norm_.ld_delta, norm_.w,
+                                   int32_t(n), int32_t(w.cols), norm_.eps, static_cast<bf16_t*>(norm_.out), norm_.ldo,
+                                   q.d_input_scale, xq_, x_scales_, q.per_channel, stream_);
+  xq_holds_ = {xv.ptr, xv.ld, n, w.cols, q.d_input_scale, q.per_channel};
+  norm_.on = false;
+  return true;
+}
+
 void CudaOps::flush_pending() {
   flush_silu();
+  flush_norm();
   if (!pending_.on) return;
   pending_.on = false;
   matmul(pending_.x, pending_.ldx, pending_.n, pending_.w, pending_.rows, pending_.cols, pending_.y, pending_.ldy, false);
@@ -279,6 +314,7 @@ Status CudaOps::reserve(const StepCaps& want) {
   cudaFree(x_scales_);
   cudaFree(amax_);
   silu_ = {};  // reserve() runs between steps, after the last op's flush
+  norm_ = {};
   silu_lazy_ = {};
   xq_holds_ = {};
   xq_ = nullptr;
@@ -453,6 +489,12 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
     return;
   }
   flush_pending();
+  if (n > gemm_->gemv_max_m() && !ov.f32 && !fp8_.empty() && fuse_quant_mode() != 0 && fuse_norm_enabled()) {
+    // Recorded: launched by the next op (fused with its FP8 input quantization where it can be).
+    norm_ = {true, static_cast<float*>(rv.ptr), dv.ptr, static_cast<const float*>(w.data), ov.ptr, dv.ld, ov.ld, n, dim,
+             eps};
+    return;
+  }
   launch_add_rms_norm(static_cast<float*>(rv.ptr), static_cast<const bf16_t*>(dv.ptr), dv.ld,
                       static_cast<const float*>(w.data), int32_t(n), int32_t(dim), eps, static_cast<bf16_t*>(ov.ptr),
                       ov.ld, stream_);
@@ -462,7 +504,9 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
   ProfScope prof(this, fp8_.count(w.data) ? "linear fp8" : "linear bf16", w.rows, w.cols);
   View xv = view(x, w.cols), yv = view(y, w.rows);
   // Before flush_pending, which would launch the recorded silu_mul plain; x is then read as xq_ only.
-  const bool prequant = take_silu_quant(xv, n, w);
+  // A pre-quantized input lives from the take to this call's matmul, never longer.
+  xq_holds_ = {};
+  const bool prequant = take_silu_quant(xv, n, w) || take_norm_quant(xv, n, w);
   flush_pending();
   if (!prequant) touch(x);
   if (y == bufs_[size_t(Buf::kGate)]) gate_up_rewritten(y, n);
@@ -498,7 +542,9 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
 
 void CudaOps::linear_gate_up_silu(Act x, int64_t n, const LayerWeights& l, Act gate, Act up) {
   ProfScope prof(this, "gate_up+silu", l.w_gate.rows, l.w_gate.cols);
-  flush_pending();
+  // A recorded prefill add_rms_norm (nothing else is recorded then) stays for linear(x, w_gate)
+  // below to fuse with its FP8 quantization.
+  if (!norm_.on || n <= gemm_->gemv_max_m()) flush_pending();
   touch(x);
   gate_up_rewritten(gate, n);
   touch(up);

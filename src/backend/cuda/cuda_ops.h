@@ -119,7 +119,8 @@ class CudaOps final : public Ops {
   // pass (xq_holds_); by default the bf16 product is then not written at all (silu_lazy_): any
   // later op that reads or partly writes gate/up or the product computes it first (touch), and a
   // full rewrite of [gate | up] ends the record. KILN_FP8_FUSE_QUANT=0: separate kernels; =2: the
-  // fused kernel also writes the bf16 product.
+  // fused kernel also writes the bf16 product (measured slower: 137.2 ms vs 134.5-134.9 for the 8B
+  // 4 x 2048 FP8 prefill). H100, 8192 tokens: silu_mul 234 us + quantize ~117 us -> 239 us a layer.
   struct SiluRec {
     bool on = false;
     const void* gate = nullptr;
@@ -132,6 +133,23 @@ class CudaOps final : public Ops {
   void touch(const void* p);
   void gate_up_rewritten(const void* gate, int64_t n);
   SiluRec silu_, silu_lazy_;
+  // Prefill add_rms_norm is deferred the same way: fused with the quantization of the next
+  // linear's input (q|k|v or gate|up) when that is a static-scale FP8 GEMM. The bf16 output is
+  // still written (the last layer's feeds gather_logit_rows; it is 67 MB at 8192 tokens of 8B
+  // against the 100 MB that the separate quantize pass moves). KILN_FP8_FUSE_NORM=0: separate.
+  // H100, 8192 tokens: norm 187 us + quantize -> 210 us, ~20 us a projection saved (s3-fuseq-run2).
+  struct NormRec {
+    bool on = false;
+    float* residual = nullptr;
+    const void* delta = nullptr;
+    const float* w = nullptr;
+    void* out = nullptr;
+    int64_t ld_delta = 0, ldo = 0, n = 0, dim = 0;
+    float eps = 0.0f;
+  };
+  void flush_norm();
+  bool take_norm_quant(const View& xv, int64_t n, const Weight& w);
+  NormRec norm_;
   struct {
     const void* x = nullptr;
     int64_t ldx = 0, n = 0, cols = 0;

@@ -170,6 +170,47 @@ __global__ void silu_mul_quantize_kernel(const bf16* gate, int64_t ldg, const bf
   }
 }
 
+// kernels.cu's block_sum, copied: the bf16 output must round exactly as add_rms_norm_kernel's.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  for (int i = 0; i < nw; ++i) s += red[i];
+  return s;
+}
+
+// kernels.cu's add_rms_norm_kernel (same arithmetic in the same order) plus the FP8 codes of its
+// output. One block per row.
+__global__ void add_rms_norm_quantize_kernel(float* residual, const bf16* delta, int64_t ld_delta, const float* w,
+                                             int32_t dim, float eps, bf16* out, int64_t ldo, const float* scale,
+                                             uint8_t* xq, float* scales_out, bool per_row) {
+  pdl_trigger();
+  pdl_wait();
+  __shared__ float red[32];
+  float* r = residual + int64_t(blockIdx.x) * dim;
+  const bf16* d = delta + int64_t(blockIdx.x) * ld_delta;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = r[i] + __bfloat162float(d[i]);
+    r[i] = v;
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const float inv = rsqrtf(ss / float(dim) + eps);
+  const float s = *scale;
+  if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) scales_out[per_row ? blockIdx.x : 0] = s;
+  bf16* o = out + int64_t(blockIdx.x) * ldo;
+  uint8_t* q = xq + int64_t(blockIdx.x) * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const bf16 b = __float2bfloat16(w[i] * (r[i] * inv));
+    o[i] = b;
+    q[i] = to_fp8(__bfloat162float(b) / s);
+  }
+}
+
 __device__ __forceinline__ uint64_t mix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
@@ -240,6 +281,16 @@ void launch_silu_mul_quantize_fp8(const bf16_t* gate, int64_t ldg, const bf16_t*
     out ? go(silu_mul_quantize_kernel<true, true>) : go(silu_mul_quantize_kernel<true, false>);
   else
     out ? go(silu_mul_quantize_kernel<false, true>) : go(silu_mul_quantize_kernel<false, false>);
+}
+
+void launch_add_rms_norm_quantize_fp8(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w,
+                                      int32_t n, int32_t dim, float eps, bf16_t* out, int64_t ldo,
+                                      const float* static_scale, uint8_t* xq, float* scales_out, bool scales_per_row,
+                                      cudaStream_t s) {
+  if (n <= 0) return;
+  const int threads = dim >= 1024 ? 1024 : dim >= 256 ? 256 : 128;  // kernels.cu threads_for
+  launch_pdl(add_rms_norm_quantize_kernel, dim3(n), dim3(threads), 0, s, residual, reinterpret_cast<const bf16*>(delta),
+             ld_delta, w, dim, eps, reinterpret_cast<bf16*>(out), ldo, static_scale, xq, scales_out, scales_per_row);
 }
 
 void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const float* a, bool a_per_row, const float* b,

@@ -29,6 +29,14 @@ void launch_quantize_fp8(const bf16_t* x, int64_t ldx, int32_t n, int32_t K, Fp8
 void launch_silu_mul_quantize_fp8(const bf16_t* gate, int64_t ldg, const bf16_t* up, int64_t ldu, int32_t n,
                                   int32_t dim, const float* static_scale, uint8_t* xq, float* scales_out,
                                   bool scales_per_row, bf16_t* out, int64_t ldo, cudaStream_t s);
+// residual[n, dim] (dense f32) += delta; out = bf16(w * residual / rms); xq[n, dim] (dense) =
+// fp8(out / *static_scale): launch_add_rms_norm followed by launch_quantize_fp8(kStatic) in one
+// pass, every output byte-identical (the same loops, block size and reduction order as
+// kernels.cu's add_rms_norm_kernel). scales_out as launch_quantize_fp8 writes it.
+void launch_add_rms_norm_quantize_fp8(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w,
+                                      int32_t n, int32_t dim, float eps, bf16_t* out, int64_t ldo,
+                                      const float* static_scale, uint8_t* xq, float* scales_out, bool scales_per_row,
+                                      cudaStream_t s);
 // y[m, j] *= a[a_per_row ? m : 0] * b[b_per_col ? j : 0] (bf16 y [n, N], row stride ldy)
 void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const float* a, bool a_per_row, const float* b,
                         bool b_per_col, cudaStream_t s);
