@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/fold_tail.cuh"
 #include "backend/cuda/gemv_fp8.h"
 #include "backend/cuda/launch.cuh"
 
@@ -99,47 +100,6 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
   float r = is_max ? red[0] : 0.0f;
   for (int i = is_max ? 1 : 0; i < kWarps; ++i) r = is_max ? fmaxf(r, red[i]) : r + red[i];
   return r;
-}
-
-// The fold's tail, as kernels.cu's gemv_norm_tail (same arithmetic and order): the last block to
-// arrive reads the whole residual back from L2 and writes rms_norm(residual) * w.
-__device__ __forceinline__ void norm_tail(const GemvFold& f, int n, int dim) {
-  __shared__ unsigned int last;
-  __shared__ float red[32];
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(f.counter, 1u) == gridDim.x - 1 ? 1u : 0u;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  constexpr int kV = 4;  // float4 per thread: dim <= 4096 at 256 threads (checked at launch)
-  const int nv = dim / 4;
-  for (int m = 0; m < n; ++m) {
-    const float4* r = reinterpret_cast<const float4*>(f.residual + int64_t(m) * dim);
-    float4 v[kV];
-    float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      const int idx = threadIdx.x + j * blockDim.x;
-      v[j] = idx < nv ? __ldcg(r + idx) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-#pragma unroll
-    for (int j = 0; j < kV; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-    ss = block_reduce(ss, red, false);
-    const float inv = rsqrtf(ss / float(dim) + f.eps);
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(f.out + int64_t(m) * f.ldo);
-    const float4* wv = reinterpret_cast<const float4*>(f.w);
-#pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      const int idx = threadIdx.x + j * blockDim.x;
-      if (idx < nv) {
-        const float4 g = __ldg(wv + idx);
-        o[2 * idx] = __floats2bfloat162_rn(g.x * (v[j].x * inv), g.y * (v[j].y * inv));
-        o[2 * idx + 1] = __floats2bfloat162_rn(g.z * (v[j].z * inv), g.w * (v[j].w * inv));
-      }
-    }
-  }
-  if (threadIdx.x == 0) *f.counter = 0u;
 }
 
 // kL: chunks in flight per warp (each 2 x 16 bytes per lane and row tile). Slot j is refilled with
@@ -325,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
       if constexpr (kNorm) p.fold.residual[int64_t(em) * N + erow] = res + __bfloat162float(ob);
     }
   }
-  if constexpr (kNorm) norm_tail(p.fold, n, N);
+  if constexpr (kNorm) fold_norm_tail(p.fold, n, N);
 #endif
 }
 

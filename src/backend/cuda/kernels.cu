@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/fold_tail.cuh"
 #include "backend/cuda/gemv_fp8.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/launch.cuh"
@@ -276,48 +277,6 @@ struct NormEpi {
   unsigned int* counter;
 };
 
-__device__ __forceinline__ void gemv_norm_tail(const NormEpi& ne, int n, int dim) {
-  __shared__ unsigned int last;
-  __shared__ float red[32];
-  __threadfence();  // this block's residual writes are visible before its arrival is counted
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(ne.counter, 1u) == gridDim.x - 1 ? 1u : 0u;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  // The tail is on the critical path: 16-byte L2 loads, all issued before the first use and kept in
-  // registers for the second pass (a scalar loop of 16 dependent-latency loads per thread cost ~8 us
-  // per fold, more than the kernel boundary it saves).
-  constexpr int kV = 4;  // float4 per thread: dim <= 4096 at 256 threads (checked at dispatch)
-  const int nv = dim / 4;
-  for (int m = 0; m < n; ++m) {
-    const float4* r = reinterpret_cast<const float4*>(ne.residual + int64_t(m) * dim);
-    float4 v[kV];
-    float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      const int idx = threadIdx.x + j * blockDim.x;
-      v[j] = idx < nv ? __ldcg(r + idx) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-#pragma unroll
-    for (int j = 0; j < kV; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-    ss = block_sum(ss, red);
-    const float inv = rsqrtf(ss / float(dim) + ne.eps);
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(ne.out + int64_t(m) * ne.ldo);
-    const float4* wv = reinterpret_cast<const float4*>(ne.w);
-#pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      const int idx = threadIdx.x + j * blockDim.x;
-      if (idx < nv) {
-        const float4 g = __ldg(wv + idx);
-        o[2 * idx] = __floats2bfloat162_rn(g.x * (v[j].x * inv), g.y * (v[j].y * inv));
-        o[2 * idx + 1] = __floats2bfloat162_rn(g.z * (v[j].z * inv), g.w * (v[j].w * inv));
-      }
-    }
-  }
-  if (threadIdx.x == 0) *ne.counter = 0u;
-}
-
 // Small-M GEMM (decode): warps stream weight rows with 16-byte loads, kL in flight per lane; the
 // M activation rows come through L1. kSplit warps share a row (each a contiguous K range, summed
 // through shared memory) so that small-N shapes (o: 4096 rows) still put ~2 waves of warps on the
@@ -538,7 +497,7 @@ __global__ void __launch_bounds__(256, kMinBlocks)
       }
     if (!more) break;
   }
-  if constexpr (kNorm) gemv_norm_tail(ne, n, N);
+  if constexpr (kNorm) fold_norm_tail(ne, n, N);
 }
 
 // Tuning knobs, read once per process (docs/PERF_cuda.md, decode pass 3): KILN_GEMV_SPLIT_TARGET is the
