@@ -614,6 +614,57 @@ constexpr int decode_tile() {
   return D * sizeof(C) >= 256 ? 16 : 32;
 }
 
+// The end of both mma decode kernels (v2, v3): each warp's O^T accumulators and running max / sum
+// into red, the warps merged, then the output (one split) or this split's partials and the last
+// block's merge of the splits.
+template <int D, int G, typename C>
+__device__ __forceinline__ void decode_finish(const AttnParams& p, float (*red)[G][D + 2], const float (&o)[D / 16][4],
+                                              float m_run, float l_run, int seq, int head0, int split, int n_eff,
+                                              float v_scale, int q_start, float* s_m, float* s_l, float* s_ml,
+                                              bool& s_last) {
+  using L = DecodeLayout<D, C>;
+  constexpr int kWarps = 4, kMt = D / 16;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+#pragma unroll
+  for (int i = 0; i < kMt; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int h = 2 * t + (r & 1);
+      if (h < G) red[warp][h][L::vphys(2 * i + (r >> 1), g)] = o[i][r];
+    }
+  if (g < G && t == 0) {
+    red[warp][g][D] = m_run;
+    red[warp][g][D + 1] = l_run;
+  }
+  __syncthreads();
+  // Merge the warps, then (splits > 1) write partials; the last block merges the splits.
+  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(q_start) * p.ldo;
+  for (int idx = tid; idx < G * (D + 1); idx += 128) {
+    const int h = idx / (D + 1), d = idx % (D + 1);
+    float Mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) Mx = fmaxf(Mx, red[w][h][D]);
+    float sum = 0.0f, Ls = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = red[w][h][D] == -INFINITY ? 0.0f : fast_exp2(red[w][h][D] - Mx);
+      sum += (d < D ? red[w][h][d] : red[w][h][D + 1]) * wt;
+      Ls += red[w][h][D + 1] * wt;
+    }
+    if (n_eff == 1) {
+      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(Ls > 0.0f ? sum / Ls * v_scale : 0.0f);
+    } else {
+      float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
+      part[d] = sum;  // d == D: the merged l
+      if (d == 0) part[D + 1] = Mx;
+    }
+  }
+  if (n_eff == 1) return;
+  merge_splits<D, G, true>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
+}
+
 template <int D, int G, typename C, int kN = decode_tile<D, C>(), int kMinBlocks = 3>
 __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
   constexpr int kWarps = 4;
@@ -809,44 +860,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
         M::mma(o[i], a0, a1, a2, a3, pa[kk][0], pa[kk][1]);
       }
   }
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-#pragma unroll
-  for (int i = 0; i < kMt; ++i)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int h = 2 * t + (r & 1);
-      if (h < G) red[warp][h][L::vphys(2 * i + (r >> 1), g)] = o[i][r];
-    }
-  if (g < G && t == 0) {
-    red[warp][g][D] = m_run;
-    red[warp][g][D + 1] = l_run;
-  }
-  __syncthreads();
-  // Merge the warps, then (splits > 1) write partials; the last block merges the splits.
-  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start) * p.ldo;
-  for (int idx = tid; idx < G * (D + 1); idx += 128) {
-    const int h = idx / (D + 1), d = idx % (D + 1);
-    float Mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) Mx = fmaxf(Mx, red[w][h][D]);
-    float sum = 0.0f, Ls = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float wt = red[w][h][D] == -INFINITY ? 0.0f : fast_exp2(red[w][h][D] - Mx);
-      sum += (d < D ? red[w][h][d] : red[w][h][D + 1]) * wt;
-      Ls += red[w][h][D + 1] * wt;
-    }
-    if (n_eff == 1) {
-      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(Ls > 0.0f ? sum / Ls * v_scale : 0.0f);
-    } else {
-      float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
-      part[d] = sum;  // d == D: the merged l
-      if (d == 0) part[D + 1] = Mx;
-    }
-  }
-  if (n_eff == 1) return;
-  merge_splits<D, G, true>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
+  decode_finish<D, G, C>(p, red, o, m_run, l_run, seq, head0, split, n_eff, v_scale, sm.q_start, s_m, s_l, s_ml, s_last);
 }
 
 // ---- decode v3: v2's math fed by a multi-stage cp.async pipeline, the default at head_dim 64/128 ----
@@ -1157,44 +1171,7 @@ __global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kern
   }
   pipe_wait<0>();  // (only empty groups can be pending) the stages become red
   __syncthreads();
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-#pragma unroll
-  for (int i = 0; i < kMt; ++i)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int h = 2 * t + (r & 1);
-      if (h < G) red[warp][h][L::vphys(2 * i + (r >> 1), g)] = o[i][r];
-    }
-  if (g < G && t == 0) {
-    red[warp][g][D] = m_run;
-    red[warp][g][D + 1] = l_run;
-  }
-  __syncthreads();
-  // Merge the warps, then (splits > 1) write partials; the last block merges the splits.
-  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start) * p.ldo;
-  for (int idx = tid; idx < G * (D + 1); idx += 128) {
-    const int h = idx / (D + 1), d = idx % (D + 1);
-    float Mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) Mx = fmaxf(Mx, red[w][h][D]);
-    float sum = 0.0f, Ls = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float wt = red[w][h][D] == -INFINITY ? 0.0f : fast_exp2(red[w][h][D] - Mx);
-      sum += (d < D ? red[w][h][d] : red[w][h][D + 1]) * wt;
-      Ls += red[w][h][D + 1] * wt;
-    }
-    if (n_eff == 1) {
-      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(Ls > 0.0f ? sum / Ls * v_scale : 0.0f);
-    } else {
-      float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
-      part[d] = sum;  // d == D: the merged l
-      if (d == 0) part[D + 1] = Mx;
-    }
-  }
-  if (n_eff == 1) return;
-  merge_splits<D, G, true>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
+  decode_finish<D, G, C>(p, red, o, m_run, l_run, seq, head0, split, n_eff, v_scale, sm.q_start, s_m, s_l, s_ml, s_last);
 }
 
 // ---- prefill v2: tensor cores through mma.sync m16n8k16, the default ----
