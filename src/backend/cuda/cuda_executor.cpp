@@ -763,7 +763,12 @@ Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K,
       g.data = wr;
       g.fp8 = true;
       g.scale = 0.05f / 448.0f;
-      // kiln's FP8 path: the GEMV for small M (bf16 activations), else cuBLASLt on quantized x.
+      // kiln's FP8 path as the model runs it (static activation scale): the GEMV for small M (the
+      // tensor-core one unless KILN_FP8_GEMV=cvt), else cuBLASLt on quantized x.
+      if (gemv_fp8_mma_enabled()) {
+        g.act = GemvAct::kStatic;
+        g.input_scale = static_cast<const float*>(one);
+      }
       if (!(M <= gemm_->gemv_max_m() && launch_gemv(static_cast<const bf16_t*>(x), K, int32_t(M), g, int32_t(N),
                                                     int32_t(K), y, N, false, s)))
         gemm_->linear_fp8(xq, M, K, static_cast<const float*>(one), false, wr, N, K, static_cast<const float*>(one),
