@@ -614,6 +614,141 @@ constexpr int decode_tile() {
   return D * sizeof(C) >= 256 ? 16 : 32;
 }
 
+// The fused decode prologue's pieces, shared by the mma kernels (v2, v3). One rotary pair (a, b)
+// of query head h < G (into sq) or, h == G, of the new token's key (into the cache at dst), with the
+// rope kernel's arithmetic and bf16 rounding (kernels.cu), so fused and unfused paths store the
+// same values.
+template <int D, int G, typename C>
+__device__ __forceinline__ void decode_rope_pair(const AttnParams& p, float (*sq)[D], const bf16* qrow, const bf16* kn,
+                                                 C* kc, int64_t dst, int h, int a, int b, float sn, float cs) {
+  const bf16* x = h < G ? qrow + h * D : kn;
+  const float x0 = __bfloat162float(x[a]), x1 = __bfloat162float(x[b]);
+  const float r0 = __bfloat162float(__float2bfloat16(x0 * cs - x1 * sn));
+  const float r1 = __bfloat162float(__float2bfloat16(x1 * cs + x0 * sn));
+  if (h < G) {
+    sq[h][a] = r0;
+    sq[h][b] = r1;
+  } else if constexpr (std::is_same<C, fp8>::value) {
+    kc[dst + a] = fp8(__fdiv_rn(r0, p.k_scale));
+    kc[dst + b] = fp8(__fdiv_rn(r1, p.k_scale));
+  } else {
+    kc[dst + a] = __float2bfloat16(r0);
+    kc[dst + b] = __float2bfloat16(r1);
+  }
+}
+
+// The new token's v into the cache row at dst (the whole block).
+template <int D, typename C>
+__device__ __forceinline__ void decode_store_new_v(const AttnParams& p, C* vc, int64_t dst, int q_start, int kvh) {
+  const bf16* vn = reinterpret_cast<const bf16*>(p.v_new) + int64_t(q_start) * p.ldv + int64_t(kvh) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    if constexpr (std::is_same<C, fp8>::value) vc[dst + d] = fp8(__fdiv_rn(__bfloat162float(vn[d]), p.v_scale));
+    else vc[dst + d] = vn[d];
+  }
+}
+
+// q's A fragments from the (roped) rows in shared memory: rows g < G, k permuted as the K slices.
+template <int D, int G, typename C>
+__device__ __forceinline__ void decode_q_fragments(const float (*sq)[D], uint32_t (&qa)[D / 16][2]) {
+  using L = DecodeLayout<D, C>;
+  using M = DecodeMma<C>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int d = L::kphys(4 * ks, t);
+    qa[ks][0] = g < G ? M::pack(sq[g][d], sq[g][d + 1]) : 0u;
+    qa[ks][1] = g < G ? M::pack(sq[g][d + 2], sq[g][d + 3]) : 0u;
+  }
+}
+
+// One warp's tile of kN tokens, shared by the mma decode kernels (v2 loads the fragments from
+// global memory, v3 from its shared-memory stages): S = Q K^T from the K fragments kw (this lane:
+// row g, tokens nt * 8 + 2t, + 1), the online softmax update (one max and one rescale per tile and
+// row, one exp per (token, head)), then O^T += V^T P^T from the V fragments vw. Tokens at or past
+// j1 are masked; token jt is in the split.
+template <int D, typename C, int kN>
+__device__ __forceinline__ void decode_tile_math(const uint32_t (&kw)[kN / 8][DecodeLayout<D, C>::kKW],
+                                                 const uint32_t (&vw)[kN / 16][4][DecodeLayout<D, C>::kVW],
+                                                 const uint32_t (&qa)[D / 16][2], int jt, int j1, float qk_scale,
+                                                 float (&o)[D / 16][4], float& m_run, float& l_run) {
+  using M = DecodeMma<C>;
+  constexpr bool kFp8 = std::is_same<C, fp8>::value;
+  constexpr int kKs = D / 16, kMt = D / 16;
+  const int t = threadIdx.x & 3;
+  // S = Q K^T: this lane holds row g, tokens nt * 8 + 2t, + 1
+  float s[kN / 8][2];
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int ks = 0; ks < kKs; ++ks) {
+      uint32_t b0, b1;
+      if constexpr (kFp8) {
+        b0 = fp8x2_to_f16x2(kw[nt][ks]);
+        b1 = fp8x2_to_f16x2(kw[nt][ks] >> 16);
+      } else {
+        b0 = kw[nt][2 * ks];
+        b1 = kw[nt][2 * ks + 1];
+      }
+      M::mma(c, qa[ks][0], 0u, qa[ks][1], 0u, b0, b1);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) s[nt][i] = jt + nt * 8 + 2 * t + i < j1 ? c[i] * qk_scale : -INFINITY;
+  }
+  // One max, one rescale per tile and row; one exp per (token, head).
+  float mx = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][0], s[nt][1]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(m_run, mx);  // finite: token jt is in the split
+  const float alpha = fast_exp2(m_run - m_new);
+  m_run = m_new;
+  l_run *= alpha;
+  // this lane's accumulators are heads 2t, 2t + 1; their rows' alphas live in lanes 8t, 8t + 4
+  const float al0 = __shfl_sync(0xffffffffu, alpha, 8 * t), al1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+#pragma unroll
+  for (int i = 0; i < kMt; ++i) {
+    o[i][0] *= al0;
+    o[i][1] *= al1;
+    o[i][2] *= al0;
+    o[i][3] *= al1;
+  }
+  uint32_t pa[kN / 16][2];
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+    const float p0 = fast_exp2(s[nt][0] - m_new), p1 = fast_exp2(s[nt][1] - m_new);
+    l_run += p0 + p1;
+    pa[nt / 2][nt & 1] = M::pack(p0, p1);
+  }
+  // O^T += V^T P^T (dims as the 16 rows, so all four accumulators of a lane are used): A
+  // fragment of m-tile i = this lane's elements 2i (row g) and 2i + 1 (row g + 8) of tokens
+  // (2t, 2t + 1) and (2t + 8, 2t + 9), paired by a byte permute; B = P^T is S's C layout as is.
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+    for (int i = 0; i < kMt; ++i) {
+      uint32_t a0, a1, a2, a3;
+      if constexpr (kFp8) {
+        // codes 2i, 2i + 1 of the token pair interleaved: (a_2i, b_2i, a_2i+1, b_2i+1) -> two f16x2
+        const int w = i / 2;
+        const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
+        const uint32_t lo = __byte_perm(vw[kk][0][w], vw[kk][1][w], sel);
+        const uint32_t hi = __byte_perm(vw[kk][2][w], vw[kk][3][w], sel);
+        a0 = fp8x2_to_f16x2(lo);
+        a1 = fp8x2_to_f16x2(lo >> 16);
+        a2 = fp8x2_to_f16x2(hi);
+        a3 = fp8x2_to_f16x2(hi >> 16);
+      } else {
+        a0 = __byte_perm(vw[kk][0][i], vw[kk][1][i], 0x5410u);
+        a1 = __byte_perm(vw[kk][0][i], vw[kk][1][i], 0x7632u);
+        a2 = __byte_perm(vw[kk][2][i], vw[kk][3][i], 0x5410u);
+        a3 = __byte_perm(vw[kk][2][i], vw[kk][3][i], 0x7632u);
+      }
+      M::mma(o[i], a0, a1, a2, a3, pa[kk][0], pa[kk][1]);
+    }
+}
+
 // The end of both mma decode kernels (v2, v3): each warp's O^T accumulators and running max / sum
 // into red, the warps merged, then the output (one split) or this split's partials and the last
 // block's merge of the splits.
@@ -717,40 +852,16 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
       float sn, cs;
       sincosf(pos * p.inv_freq[i], &sn, &cs);
       const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
-      const bf16* x = h < G ? qrow + h * D : kn;
-      const float x0 = __bfloat162float(x[a]), x1 = __bfloat162float(x[b]);
-      const float r0 = __bfloat162float(__float2bfloat16(x0 * cs - x1 * sn));
-      const float r1 = __bfloat162float(__float2bfloat16(x1 * cs + x0 * sn));
-      if (h < G) {
-        sq[h][a] = r0;
-        sq[h][b] = r1;
-      } else if constexpr (kFp8) {
-        kc[dst + a] = fp8(__fdiv_rn(r0, p.k_scale));
-        kc[dst + b] = fp8(__fdiv_rn(r1, p.k_scale));
-      } else {
-        kc[dst + a] = __float2bfloat16(r0);
-        kc[dst + b] = __float2bfloat16(r1);
-      }
+      decode_rope_pair<D, G>(p, sq, qrow, kn, kc, dst, h, a, b, sn, cs);
     }
-    if (write) {
-      const bf16* vn = reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D;
-      for (int d = tid; d < D; d += 128) {
-        if constexpr (kFp8) vc[dst + d] = fp8(__fdiv_rn(__bfloat162float(vn[d]), p.v_scale));
-        else vc[dst + d] = vn[d];
-      }
-    }
+    if (write) decode_store_new_v<D>(p, vc, dst, sm.q_start, kvh);
   } else {
     for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(qrow[(idx / D) * D + idx % D]);
   }
   __syncthreads();  // sq ready; the new token's global writes visible to this block's threads
 
   uint32_t qa[kKs][2];  // A fragments of q: rows g < G, k permuted as the K slices (kphys)
-#pragma unroll
-  for (int ks = 0; ks < kKs; ++ks) {
-    const int d = L::kphys(4 * ks, t);
-    qa[ks][0] = g < G ? M::pack(sq[g][d], sq[g][d + 1]) : 0u;
-    qa[ks][1] = g < G ? M::pack(sq[g][d + 2], sq[g][d + 3]) : 0u;
-  }
+  decode_q_fragments<D, G, C>(sq, qa);
 
   float o[kMt][4];  // O^T: dims vphys(2i, g) (o[i][0..1]) and vphys(2i + 1, g) (o[i][2..3]), heads 2t, 2t + 1
 #pragma unroll
@@ -787,78 +898,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
           load_raw<L::kWV * L::kEsz>(src + pc * 8 * L::kWV, &vw[kk][i][pc * L::kWV * L::kEsz / 4]);
       }
 
-    // S = Q K^T: this lane holds row g, tokens nt * 8 + 2t, + 1
-    float s[kN / 8][2];
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int ks = 0; ks < kKs; ++ks) {
-        uint32_t b0, b1;
-        if constexpr (kFp8) {
-          b0 = fp8x2_to_f16x2(kw[nt][ks]);
-          b1 = fp8x2_to_f16x2(kw[nt][ks] >> 16);
-        } else {
-          b0 = kw[nt][2 * ks];
-          b1 = kw[nt][2 * ks + 1];
-        }
-        M::mma(c, qa[ks][0], 0u, qa[ks][1], 0u, b0, b1);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) s[nt][i] = jt + nt * 8 + 2 * t + i < j1 ? c[i] * qk_scale : -INFINITY;
-    }
-    // One max, one rescale per tile and row; one exp per (token, head).
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][0], s[nt][1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_run, mx);  // finite: token jt is in the split
-    const float alpha = fast_exp2(m_run - m_new);
-    m_run = m_new;
-    l_run *= alpha;
-    // this lane's accumulators are heads 2t, 2t + 1; their rows' alphas live in lanes 8t, 8t + 4
-    const float al0 = __shfl_sync(0xffffffffu, alpha, 8 * t), al1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
-#pragma unroll
-    for (int i = 0; i < kMt; ++i) {
-      o[i][0] *= al0;
-      o[i][1] *= al1;
-      o[i][2] *= al0;
-      o[i][3] *= al1;
-    }
-    uint32_t pa[kN / 16][2];
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-      const float p0 = fast_exp2(s[nt][0] - m_new), p1 = fast_exp2(s[nt][1] - m_new);
-      l_run += p0 + p1;
-      pa[nt / 2][nt & 1] = M::pack(p0, p1);
-    }
-    // O^T += V^T P^T (dims as the 16 rows, so all four accumulators of a lane are used): A
-    // fragment of m-tile i = this lane's elements 2i (row g) and 2i + 1 (row g + 8) of tokens
-    // (2t, 2t + 1) and (2t + 8, 2t + 9), paired by a byte permute; B = P^T is S's C layout as is.
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < kMt; ++i) {
-        uint32_t a0, a1, a2, a3;
-        if constexpr (kFp8) {
-          // codes 2i, 2i + 1 of the token pair interleaved: (a_2i, b_2i, a_2i+1, b_2i+1) -> two f16x2
-          const int w = i / 2;
-          const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
-          const uint32_t lo = __byte_perm(vw[kk][0][w], vw[kk][1][w], sel);
-          const uint32_t hi = __byte_perm(vw[kk][2][w], vw[kk][3][w], sel);
-          a0 = fp8x2_to_f16x2(lo);
-          a1 = fp8x2_to_f16x2(lo >> 16);
-          a2 = fp8x2_to_f16x2(hi);
-          a3 = fp8x2_to_f16x2(hi >> 16);
-        } else {
-          a0 = __byte_perm(vw[kk][0][i], vw[kk][1][i], 0x5410u);
-          a1 = __byte_perm(vw[kk][0][i], vw[kk][1][i], 0x7632u);
-          a2 = __byte_perm(vw[kk][2][i], vw[kk][3][i], 0x5410u);
-          a3 = __byte_perm(vw[kk][2][i], vw[kk][3][i], 0x7632u);
-        }
-        M::mma(o[i], a0, a1, a2, a3, pa[kk][0], pa[kk][1]);
-      }
+    decode_tile_math<D, C, kN>(kw, vw, qa, jt, j1, qk_scale, o, m_run, l_run);
   }
   decode_finish<D, G, C>(p, red, o, m_run, l_run, seq, head0, split, n_eff, v_scale, sm.q_start, s_m, s_l, s_ml, s_last);
 }
@@ -1026,28 +1066,9 @@ __global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kern
     const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
     for (int h = tid / (D / 2); h <= G; h += kHg) {
       if (h == G && !write) break;
-      const bf16* x = h < G ? qrow + h * D : kn;
-      const float x0 = __bfloat162float(x[a]), x1 = __bfloat162float(x[b]);
-      const float r0v = __bfloat162float(__float2bfloat16(x0 * cs - x1 * sn));
-      const float r1v = __bfloat162float(__float2bfloat16(x1 * cs + x0 * sn));
-      if (h < G) {
-        sq[h][a] = r0v;
-        sq[h][b] = r1v;
-      } else if constexpr (kFp8) {
-        kc[dst + a] = fp8(__fdiv_rn(r0v, p.k_scale));
-        kc[dst + b] = fp8(__fdiv_rn(r1v, p.k_scale));
-      } else {
-        kc[dst + a] = __float2bfloat16(r0v);
-        kc[dst + b] = __float2bfloat16(r1v);
-      }
+      decode_rope_pair<D, G>(p, sq, qrow, kn, kc, dst, h, a, b, sn, cs);
     }
-    if (write) {
-      const bf16* vn = reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D;
-      for (int d = tid; d < D; d += 128) {
-        if constexpr (kFp8) vc[dst + d] = fp8(__fdiv_rn(__bfloat162float(vn[d]), p.v_scale));
-        else vc[dst + d] = vn[d];
-      }
-    }
+    if (write) decode_store_new_v<D>(p, vc, dst, sm.q_start, kvh);
   } else {
     for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(qrow[(idx / D) * D + idx % D]);
   }
@@ -1059,12 +1080,7 @@ __global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kern
   load_tbl(kS - 1, tb);
 
   uint32_t qa[kKs][2];  // A fragments of q: rows g < G, k permuted as the K slices (kphys)
-#pragma unroll
-  for (int ks = 0; ks < kKs; ++ks) {
-    const int d = L::kphys(4 * ks, t);
-    qa[ks][0] = g < G ? M::pack(sq[g][d], sq[g][d + 1]) : 0u;
-    qa[ks][1] = g < G ? M::pack(sq[g][d + 2], sq[g][d + 3]) : 0u;
-  }
+  decode_q_fragments<D, G, C>(sq, qa);
 
   // This lane's fragment pieces, as byte offsets in a stage (v2's layouts, rows of the warp's 16).
   uint32_t koff[kN / 8][D / 4 / L::kWK];
@@ -1097,77 +1113,14 @@ __global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kern
     for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
       for (int pc = 0; pc < D / 4 / L::kWK; ++pc) lds_raw<16>(sb + koff[nt][pc], &kw[nt][pc * 4]);
-    uint32_t vw[4][L::kVW];
+    uint32_t vw[kN / 16][4][L::kVW];  // kN == 16: tokens 2t, 2t + 1, 2t + 8, 2t + 9
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
-        lds_raw<L::kWV * L::kEsz>(sb + voff[i][pc], &vw[i][pc * L::kWV * L::kEsz / 4]);
+        lds_raw<L::kWV * L::kEsz>(sb + voff[i][pc], &vw[0][i][pc * L::kWV * L::kEsz / 4]);
 
-    // S = Q K^T: this lane holds row g, tokens nt * 8 + 2t, + 1
-    float s[kN / 8][2];
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int ks = 0; ks < kKs; ++ks) {
-        uint32_t b0, b1;
-        if constexpr (kFp8) {
-          b0 = fp8x2_to_f16x2(kw[nt][ks]);
-          b1 = fp8x2_to_f16x2(kw[nt][ks] >> 16);
-        } else {
-          b0 = kw[nt][2 * ks];
-          b1 = kw[nt][2 * ks + 1];
-        }
-        M::mma(c, qa[ks][0], 0u, qa[ks][1], 0u, b0, b1);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) s[nt][i] = jt + nt * 8 + 2 * t + i < j1 ? c[i] * qk_scale : -INFINITY;
-    }
-    float mx = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_run, mx);  // finite: token jt is in the split
-    const float alpha = fast_exp2(m_run - m_new);
-    m_run = m_new;
-    l_run *= alpha;
-    // this lane's accumulators are heads 2t, 2t + 1; their rows' alphas live in lanes 8t, 8t + 4
-    const float al0 = __shfl_sync(0xffffffffu, alpha, 8 * t), al1 = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
-#pragma unroll
-    for (int i = 0; i < kMt; ++i) {
-      o[i][0] *= al0;
-      o[i][1] *= al1;
-      o[i][2] *= al0;
-      o[i][3] *= al1;
-    }
-    uint32_t pa[2];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const float p0 = fast_exp2(s[nt][0] - m_new), p1 = fast_exp2(s[nt][1] - m_new);
-      l_run += p0 + p1;
-      pa[nt] = M::pack(p0, p1);
-    }
-    // O^T += V^T P^T, as v2 (tokens paired by a byte permute)
-#pragma unroll
-    for (int i = 0; i < kMt; ++i) {
-      uint32_t a0, a1, a2, a3;
-      if constexpr (kFp8) {
-        const int w = i / 2;
-        const uint32_t sel = (i & 1) ? 0x7362u : 0x5140u;
-        const uint32_t lo = __byte_perm(vw[0][w], vw[1][w], sel);
-        const uint32_t hi = __byte_perm(vw[2][w], vw[3][w], sel);
-        a0 = fp8x2_to_f16x2(lo);
-        a1 = fp8x2_to_f16x2(lo >> 16);
-        a2 = fp8x2_to_f16x2(hi);
-        a3 = fp8x2_to_f16x2(hi >> 16);
-      } else {
-        a0 = __byte_perm(vw[0][i], vw[1][i], 0x5410u);
-        a1 = __byte_perm(vw[0][i], vw[1][i], 0x7632u);
-        a2 = __byte_perm(vw[2][i], vw[3][i], 0x5410u);
-        a3 = __byte_perm(vw[2][i], vw[3][i], 0x7632u);
-      }
-      M::mma(o[i], a0, a1, a2, a3, pa[0], pa[1]);
-    }
+    decode_tile_math<D, C, kN>(kw, vw, qa, jt, j1, qk_scale, o, m_run, l_run);
   }
   pipe_wait<0>();  // (only empty groups can be pending) the stages become red
   __syncthreads();
