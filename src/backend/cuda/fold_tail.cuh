@@ -9,23 +9,14 @@
 
 #include <cstdint>
 
+#include "backend/cuda/norm.cuh"
+
 namespace kiln::cuda {
 
 template <class Fold>
 __device__ __forceinline__ void fold_norm_tail(const Fold& ne, int n, int dim) {
   __shared__ unsigned int last;
   __shared__ float red[32];
-  // Block sum through red (the same reduction as kernels.cu's block_sum).
-  auto block_sum = [&](float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float s = 0.0f;
-    for (int i = 0; i < nw; ++i) s += red[i];
-    return s;
-  };
   __threadfence();  // this block's residual writes are visible before its arrival is counted
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(ne.counter, 1u) == gridDim.x - 1 ? 1u : 0u;
@@ -48,7 +39,7 @@ __device__ __forceinline__ void fold_norm_tail(const Fold& ne, int n, int dim) {
     }
 #pragma unroll
     for (int j = 0; j < kV; ++j) ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-    ss = block_sum(ss);
+    ss = block_sum(ss, red);
     const float inv = rsqrtf(ss / float(dim) + ne.eps);
     __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(ne.out + int64_t(m) * ne.ldo);
     const float4* wv = reinterpret_cast<const float4*>(ne.w);

@@ -9,6 +9,7 @@
 
 #include "backend/cuda/fp8.h"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/norm.cuh"
 
 namespace kiln::cuda {
 namespace {
@@ -170,20 +171,8 @@ __global__ void silu_mul_quantize_kernel(const bf16* gate, int64_t ldg, const bf
   }
 }
 
-// kernels.cu's block_sum, copied: the bf16 output must round exactly as add_rms_norm_kernel's.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float s = 0.0f;
-  for (int i = 0; i < nw; ++i) s += red[i];
-  return s;
-}
-
-// kernels.cu's add_rms_norm_kernel (same arithmetic in the same order) plus the FP8 codes of its
-// output. One block per row.
+// kernels.cu's add_rms_norm_kernel (the same add_rms_row, then the same bf16 rounding) plus the FP8
+// codes of its output. One block per row.
 __global__ void add_rms_norm_quantize_kernel(float* residual, const bf16* delta, int64_t ld_delta, const float* w,
                                              int32_t dim, float eps, bf16* out, int64_t ldo, const float* scale,
                                              uint8_t* xq, float* scales_out, bool per_row) {
@@ -191,15 +180,7 @@ __global__ void add_rms_norm_quantize_kernel(float* residual, const bf16* delta,
   pdl_wait();
   __shared__ float red[32];
   float* r = residual + int64_t(blockIdx.x) * dim;
-  const bf16* d = delta + int64_t(blockIdx.x) * ld_delta;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    float v = r[i] + __bfloat162float(d[i]);
-    r[i] = v;
-    ss += v * v;
-  }
-  ss = block_sum(ss, red);
-  const float inv = rsqrtf(ss / float(dim) + eps);
+  const float inv = add_rms_row(r, delta + int64_t(blockIdx.x) * ld_delta, dim, eps, red);
   const float s = *scale;
   if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) scales_out[per_row ? blockIdx.x : 0] = s;
   bf16* o = out + int64_t(blockIdx.x) * ldo;

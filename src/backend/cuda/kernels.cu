@@ -12,6 +12,7 @@
 #include "backend/cuda/gemv_fp8.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/norm.cuh"
 
 namespace kiln::cuda {
 namespace {
@@ -20,17 +21,6 @@ using bf16 = __nv_bfloat16;
 
 __device__ __forceinline__ float ld_f(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float ld_f(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
-
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  __syncthreads();  // red may be reused from a previous call
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float s = 0.0f;
-  for (int i = 0; i < nw; ++i) s += red[i];
-  return s;
-}
 
 __global__ void embed_kernel(const bf16* table, const TokenMeta* tokens, int32_t H, float* out) {
   pdl_trigger();
@@ -65,15 +55,7 @@ __global__ void add_rms_norm_kernel(float* residual, const bf16* delta, int64_t 
   pdl_wait();
   __shared__ float red[32];
   float* r = residual + int64_t(blockIdx.x) * dim;
-  const bf16* d = delta + int64_t(blockIdx.x) * ld_delta;
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    float v = r[i] + __bfloat162float(d[i]);
-    r[i] = v;
-    ss += v * v;
-  }
-  ss = block_sum(ss, red);
-  const float inv = rsqrtf(ss / float(dim) + eps);
+  const float inv = add_rms_row(r, delta + int64_t(blockIdx.x) * ld_delta, dim, eps, red);
   bf16* o = out + int64_t(blockIdx.x) * ldo;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __float2bfloat16(w[i] * (r[i] * inv));
 }
