@@ -344,11 +344,13 @@ int throughput(const BenchArgs& a) {
   const int32_t warm = std::min(a.num_requests, a.max_batch_size);
   run_batch(warm, 16, [&](int32_t i) { return 1 + (i * 64) / std::max(1, warm); });
   if (errors) return fail("bench throughput", "warm-up: " + first_error);
+  const EngineStats warm_stats = engine->stats();
   const double secs = run_batch(a.num_requests, a.input_len, [&](int32_t) { return a.output_len; });
   if (errors) return fail("bench throughput", std::to_string(errors) + " requests failed: " + first_error);
   const int64_t expect = int64_t(a.num_requests) * a.output_len;
   EngineStats st = engine->stats();
   engine->shutdown(false);
+  const EngineStats& w = warm_stats;
   const double out_tps = double(out_tokens) / secs;
   const double total_tps = double(out_tokens + int64_t(a.num_requests) * a.input_len) / secs;
   std::printf("device        %s (%d KV blocks)\n", device.c_str(), kv_blocks);
@@ -358,10 +360,17 @@ int throughput(const BenchArgs& a) {
               "(%lld/%lld output tokens, %lld preemptions)\n",
               out_tps, total_tps, a.num_requests / secs, secs, (long long)out_tokens, (long long)expect,
               (long long)st.num_preemptions);
+  const int64_t steps = st.steps - w.steps;
+  std::printf("engine        %lld steps (%.2f ms each): %.2f s in the executor, %.2f s scheduling and handling "
+              "results between steps\n",
+              (long long)steps, steps ? 1e3 * secs / double(steps) : 0.0, st.execute_seconds - w.execute_seconds,
+              st.host_seconds - w.host_seconds);
   if (a.output == "json") {
     nlohmann::json j = {{"device", device},           {"num_requests", a.num_requests}, {"input_len", a.input_len},
                         {"output_len", a.output_len}, {"seconds", secs},                {"output_tokens_per_s", out_tps},
-                        {"total_tokens_per_s", total_tps}, {"output_tokens", out_tokens}, {"preemptions", st.num_preemptions}};
+                        {"total_tokens_per_s", total_tps}, {"output_tokens", out_tokens}, {"preemptions", st.num_preemptions},
+                        {"steps", steps}, {"execute_seconds", st.execute_seconds - w.execute_seconds},
+                        {"host_seconds", st.host_seconds - w.host_seconds}};
     std::printf("%s\n", j.dump().c_str());
   }
   return out_tokens == expect ? 0 : fail("bench throughput", "fewer output tokens than asked for");

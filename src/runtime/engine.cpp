@@ -4,6 +4,7 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -140,6 +141,8 @@ class EngineImpl final : public Engine {
   std::vector<TokenLogprob> prompt_lps_;
   int64_t prompt_tokens_total_ = 0;
   int64_t generation_tokens_total_ = 0;
+  int64_t steps_ = 0;
+  double execute_seconds_ = 0, host_seconds_ = 0;
 
   // Shared with callers, under mu_.
   mutable std::mutex mu_;
@@ -201,9 +204,12 @@ void EngineImpl::run_step(const ScheduledStep& step) {
     sampling_.push_back(ss);
   }
   sampled_.clear();
+  const auto t0 = std::chrono::steady_clock::now();
   Status st = step.batch.prompt_logprob_rows.empty()
                   ? executor_->execute(step.batch, sampling_, &sampled_)
                   : executor_->execute_with_prompt_logprobs(step.batch, sampling_, &sampled_, &prompt_lps_);
+  ++steps_;
+  execute_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (st.is_ok() && !step.batch.prompt_logprob_rows.empty() &&
       prompt_lps_.size() != step.batch.prompt_logprob_rows.size())
     st = Status::error("executor returned " + std::to_string(prompt_lps_.size()) + " prompt logprobs for " +
@@ -275,6 +281,9 @@ void EngineImpl::publish_stats() {
   published_.num_preemptions = ss.num_preemptions;
   published_.prompt_tokens_total = prompt_tokens_total_;
   published_.generation_tokens_total = generation_tokens_total_;
+  published_.steps = steps_;
+  published_.execute_seconds = execute_seconds_;
+  published_.host_seconds = host_seconds_;
 }
 
 void EngineImpl::loop() {
@@ -306,10 +315,14 @@ void EngineImpl::loop() {
       for (uint64_t id : ids) finish(id, FinishReason::kCancelled, {});
     }
     if (sched_->has_work()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const double exec0 = execute_seconds_;
       const ScheduledStep& step = sched_->schedule();
       for (uint64_t id : step.unschedulable) finish(id, FinishReason::kError, {}, -1, "request cannot fit in the KV cache");
       publish_stats();  // admitted requests leave the queue now, not after the forward pass
       if (!step.empty()) run_step(step);
+      host_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() -
+                       (execute_seconds_ - exec0);
     } else {
       // Idle: a cheap moment to verify the block accounting (STYLE.md #6).
       const Status st = kv_->check_integrity();

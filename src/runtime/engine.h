@@ -63,6 +63,11 @@ struct EngineStats {
   int64_t num_preemptions = 0;
   int64_t prompt_tokens_total = 0;
   int64_t generation_tokens_total = 0;
+  // Engine-thread time: forward steps run, seconds inside the executor (launch, GPU, read-back),
+  // and seconds scheduling and handling results between them (the GPU idles then).
+  int64_t steps = 0;
+  double execute_seconds = 0;
+  double host_seconds = 0;
 };
 
 class Engine {

@@ -424,6 +424,61 @@ TEST(CudaExecutor, MatchesCpuExecutorOnDummyModel) {
   }
 }
 
+// Decode batches past the first reservation (512 rows) and past the last graph bucket (1024), on
+// one executor: the sampled-id buffers grow with the step (they did not: a 1024-sequence step
+// failed with "invalid argument"), growing the step buffers drops the graphs captured over the old
+// ones (a bucket-8 graph replayed after a 600-sequence step is checked), and graph-replayed and
+// eager steps agree with the CPU executor.
+TEST(CudaExecutor, LargeDecodeBatchesMatchCpu) {
+  REQUIRE_GPU();
+  ModelConfig c = small_config(4, 2, 32, 128, 256);
+  auto model = make_dummy_model(c, WeightFormat::kBF16, 11);
+  LoadOptions opts;
+  opts.device = "cuda";
+  opts.kv_cache_blocks = 1100;
+  opts.max_seq_len = 16;
+  auto cpu = make_cpu_executor(model, opts);
+  auto gx = cuda::CudaExecutor::create(model, opts);
+  ASSERT_TRUE(gx.is_ok()) << gx.message();
+  std::mt19937 rng{7};
+  for (int n : {8, 600, 8, 1100}) {
+    std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(n)), forced(static_cast<size_t>(n));
+    for (int s = 0; s < n; ++s)
+      for (int i = 0; i < 3; ++i) {
+        prompts[size_t(s)].push_back(int32_t(rng() % uint32_t(c.vocab_size)));
+        forced[size_t(s)].push_back(int32_t(rng() % uint32_t(c.vocab_size)));
+      }
+    auto ref = run_batch(*cpu, [&](std::vector<float>* v) {
+      v->assign(cpu->last_logits(), cpu->last_logits() + size_t(c.vocab_size) * size_t(n));
+      return Status::ok();
+    }, prompts, forced, 3, 1);
+    auto got = run_batch(**gx, [&](std::vector<float>* v) { return (*gx)->last_logits(v); }, prompts, forced, 3, 1);
+    ASSERT_EQ(got.size(), ref.size());
+    double worst = 0;
+    int decided = 0;
+    for (size_t s = 0; s < size_t(n); ++s) {
+      ASSERT_EQ(got[s].logits.size(), 4u) << "seq " << s;
+      for (size_t st = 0; st < 4; ++st) {
+        worst = std::max(worst, compare(got[s].logits[st], ref[s].logits[st]).rel);
+        const std::vector<float>& g = got[s].logits[st];
+        // The sampled id is the argmax of the logits the step left behind (lowest id on ties).
+        EXPECT_EQ(got[s].argmax[st], int32_t(std::max_element(g.begin(), g.end()) - g.begin())) << s << "/" << st;
+        std::vector<float> r = ref[s].logits[st];
+        std::partial_sort(r.begin(), r.begin() + 2, r.end(), std::greater<float>());
+        if (r[0] - r[1] > 0.05f) {
+          ++decided;
+          EXPECT_EQ(got[s].argmax[st], ref[s].argmax[st]) << "seq " << s << " step " << st;
+        }
+      }
+    }
+    std::printf("[executor] %d sequences: logits worst rel %.3e, %d decided argmax rows, graphs %d\n", n, worst,
+                decided, (*gx)->num_graphs());
+    EXPECT_LE(worst, 3e-2);
+    EXPECT_GT(decided, n);
+    EXPECT_GE((*gx)->num_graphs(), n <= 1024 ? 1 : 0);  // 600 -> bucket 640; 1100 runs eagerly
+  }
+}
+
 TEST(CudaExecutor, HostSamplingMatchesCpuSamplerOnSameLogits) {
   REQUIRE_GPU();
   ModelConfig c = small_config(4, 2, 32, 128, 256);

@@ -29,7 +29,9 @@ Status cuda_status(cudaError_t e, const std::string& what) {
 }
 
 // Decode batch sizes that get a graph; a batch runs in the smallest bucket that holds it.
-constexpr int32_t kBuckets[] = {1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256};
+// Past 256 the steps are long (>= 7 ms for an 8B model), so coarser buckets waste little.
+constexpr int32_t kBuckets[] = {1,   2,   4,   8,   12,  16,  24,  32,  48,  64,  80,  96,  128, 160,
+                                192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024};
 
 int32_t bucket_for(int32_t n) {
   for (int32_t b : kBuckets)
@@ -439,16 +441,14 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
   const int32_t bs = opts.block_size;
   if (bs <= 0 || bs > 1024) return Status::error("block_size " + std::to_string(bs) + " is out of range");
   const int32_t max_blocks_per_seq = (max_seq + bs - 1) / bs;
-  // Activations for steps of up to 8192 tokens (grown on demand), 256 graph-bucket sequences.
+  // Activations for steps of up to 8192 tokens and 512 sequences (both grown on demand).
   StepCaps caps;
   caps.tokens = 8192;
   caps.seqs = 512;
   caps.logit_rows = 512;
   caps.table_ints = std::min<int32_t>(caps.seqs * max_blocks_per_seq, 4 << 20);
   KILN_RETURN_IF_ERROR(ops_->reserve(caps));
-  KILN_RETURN_IF_ERROR(device_alloc(reinterpret_cast<void**>(&d_ids_), size_t(caps.logit_rows) * 4, "sampled ids"));
-  KILN_RETURN_IF_ERROR(cuda_status(cudaMallocHost(reinterpret_cast<void**>(&h_ids_), size_t(caps.logit_rows) * 4),
-                                   "pinned ids"));
+  KILN_RETURN_IF_ERROR(reserve_ids(caps.logit_rows));
 
   // KV cache: a block count, or a fraction of what is free now; bf16, or FP8 E4M3 (1 byte an
   // element) when the checkpoint or --kv_cache_dtype / KILN_KV_CACHE_DTYPE asks for it.
@@ -521,19 +521,33 @@ Result<std::unique_ptr<CudaExecutor>> CudaExecutor::create_dummy(const ModelConf
   return ex;
 }
 
+// The sampled-id buffers (device and pinned host) for at least `rows` rows; grown between steps.
+Status CudaExecutor::reserve_ids(int32_t rows) {
+  if (rows <= ids_cap_) return Status::ok();
+  const int32_t n = std::max(rows, 2 * ids_cap_);
+  cudaFree(d_ids_);
+  if (h_ids_) cudaFreeHost(h_ids_);
+  d_ids_ = h_ids_ = nullptr;
+  ids_cap_ = 0;
+  KILN_RETURN_IF_ERROR(device_alloc(reinterpret_cast<void**>(&d_ids_), size_t(n) * 4, "sampled ids"));
+  KILN_RETURN_IF_ERROR(cuda_status(cudaMallocHost(reinterpret_cast<void**>(&h_ids_), size_t(n) * 4), "pinned ids"));
+  ids_cap_ = n;
+  return Status::ok();
+}
+
 // One forward pass over b: replayed from a graph for decode batches, else eager.
 Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
   cudaStream_t s = as_stream(stream_);
   const int32_t T = b.num_tokens(), S = b.num_seqs(), L = int32_t(b.logits_rows.size());
-  bool decode = use_graphs_ && T == S && L == S && S <= max_graph_batch_;
+  bool decode = use_graphs_ && T == S && L == S && bucket_for(S) > 0;
   for (int32_t i = 0; decode && i < S; ++i)
     decode = b.query_start[size_t(i) + 1] - b.query_start[size_t(i)] == 1 && b.logits_rows[size_t(i)] == i;
   *graphed = false;
-  const void* before = ops_->buffer(Buf::kResidual);
+  const uint64_t before = ops_->generation();
   if (!decode) {
     StepCaps want{T, S, L, int32_t(b.block_tables.size())};
     KILN_RETURN_IF_ERROR(ops_->reserve(want));
-    if (ops_->buffer(Buf::kResidual) != before) clear_graphs();
+    if (ops_->generation() != before) clear_graphs();
     ops_->set_external_upload(false);
     forward(config_, dw_, *ops_, b);
     return Status::ok();
@@ -551,7 +565,7 @@ Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
   }
   StepCaps want{B, B, B, int32_t(pad_.block_tables.size())};
   KILN_RETURN_IF_ERROR(ops_->reserve(want));
-  if (ops_->buffer(Buf::kResidual) != before) clear_graphs();
+  if (ops_->generation() != before) clear_graphs();
   auto it = graphs_.find(B);
   if (it != graphs_.end()) {
     ops_->pack_step(pad_);
@@ -609,6 +623,7 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
   for (int32_t r : batch.logits_rows)
     if (r < 0 || r >= T) return Status::error("internal: logits row out of range");
 
+  KILN_RETURN_IF_ERROR(reserve_ids(L));
   bool graphed = false;
   KILN_RETURN_IF_ERROR(run_forward(batch, &graphed));
   cudaStream_t s = as_stream(stream_);

@@ -75,6 +75,7 @@ class CudaExecutor final : public ModelExecutor {
   Status build_weights(const ModelWeights* host, uint64_t seed, const LoadOptions& opts);
   Status finish_init(const LoadOptions& opts);
   Status run_forward(const StepBatch& b, bool* graphed);
+  Status reserve_ids(int32_t rows);
   void clear_graphs();
 
   ModelConfig config_;
@@ -92,11 +93,11 @@ class CudaExecutor final : public ModelExecutor {
   void* kv_base_ = nullptr;
   size_t weight_bytes_per_token_ = 0;
   bool use_graphs_ = true;
-  int32_t max_graph_batch_ = 256;
   std::map<int32_t, void*> graphs_;  // bucket -> cudaGraphExec_t
   StepBatch pad_;
   int32_t* d_ids_ = nullptr;
   int32_t* h_ids_ = nullptr;
+  int32_t ids_cap_ = 0;  // rows d_ids_ / h_ids_ hold
   float* h_logits_ = nullptr;
   size_t h_logits_rows_ = 0;
   int32_t last_rows_ = 0;

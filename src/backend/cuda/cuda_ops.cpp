@@ -299,7 +299,9 @@ Status CudaOps::reserve(const StepCaps& want) {
   n.seqs = std::max(want.seqs, caps_.seqs);
   n.logit_rows = std::max(want.logit_rows, caps_.logit_rows);
   n.table_ints = std::max(want.table_ints, caps_.table_ints);
-  // Free the old set first: growing happens between steps, never inside one.
+  // Free the old set first: growing happens between steps, never inside one. Any buffer may move
+  // (the allocator can hand one back at its old address while another moves), hence the generation.
+  ++generation_;
   for (size_t i = 0; i < std::size(bufs_); ++i) {
     if (owns(Buf(i))) cudaFree(bufs_[i]);
     bufs_[i] = nullptr;

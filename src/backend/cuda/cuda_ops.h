@@ -53,6 +53,8 @@ class CudaOps final : public Ops {
   // is an error naming the sizes).
   [[nodiscard]] Status reserve(const StepCaps& caps);
   const StepCaps& caps() const { return caps_; }
+  // Counts reallocations: a captured graph holds the buffer addresses of the generation it saw.
+  uint64_t generation() const { return generation_; }
   size_t reserved_bytes() const { return reserved_bytes_; }
   void set_kv(DeviceKv* kv) { kv_ = kv; }
   // Fused projections: `head` (wq or w_gate) computes all `rows` output columns into `out`'s slot;
@@ -170,6 +172,7 @@ class CudaOps final : public Ops {
   DeviceKv* kv_ = nullptr;
   StepCaps caps_;
   size_t reserved_bytes_ = 0;
+  uint64_t generation_ = 0;
   void* bufs_[size_t(Buf::kLogits) + 1] = {};
   void* qkv_ = nullptr;  // [T, q_dim + 2 kv_dim]
   void* gate_up_ = nullptr;  // [T, 2 I]
