@@ -1277,23 +1277,36 @@ __global__ void __launch_bounds__(128, kMinBlocks) prefill_kernel_v2(AttnParams 
       *reinterpret_cast<uint4*>(sv(b) + r * kLd + c * 8) = vh;
     }
   };
-  if (n_tiles > 0) {
-    issue(0, 0);
-    if constexpr (kFp8) store_fp8(0);
-  }
+  if (n_tiles > 0) issue(0, 0);
 
-  // q (bf16, or f16 for the FP8 cache's f16 mma) -> shared memory
+  // q (bf16, or f16 for the FP8 cache's f16 mma) -> shared memory, up to 8 loads a thread in flight
+  // (one at a time, the staging of a short prompt's block was a chain of ~16 global latencies). The
+  // first K/V tile's loads above are in flight meanwhile; FP8 stores them after.
   uint16_t* sq = kMt > 1 ? sbuf + 4 * size_t(kBN) * kLd : sk(1);
   const bf16* q = reinterpret_cast<const bf16*>(p.q);
-  for (int idx = tid; idx < S::kRows * kChunks; idx += 128) {
-    const int m = idx / kChunks, c = idx % kChunks, h = m / kR, r = m % kR;
-    uint4 w = make_uint4(0, 0, 0, 0);
-    if (r < rows) {
-      float x[8];
-      to_float8(*reinterpret_cast<const uint4*>(q + (qrow0 + r) * p.ldq + int64_t(head0 + h) * D + c * 8), x);
-      w.x = M::pack(x[0], x[1]), w.y = M::pack(x[2], x[3]), w.z = M::pack(x[4], x[5]), w.w = M::pack(x[6], x[7]);
+  constexpr int kQIter = S::kRows * kChunks / 128, kQB = kQIter < 8 ? kQIter : 8;
+  static_assert(S::kRows * kChunks % 128 == 0 && kQIter % kQB == 0, "q staging: whole rounds");
+#pragma unroll
+  for (int i0 = 0; i0 < kQIter; i0 += kQB) {
+    uint4 w[kQB];
+#pragma unroll
+    for (int j = 0; j < kQB; ++j) {
+      const int idx = tid + 128 * (i0 + j), m = idx / kChunks, c = idx % kChunks, h = m / kR, r = m % kR;
+      w[j] = r < rows ? *reinterpret_cast<const uint4*>(q + (qrow0 + r) * p.ldq + int64_t(head0 + h) * D + c * 8)
+                      : make_uint4(0, 0, 0, 0);
     }
-    *reinterpret_cast<uint4*>(sq + m * kLd + c * 8) = w;
+#pragma unroll
+    for (int j = 0; j < kQB; ++j) {
+      const int idx = tid + 128 * (i0 + j), m = idx / kChunks, c = idx % kChunks;
+      float x[8];
+      to_float8(w[j], x);
+      w[j].x = M::pack(x[0], x[1]), w[j].y = M::pack(x[2], x[3]), w[j].z = M::pack(x[4], x[5]),
+      w[j].w = M::pack(x[6], x[7]);
+      *reinterpret_cast<uint4*>(sq + m * kLd + c * 8) = w[j];
+    }
+  }
+  if constexpr (kFp8) {
+    if (n_tiles > 0) store_fp8(0);
   }
   __syncthreads();
   // A fragments of q: in registers for kMt == 1; re-read each tile (ldmatrix) for kMt > 1
