@@ -199,6 +199,18 @@ TEST_P(CudaOpsGrid, MatchesCpu) {
 
     // rope + attention on random bf16 q, k, v
     auto q = random_vec(size_t(T * Q), rng), k = random_vec(size_t(T * KV), rng), v = random_vec(size_t(T * KV), rng);
+    {  // interleaved pairs (the GGUF llama layout) on the same inputs; the default style follows
+      ModelConfig ci = c;
+      ci.rope_style = RopeStyle::kInterleaved;
+      set_cpu_buf(cpu, Buf::kQ, q);
+      set_cpu_buf(cpu, Buf::kK, k);
+      gpu.write_buffer(Buf::kQ, q.data(), T, Q);
+      gpu.write_buffer(Buf::kK, k.data(), T, KV);
+      cpu.rope(cpu.buffer(Buf::kQ), cpu.buffer(Buf::kK), ci);
+      gpu.rope(gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), ci);
+      EXPECT_CLOSE(gpu.read_buffer(Buf::kQ, T, Q), cpu_buf(cpu, Buf::kQ, size_t(T * Q)), 8e-3, tag + "rope q interleaved");
+      EXPECT_CLOSE(gpu.read_buffer(Buf::kK, T, KV), cpu_buf(cpu, Buf::kK, size_t(T * KV)), 8e-3, tag + "rope k interleaved");
+    }
     set_cpu_buf(cpu, Buf::kQ, q);
     set_cpu_buf(cpu, Buf::kK, k);
     set_cpu_buf(cpu, Buf::kV, v);

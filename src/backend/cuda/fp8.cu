@@ -192,6 +192,30 @@ __global__ void add_rms_norm_quantize_kernel(float* residual, const bf16* delta,
   }
 }
 
+// The same with the vector row (norm.cuh), as kernels.cu's add_rms_norm_vec_kernel.
+template <int kV>
+__global__ void __launch_bounds__(kNormThreads)
+    add_rms_norm_quantize_vec_kernel(float* residual, const bf16* delta, int64_t ld_delta, const float* w, int32_t dim,
+                                     float eps, bf16* out, int64_t ldo, const float* scale, uint8_t* xq,
+                                     float* scales_out, bool per_row) {
+  pdl_trigger();
+  pdl_wait();
+  __shared__ float red[32];
+  const float s = *scale;
+  if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) scales_out[per_row ? blockIdx.x : 0] = s;
+  uint2* o = reinterpret_cast<uint2*>(out + int64_t(blockIdx.x) * ldo);
+  uint32_t* q = reinterpret_cast<uint32_t*>(xq + int64_t(blockIdx.x) * dim);
+  add_rms_row_vec<kV>(residual + int64_t(blockIdx.x) * dim, delta + int64_t(blockIdx.x) * ld_delta, w, dim, eps, red,
+                      [&](int idx, const float4& y) {
+                        const uint2 b = bf16x4(y);
+                        o[idx] = b;
+                        const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b.x));
+                        const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b.y));
+                        q[idx] = uint32_t(to_fp8(lo.x / s)) | uint32_t(to_fp8(lo.y / s)) << 8 |
+                                 uint32_t(to_fp8(hi.x / s)) << 16 | uint32_t(to_fp8(hi.y / s)) << 24;
+                      });
+}
+
 __device__ __forceinline__ uint64_t mix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
@@ -269,9 +293,23 @@ void launch_add_rms_norm_quantize_fp8(float* residual, const bf16_t* delta, int6
                                       const float* static_scale, uint8_t* xq, float* scales_out, bool scales_per_row,
                                       cudaStream_t s) {
   if (n <= 0) return;
+  const bf16* d = reinterpret_cast<const bf16*>(delta);
+  bf16* o = reinterpret_cast<bf16*>(out);
+  // The same choice of form as kernels.cu's launch_add_rms_norm, so the bf16 outputs agree bit for bit.
+  auto vec = [&](auto kernel) {
+    launch_pdl(kernel, dim3(n), dim3(kNormThreads), 0, s, residual, d, ld_delta, w, dim, eps, o, ldo, static_scale, xq,
+               scales_out, scales_per_row);
+  };
+  switch (reinterpret_cast<uintptr_t>(xq) % 4 == 0 ? norm_row_vectors(dim, ld_delta, ldo, residual, d, o, w) : 0) {
+    case 1: return vec(add_rms_norm_quantize_vec_kernel<1>);
+    case 2: return vec(add_rms_norm_quantize_vec_kernel<2>);
+    case 4: return vec(add_rms_norm_quantize_vec_kernel<4>);
+    case 8: return vec(add_rms_norm_quantize_vec_kernel<8>);
+    default: break;
+  }
   const int threads = dim >= 1024 ? 1024 : dim >= 256 ? 256 : 128;  // kernels.cu threads_for
-  launch_pdl(add_rms_norm_quantize_kernel, dim3(n), dim3(threads), 0, s, residual, reinterpret_cast<const bf16*>(delta),
-             ld_delta, w, dim, eps, reinterpret_cast<bf16*>(out), ldo, static_scale, xq, scales_out, scales_per_row);
+  launch_pdl(add_rms_norm_quantize_kernel, dim3(n), dim3(threads), 0, s, residual, d, ld_delta, w, dim, eps, o, ldo,
+             static_scale, xq, scales_out, scales_per_row);
 }
 
 void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const float* a, bool a_per_row, const float* b,

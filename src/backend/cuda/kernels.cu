@@ -60,6 +60,19 @@ __global__ void add_rms_norm_kernel(float* residual, const bf16* delta, int64_t 
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __float2bfloat16(w[i] * (r[i] * inv));
 }
 
+// The same with the vector row (norm.cuh: norm_row_vectors said kV).
+template <int kV>
+__global__ void __launch_bounds__(kNormThreads) add_rms_norm_vec_kernel(float* residual, const bf16* delta,
+                                                                       int64_t ld_delta, const float* w, int32_t dim,
+                                                                       float eps, bf16* out, int64_t ldo) {
+  pdl_trigger();
+  pdl_wait();
+  __shared__ float red[32];
+  uint2* o = reinterpret_cast<uint2*>(out + int64_t(blockIdx.x) * ldo);
+  add_rms_row_vec<kV>(residual + int64_t(blockIdx.x) * dim, delta + int64_t(blockIdx.x) * ld_delta, w, dim, eps, red,
+                      [&](int idx, const float4& y) { o[idx] = bf16x4(y); });
+}
+
 // One warp per (row, head).
 __global__ void head_rms_norm_kernel(bf16* x, int64_t ldx, int32_t n, int32_t heads, int32_t hd, const float* w,
                                      float eps) {
@@ -84,7 +97,10 @@ constexpr int kMaxHeadDim = 512;  // ModelConfig validation's limit (the CUDA at
 // One block per token; threads over (head, pair). sincosf (not the fast intrinsics): positions reach
 // 131072 and the angle must match transformers' float32 math. The angles depend on the pair only,
 // so each is computed once per token into shared memory, not once per head (40x fewer sincosf at
-// Llama-8B shapes, where the per-head version took 122 us for 8192 tokens).
+// Llama-8B shapes). kVec (head_dim % 16 == 0, 16-byte aligned rows): a thread rotates 8 pairs with
+// 16-byte loads and stores (the scalar loop was a chain of 2-byte round trips, 122 us for 8192
+// tokens at Llama-8B shapes); the arithmetic per element is the same.
+template <bool kVec>
 __global__ void rope_kernel(bf16* q, int64_t ldq, bf16* k, int64_t ldk, const TokenMeta* tokens, const float* inv_freq,
                             int32_t n_heads, int32_t n_kv, int32_t hd, bool interleaved) {
   __shared__ float s_sin[kMaxHeadDim / 2], s_cos[kMaxHeadDim / 2];
@@ -93,17 +109,52 @@ __global__ void rope_kernel(bf16* q, int64_t ldq, bf16* k, int64_t ldk, const To
   const int t = blockIdx.x;
   const float pos = float(tokens[t].pos);
   const int half = hd / 2;
-  const int total = (n_heads + n_kv) * half;
   for (int i = threadIdx.x; i < half; i += blockDim.x) sincosf(pos * inv_freq[i], &s_sin[i], &s_cos[i]);
   __syncthreads();
-  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int h = idx / half, i = idx % half;
-    bf16* base = h < n_heads ? q + int64_t(t) * ldq + int64_t(h) * hd : k + int64_t(t) * ldk + int64_t(h - n_heads) * hd;
-    const float sn = s_sin[i], cs = s_cos[i];
-    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-    const float x0 = __bfloat162float(base[a]), x1 = __bfloat162float(base[b]);
-    base[a] = __float2bfloat16(x0 * cs - x1 * sn);
-    base[b] = __float2bfloat16(x1 * cs + x0 * sn);
+  auto head = [&](int h) {
+    return h < n_heads ? q + int64_t(t) * ldq + int64_t(h) * hd : k + int64_t(t) * ldk + int64_t(h - n_heads) * hd;
+  };
+  if constexpr (kVec) {
+    const int groups = half / 8, total = (n_heads + n_kv) * groups;
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+      const int h = idx / groups, i0 = 8 * (idx % groups);
+      bf16* base = head(h);
+      // non-interleaved: x0 = [i0, i0 + 8), x1 = the same pairs' second halves; interleaved: the 16
+      // elements 2 i0 .. 2 i0 + 15, pairs adjacent
+      uint4* p0 = reinterpret_cast<uint4*>(base + (interleaved ? 2 * i0 : i0));
+      uint4* p1 = interleaved ? p0 + 1 : reinterpret_cast<uint4*>(base + half + i0);
+      uint4 a = *p0, b = *p1;
+      bf16* av = reinterpret_cast<bf16*>(&a);
+      bf16* bv = reinterpret_cast<bf16*>(&b);
+      auto rot = [&](bf16& e0, bf16& e1, int j) {
+        const float sn = s_sin[i0 + j], cs = s_cos[i0 + j];
+        const float x0 = __bfloat162float(e0), x1 = __bfloat162float(e1);
+        e0 = __float2bfloat16(x0 * cs - x1 * sn);
+        e1 = __float2bfloat16(x1 * cs + x0 * sn);
+      };
+      if (interleaved) {  // pair j = elements (2j, 2j + 1) of a, then of b
+#pragma unroll
+        for (int j = 0; j < 4; ++j) rot(av[2 * j], av[2 * j + 1], j);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) rot(bv[2 * j], bv[2 * j + 1], 4 + j);
+      } else {  // pair j = (a[j], b[j])
+#pragma unroll
+        for (int j = 0; j < 8; ++j) rot(av[j], bv[j], j);
+      }
+      *p0 = a;
+      *p1 = b;
+    }
+  } else {
+    const int total = (n_heads + n_kv) * half;
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+      const int h = idx / half, i = idx % half;
+      bf16* base = head(h);
+      const float sn = s_sin[i], cs = s_cos[i];
+      const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+      const float x0 = __bfloat162float(base[a]), x1 = __bfloat162float(base[b]);
+      base[a] = __float2bfloat16(x0 * cs - x1 * sn);
+      base[b] = __float2bfloat16(x1 * cs + x0 * sn);
+    }
   }
 }
 
@@ -650,8 +701,15 @@ void launch_rms_norm(const void* x, bool x_f32, int64_t ldx, const float* w, int
 void launch_add_rms_norm(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w, int32_t n, int32_t dim,
                          float eps, bf16_t* out, int64_t ldo, cudaStream_t s) {
   if (n == 0) return;
-  launch_pdl(add_rms_norm_kernel, dim3(n), dim3(threads_for(dim)), 0, s, residual, reinterpret_cast<const bf16*>(delta), ld_delta, w, dim,
-                                                     eps, reinterpret_cast<bf16*>(out), ldo);
+  const bf16* d = reinterpret_cast<const bf16*>(delta);
+  bf16* o = reinterpret_cast<bf16*>(out);
+  switch (norm_row_vectors(dim, ld_delta, ldo, residual, d, o, w)) {
+    case 1: return launch_pdl(add_rms_norm_vec_kernel<1>, dim3(n), dim3(kNormThreads), 0, s, residual, d, ld_delta, w, dim, eps, o, ldo);
+    case 2: return launch_pdl(add_rms_norm_vec_kernel<2>, dim3(n), dim3(kNormThreads), 0, s, residual, d, ld_delta, w, dim, eps, o, ldo);
+    case 4: return launch_pdl(add_rms_norm_vec_kernel<4>, dim3(n), dim3(kNormThreads), 0, s, residual, d, ld_delta, w, dim, eps, o, ldo);
+    case 8: return launch_pdl(add_rms_norm_vec_kernel<8>, dim3(n), dim3(kNormThreads), 0, s, residual, d, ld_delta, w, dim, eps, o, ldo);
+    default: launch_pdl(add_rms_norm_kernel, dim3(n), dim3(threads_for(dim)), 0, s, residual, d, ld_delta, w, dim, eps, o, ldo);
+  }
 }
 
 void launch_head_rms_norm(bf16_t* x, int64_t ldx, int32_t n, int32_t heads, int32_t head_dim, const float* w, float eps,
@@ -664,8 +722,10 @@ void launch_head_rms_norm(bf16_t* x, int64_t ldx, int32_t n, int32_t heads, int3
 void launch_rope(bf16_t* q, int64_t ldq, bf16_t* k, int64_t ldk, const TokenMeta* tokens, int32_t T, const float* inv_freq,
                  int32_t n_heads, int32_t n_kv, int32_t head_dim, bool interleaved, cudaStream_t s) {
   if (T == 0) return;
-  launch_pdl(rope_kernel, dim3(T), dim3(256), 0, s, reinterpret_cast<bf16*>(q), ldq, reinterpret_cast<bf16*>(k), ldk, tokens, inv_freq,
-                                n_heads, n_kv, head_dim, interleaved);
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vec = head_dim % 16 == 0 && ldq % 8 == 0 && ldk % 8 == 0 && aligned(q) && aligned(k);
+  launch_pdl(vec ? rope_kernel<true> : rope_kernel<false>, dim3(T), dim3(256), 0, s, reinterpret_cast<bf16*>(q), ldq,
+             reinterpret_cast<bf16*>(k), ldk, tokens, inv_freq, n_heads, n_kv, head_dim, interleaved);
 }
 
 void launch_kv_write(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv, const TokenMeta* tokens, int32_t T,
