@@ -121,6 +121,11 @@ TEST(Engine, SingleRequestStreamsEveryToken) {
   EXPECT_EQ(s.generation_tokens_total, 5);
   EXPECT_EQ(s.prompt_tokens_total, 7);
   EXPECT_EQ(s.kv_blocks_total, 32);
+  // One prefill step (it samples the first token), then four decode steps; the time split between
+  // the executor and the engine's own work is counted (bench throughput prints it).
+  EXPECT_EQ(s.steps, 5);
+  EXPECT_GT(s.execute_seconds, 0.0);
+  EXPECT_GE(s.host_seconds, 0.0);
 }
 
 TEST(Engine, BatchedWithPreemptionEqualsSolo) {
