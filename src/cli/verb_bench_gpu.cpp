@@ -253,6 +253,18 @@ int latency(const BenchArgs& a) {
   std::printf("decode        batch %d, context %d..%d: median step %.3f ms (mean %.3f) -> %.1f tokens/s\n",
               a.batch_size, a.input_len, a.input_len + a.output_len, t_step * 1e3,
               decode_total / std::max<double>(1, a.output_len - 2) * 1e3, decode_tps);
+#ifdef KILN_HAVE_CUDA
+  if (cuda_ex) {
+    // The last decode graph replayed back to back: the step's GPU time alone; the rest of the
+    // measured step is the GPU waiting on the host.
+    if (auto r = static_cast<cuda::CudaExecutor*>(cuda_ex)->bench_graph_replay(50)) {
+      j["decode_graph_replay_s"] = *r;
+      std::printf("decode (GPU)  the last step's graph replayed back to back: %.3f ms a step; the host's share of "
+                  "the measured step %.1f us (%.1f%%)\n",
+                  *r * 1e3, (t_step - *r) * 1e6, 100.0 * (t_step - *r) / t_step);
+    }
+  }
+#endif
   if (bw_gbs > 0) {
     const double roof = double(weight_bytes) / (bw_gbs * 1e9);
     const double kv_mean = double(a.batch_size) * (a.input_len + a.output_len / 2.0) * double(kv_token_bytes);

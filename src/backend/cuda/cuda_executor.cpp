@@ -571,6 +571,7 @@ Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
     ops_->pack_step(pad_);
     ops_->upload_step();
     *graphed = true;
+    last_bucket_ = B;
     return cuda_status(cudaGraphLaunch(static_cast<cudaGraphExec_t>(it->second), s), "cudaGraphLaunch");
   }
   // First time at this bucket: run eagerly (this step's result, and cuBLASLt plans for the
@@ -708,6 +709,28 @@ Status CudaExecutor::execute_with_prompt_logprobs(const StepBatch& batch, const 
 Status CudaExecutor::last_logits(std::vector<float>* out) {
   out->resize(size_t(last_rows_) * size_t(config_.vocab_size));
   return cuda_status(cudaMemcpy(out->data(), ops_->logits(), out->size() * 4, cudaMemcpyDeviceToHost), "last_logits");
+}
+
+Result<double> CudaExecutor::bench_graph_replay(int reps) {
+  cudaSetDevice(device_);
+  auto it = graphs_.find(last_bucket_);
+  if (it == graphs_.end() || reps < 1) return Status::error("no decode step has replayed a graph yet");
+  cudaStream_t s = as_stream(stream_);
+  auto g = static_cast<cudaGraphExec_t>(it->second);
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  cudaGraphLaunch(g, s);  // warm
+  cudaEventRecord(e0, s);
+  for (int i = 0; i < reps; ++i) cudaGraphLaunch(g, s);
+  cudaEventRecord(e1, s);
+  const cudaError_t e = cudaEventSynchronize(e1);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, e0, e1);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  KILN_RETURN_IF_ERROR(cuda_status(e, "graph replay"));
+  return double(ms) * 1e-3 / reps;
 }
 
 Result<double> CudaExecutor::bench_read_bandwidth(size_t bytes, int reps) {

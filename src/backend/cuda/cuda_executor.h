@@ -68,6 +68,11 @@ class CudaExecutor final : public ModelExecutor {
                                                   bool fp8 = false);
   // Whether any linear runs in FP8 on this GPU.
   bool weights_fp8() const;
+  // The last replayed decode graph launched `reps` times back to back with nothing from the host in
+  // between (it rewrites the last step's KV slots and outputs): seconds of GPU time per step. Set
+  // against the measured step, the difference is the time each step's GPU waits on the host
+  // (validation, packing, upload, launch, the read-back and its sync).
+  [[nodiscard]] Result<double> bench_graph_replay(int reps);
 
  private:
   CudaExecutor() = default;
@@ -98,6 +103,7 @@ class CudaExecutor final : public ModelExecutor {
   int32_t* d_ids_ = nullptr;
   int32_t* h_ids_ = nullptr;
   int32_t ids_cap_ = 0;  // rows d_ids_ / h_ids_ hold
+  int32_t last_bucket_ = 0;  // the bucket of the last graph-replayed decode step
   float* h_logits_ = nullptr;
   size_t h_logits_rows_ = 0;
   int32_t last_rows_ = 0;
