@@ -306,6 +306,50 @@ __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int h
   if (!s_last) return;
   __threadfence();
   const float* part0 = p.partials + (int64_t(seq) * p.n_heads + head0) * p.splits * (D + 2);
+  // Up to kRegSplits splits (batch-1 contexts up to 64 kRegSplits tokens): each thread owns kPer
+  // consecutive outputs of one head and loads their partials with every split's m and l at once
+  // (one L2 round trip on the step's critical path instead of two); same arithmetic and order.
+  constexpr int kPer = G * D / 128, kRegSplits = 8;
+  if constexpr (kPer >= 2 && kPer <= 8 && kPer % 2 == 0 && D % (kPer > 0 ? kPer : 1) == 0) {
+    if (n_eff <= kRegSplits) {
+      const int o0 = tid * kPer, h = o0 / D, d0 = o0 % D;
+      const float* ph = part0 + int64_t(h) * p.splits * (D + 2);
+      float m[kRegSplits], l[kRegSplits], v[kRegSplits][kPer];
+#pragma unroll
+      for (int sp = 0; sp < kRegSplits; ++sp) {
+        if (sp >= n_eff) break;
+        const float* ps = ph + sp * (D + 2);
+        m[sp] = __ldcg(ps + D + 1);
+        l[sp] = __ldcg(ps + D);
+#pragma unroll
+        for (int j = 0; j < kPer / 2; ++j) {
+          const float2 f = __ldcg(reinterpret_cast<const float2*>(ps + d0) + j);
+          v[sp][2 * j] = f.x;
+          v[sp][2 * j + 1] = f.y;
+        }
+      }
+      float M = -INFINITY, L = 0.0f;
+#pragma unroll
+      for (int sp = 0; sp < kRegSplits; ++sp)
+        if (sp < n_eff) M = fmaxf(M, m[sp]);
+#pragma unroll
+      for (int sp = 0; sp < kRegSplits; ++sp)
+        if (sp < n_eff) L += m[sp] == -INFINITY ? 0.0f : l[sp] * ex(m[sp] - M);
+      float o[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) o[j] = 0.0f;
+#pragma unroll
+      for (int sp = 0; sp < kRegSplits; ++sp) {
+        if (sp >= n_eff) break;
+        const float wt = m[sp] == -INFINITY || L <= 0.0f ? 0.0f : ex(m[sp] - M) / L;
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) o[j] += v[sp][j] * wt;
+      }
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) out[int64_t(head0 + h) * D + d0 + j] = __float2bfloat16(o[j] * v_scale);
+      return;
+    }
+  }
   for (int idx = tid; idx < n_eff * G; idx += 128) {
     const int sp = idx / G, h = idx % G;
     const float* ph = part0 + (int64_t(h) * p.splits + sp) * (D + 2);
@@ -620,7 +664,8 @@ constexpr int decode_tile() {
 // same values.
 template <int D, int G, typename C>
 __device__ __forceinline__ void decode_rope_pair(const AttnParams& p, float (*sq)[D], const bf16* qrow, const bf16* kn,
-                                                 C* kc, int64_t dst, int h, int a, int b, float sn, float cs) {
+                                                 C* kc, int64_t dst, int h, int a, int b, float sn, float cs,
+                                                 C* k_copy = nullptr) {
   const bf16* x = h < G ? qrow + h * D : kn;
   const float x0 = __bfloat162float(x[a]), x1 = __bfloat162float(x[b]);
   const float r0 = __bfloat162float(__float2bfloat16(x0 * cs - x1 * sn));
@@ -628,12 +673,21 @@ __device__ __forceinline__ void decode_rope_pair(const AttnParams& p, float (*sq
   if (h < G) {
     sq[h][a] = r0;
     sq[h][b] = r1;
-  } else if constexpr (std::is_same<C, fp8>::value) {
-    kc[dst + a] = fp8(__fdiv_rn(r0, p.k_scale));
-    kc[dst + b] = fp8(__fdiv_rn(r1, p.k_scale));
+    return;
+  }
+  C ca, cb;
+  if constexpr (std::is_same<C, fp8>::value) {
+    ca = fp8(__fdiv_rn(r0, p.k_scale));
+    cb = fp8(__fdiv_rn(r1, p.k_scale));
   } else {
-    kc[dst + a] = __float2bfloat16(r0);
-    kc[dst + b] = __float2bfloat16(r1);
+    ca = __float2bfloat16(r0);
+    cb = __float2bfloat16(r1);
+  }
+  kc[dst + a] = ca;
+  kc[dst + b] = cb;
+  if (k_copy) {  // what the cache row now holds, for the block's own reads (shared memory)
+    k_copy[a] = ca;
+    k_copy[b] = cb;
   }
 }
 
@@ -811,8 +865,15 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
   __shared__ float red[kWarps][G][D + 2];
   __shared__ float s_m[32 * G], s_l[32 * G], s_ml[2 * G];  // the split merge (splits <= 32)
   __shared__ bool s_last;
+  __shared__ float2 s_sc[D / 2];                     // (sin, cos) of the new token's rotary pairs
+  __shared__ __align__(16) bf16 s_new[(G + 2) * D];  // q rows of the group, the new k and v
+  __shared__ __align__(16) C s_kv[2][D];             // the new token's cache rows (k roped), as stored
   pdl_trigger();
-  pdl_wait();
+  // Before pdl_wait() this kernel reads only what no kernel of this step writes: the step metadata
+  // (uploaded before the step), rope frequencies, and the cache rows of earlier tokens (written by
+  // earlier steps; this step writes only each sequence's new row, below). At batch 1 the kernel is
+  // a chain of dependent memory round trips between the qkv GEMV and o_proj; this moves the
+  // metadata, the block table and the first tile's K/V loads ahead of the wait.
   const int seq = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
   const int kvh = head0 / (p.n_heads / p.n_kv);
   const SeqMeta sm = p.seqs[seq];
@@ -832,41 +893,17 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
   // log2 units: exp(x) = 2^(x log2 e)
   const float qk_scale = (kFp8 ? p.scale * p.k_scale : p.scale) * 1.4426950408889634f;
   const float v_scale = kFp8 ? p.v_scale : 1.0f;
-  const bf16* qrow = reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq + int64_t(head0) * D;
-
-  // q (roped with p.rope, rounded to bf16 as the unfused path stores it) -> sq; the new token's
-  // roped k and its v -> the cache, by the block whose split holds it. The rope arithmetic is the
-  // rope kernel's (kernels.cu), so the fused and unfused paths store the same values.
+  const TokenMeta tm = p.tokens[sm.q_start];
+  const bool write = p.rope && tm.slot >= 0 && ctx > 0 && (ctx - 1) / per == split;
   if (p.rope) {
-    const TokenMeta tm = p.tokens[sm.q_start];
     const float pos = float(tm.pos);
-    const bool inter = p.rope == 2;
-    const bool write = tm.slot >= 0 && ctx > 0 && (ctx - 1) / per == split;
-    const int64_t dst = write ? ((int64_t(tm.slot / p.block_size) * p.n_kv + kvh) * p.block_size +
-                                 tm.slot % p.block_size) * D
-                              : 0;
-    const bf16* kn = reinterpret_cast<const bf16*>(p.k_new) + int64_t(sm.q_start) * p.ldk + int64_t(kvh) * D;
-    for (int idx = tid; idx < (G + 1) * (D / 2); idx += 128) {
-      const int h = idx / (D / 2), i = idx % (D / 2);
-      if (h == G && !write) break;
+    for (int i = tid; i < D / 2; i += 128) {
       float sn, cs;
       sincosf(pos * p.inv_freq[i], &sn, &cs);
-      const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
-      decode_rope_pair<D, G>(p, sq, qrow, kn, kc, dst, h, a, b, sn, cs);
+      s_sc[i] = make_float2(sn, cs);
     }
-    if (write) decode_store_new_v<D>(p, vc, dst, sm.q_start, kvh);
-  } else {
-    for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(qrow[(idx / D) * D + idx % D]);
   }
-  __syncthreads();  // sq ready; the new token's global writes visible to this block's threads
 
-  uint32_t qa[kKs][2];  // A fragments of q: rows g < G, k permuted as the K slices (kphys)
-  decode_q_fragments<D, G, C>(sq, qa);
-
-  float o[kMt][4];  // O^T: dims vphys(2i, g) (o[i][0..1]) and vphys(2i + 1, g) (o[i][2..3]), heads 2t, 2t + 1
-#pragma unroll
-  for (int i = 0; i < kMt; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  float m_run = -INFINITY, l_run = 0.0f;  // row g; l over this lane's columns, summed at the end
   // Lane l finds token jt + l's cache row (one division per token); the others get it by shuffle.
   // Tokens past the split read the last valid row and are masked. The block-table read for the next
   // tile is issued a tile ahead, so an iteration waits on one memory round trip, not two.
@@ -874,11 +911,9 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
     const int jl = min(jt + lane, j1 - 1);
     return (table[jl / p.block_size] * p.n_kv + kvh) * p.block_size + jl % p.block_size;
   };
-  int32_t row_next = j0 + warp * kN < j1 ? cache_row(j0 + warp * kN) : 0;
-  for (int jt = j0 + warp * kN; jt < j1; jt += kWarps * kN) {
-    const int32_t row_l = row_next;
-    if (jt + kWarps * kN < j1) row_next = cache_row(jt + kWarps * kN);
-    uint32_t kw[kN / 8][L::kKW];
+  uint32_t kw[kN / 8][L::kKW];
+  uint32_t vw[kN / 16][4][L::kVW];  // tokens 2t, 2t + 1, 2t + 8, 2t + 9 of each 16
+  auto load_tile = [&](int32_t row_l) {
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt) {
       const C* src = kc + int64_t(__shfl_sync(0xffffffffu, row_l, nt * 8 + g)) * D + t * L::kWK;
@@ -886,7 +921,6 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
       for (int pc = 0; pc < D / 4 / L::kWK; ++pc)
         load_raw<L::kWK * L::kEsz>(src + pc * 4 * L::kWK, &kw[nt][pc * L::kWK * L::kEsz / 4]);
     }
-    uint32_t vw[kN / 16][4][L::kVW];  // tokens 2t, 2t + 1, 2t + 8, 2t + 9 of each 16
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk)
 #pragma unroll
@@ -897,8 +931,92 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
         for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
           load_raw<L::kWV * L::kEsz>(src + pc * 8 * L::kWV, &vw[kk][i][pc * L::kWV * L::kEsz / 4]);
       }
+  };
+  int jt = j0 + warp * kN;
+  int32_t row_l = jt < j1 ? cache_row(jt) : 0;
+  if (jt < j1) load_tile(row_l);  // the new token's row, if in this tile, is replaced after its write
+  int32_t row_next = jt + kWarps * kN < j1 ? cache_row(jt + kWarps * kN) : 0;
 
+  pdl_wait();  // q, k, v are the qkv GEMV's output
+  const bf16* qrow = reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq + int64_t(head0) * D;
+  const bf16* kn = reinterpret_cast<const bf16*>(p.k_new) + int64_t(sm.q_start) * p.ldk + int64_t(kvh) * D;
+  const bf16* vn = reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D;
+  // q, k and v rows in one round of 16-byte loads (rows are 16-byte aligned: ld and D multiples of 8)
+  for (int i = tid; i < (G + 2) * D / 8; i += 128) {
+    const int r = i / (D / 8), c = i % (D / 8);
+    const bf16* src = r < G ? qrow + r * D : r == G ? kn : vn;
+    if (r < G || write) reinterpret_cast<uint4*>(s_new)[i] = *reinterpret_cast<const uint4*>(src + c * 8);
+  }
+  __syncthreads();
+
+  // q (roped with p.rope, rounded to bf16 as the unfused path stores it) -> sq; the new token's
+  // roped k and its v -> the cache, by the block whose split holds it. The rope arithmetic is the
+  // rope kernel's (kernels.cu), so the fused and unfused paths store the same values.
+  if (p.rope) {
+    const bool inter = p.rope == 2;
+    const int64_t dst = write ? ((int64_t(tm.slot / p.block_size) * p.n_kv + kvh) * p.block_size +
+                                 tm.slot % p.block_size) * D
+                              : 0;
+    for (int idx = tid; idx < (G + 1) * (D / 2); idx += 128) {
+      const int h = idx / (D / 2), i = idx % (D / 2);
+      if (h == G && !write) break;
+      const float2 sc = s_sc[i];
+      const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
+      decode_rope_pair<D, G>(p, sq, s_new, s_new + G * D, kc, dst, h, a, b, sc.x, sc.y, s_kv[0]);
+    }
+    if (write)
+      for (int d = tid; d < D; d += blockDim.x) {
+        const bf16 v = s_new[(G + 1) * D + d];
+        C cv;
+        if constexpr (kFp8) cv = fp8(__fdiv_rn(__bfloat162float(v), p.v_scale));
+        else cv = v;
+        vc[dst + d] = cv;
+        s_kv[1][d] = cv;
+      }
+  } else {
+    for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(s_new[idx]);
+  }
+  __syncthreads();  // sq ready; the new token's global writes visible to this block's threads
+  // The newest token's row was written this step: its fragments in the first tile (loaded before
+  // the wait) come from the block's shared copy (fused), or the tile is loaded again (the unfused
+  // path's KV-write kernel wrote it before the wait).
+  if (jt < j1 && ctx - 1 >= jt && ctx - 1 < jt + kN) {
+    const int nt_tok = ctx - 1 - jt;
+    if (write) {
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt)
+        if (nt * 8 + g == nt_tok)
+#pragma unroll
+          for (int pc = 0; pc < D / 4 / L::kWK; ++pc)
+            load_raw<L::kWK * L::kEsz>(&s_kv[0][t * L::kWK + pc * 4 * L::kWK], &kw[nt][pc * L::kWK * L::kEsz / 4]);
+#pragma unroll
+      for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (kk * 16 + 2 * t + (i & 1) + 8 * (i >> 1) == nt_tok)
+#pragma unroll
+            for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
+              load_raw<L::kWV * L::kEsz>(&s_kv[1][g * L::kWV + pc * 8 * L::kWV], &vw[kk][i][pc * L::kWV * L::kEsz / 4]);
+    } else if (!p.rope) {
+      load_tile(row_l);
+    }
+  }
+
+  uint32_t qa[kKs][2];  // A fragments of q: rows g < G, k permuted as the K slices (kphys)
+  decode_q_fragments<D, G, C>(sq, qa);
+
+  float o[kMt][4];  // O^T: dims vphys(2i, g) (o[i][0..1]) and vphys(2i + 1, g) (o[i][2..3]), heads 2t, 2t + 1
+#pragma unroll
+  for (int i = 0; i < kMt; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m_run = -INFINITY, l_run = 0.0f;  // row g; l over this lane's columns, summed at the end
+  while (jt < j1) {
     decode_tile_math<D, C, kN>(kw, vw, qa, jt, j1, qk_scale, o, m_run, l_run);
+    jt += kWarps * kN;
+    if (jt < j1) {
+      row_l = row_next;
+      if (jt + kWarps * kN < j1) row_next = cache_row(jt + kWarps * kN);
+      load_tile(row_l);
+    }
   }
   decode_finish<D, G, C>(p, red, o, m_run, l_run, seq, head0, split, n_eff, v_scale, sm.q_start, s_m, s_l, s_ml, s_last);
 }
