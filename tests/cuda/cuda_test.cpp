@@ -360,21 +360,38 @@ TEST(CudaKernels, ArgmaxMatchesHostWithTies) {
   auto logits = random_vec(size_t(L) * V, rng, 3.0f, false);
   logits[size_t(1) * V + 500] = logits[size_t(1) * V + 90000] = 100.0f;  // tie: lowest id wins
   logits[size_t(2) * V + V - 1] = 100.0f;
+  // Row 3: the maximum is -0.0 tied with +0.0 later (the first wins); row 4: NaN everywhere but one
+  // -1 (NaN never wins); row 5: -inf and NaN only (id 0); row 6: +inf wins.
+  for (int i = 0; i < V; ++i) logits[size_t(3) * V + i] = -1.0f - float(i % 7);
+  logits[size_t(3) * V + 7000] = -0.0f;
+  logits[size_t(3) * V + 9000] = 0.0f;
+  for (int i = 0; i < V; ++i) logits[size_t(4) * V + i] = std::nanf("");
+  logits[size_t(4) * V + 12345] = -1.0f;
+  for (int i = 0; i < V; ++i) logits[size_t(5) * V + i] = i % 2 ? -INFINITY : std::nanf("");
+  logits[size_t(6) * V + 77] = INFINITY;
+  const int32_t expect[L] = {-1, 500, V - 1, 7000, 12345, 0, 77};  // -1: std::max_element's answer
   float* d = nullptr;
   int32_t* ids = nullptr;
+  void* scratch = nullptr;
   cudaMalloc(reinterpret_cast<void**>(&d), logits.size() * 4);
   cudaMalloc(reinterpret_cast<void**>(&ids), L * 4);
+  cudaMalloc(&scratch, cuda::argmax_scratch_bytes(L));
+  cudaMemset(scratch, 0, cuda::argmax_scratch_bytes(L));
   cudaMemcpy(d, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice);
-  cuda::launch_argmax(d, L, V, ids, nullptr);
-  std::vector<int32_t> got(L);
-  cudaMemcpy(got.data(), ids, L * 4, cudaMemcpyDeviceToHost);
-  for (int r = 0; r < L; ++r) {
-    const float* row = logits.data() + size_t(r) * V;
-    EXPECT_EQ(got[size_t(r)], int32_t(std::max_element(row, row + V) - row)) << "row " << r;
+  for (int launch = 0; launch < 2; ++launch) {  // the scratch is left ready for the next launch
+    cudaMemset(ids, 0xff, L * 4);
+    cuda::launch_argmax(d, L, V, ids, scratch, nullptr);
+    std::vector<int32_t> got(L);
+    ASSERT_EQ(cudaMemcpy(got.data(), ids, L * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int r = 0; r < L; ++r) {
+      const float* row = logits.data() + size_t(r) * V;
+      const int32_t want = expect[r] >= 0 ? expect[r] : int32_t(std::max_element(row, row + V) - row);
+      EXPECT_EQ(got[size_t(r)], want) << "row " << r << " launch " << launch;
+    }
   }
-  EXPECT_EQ(got[1], 500);
   cudaFree(d);
   cudaFree(ids);
+  cudaFree(scratch);
 }
 
 TEST(CudaExecutor, MatchesCpuExecutorOnDummyModel) {

@@ -88,6 +88,7 @@ CudaExecutor::~CudaExecutor() {
   for (void* p : allocations_) cudaFree(p);
   cudaFree(kv_base_);
   cudaFree(d_ids_);
+  cudaFree(d_argmax_);
   if (h_ids_) cudaFreeHost(h_ids_);
   if (h_logits_) cudaFreeHost(h_logits_);
   if (stream_) cudaStreamDestroy(as_stream(stream_));
@@ -526,10 +527,14 @@ Status CudaExecutor::reserve_ids(int32_t rows) {
   if (rows <= ids_cap_) return Status::ok();
   const int32_t n = std::max(rows, 2 * ids_cap_);
   cudaFree(d_ids_);
+  cudaFree(d_argmax_);
   if (h_ids_) cudaFreeHost(h_ids_);
   d_ids_ = h_ids_ = nullptr;
+  d_argmax_ = nullptr;
   ids_cap_ = 0;
   KILN_RETURN_IF_ERROR(device_alloc(reinterpret_cast<void**>(&d_ids_), size_t(n) * 4, "sampled ids"));
+  KILN_RETURN_IF_ERROR(device_alloc(&d_argmax_, argmax_scratch_bytes(n), "argmax scratch"));
+  KILN_RETURN_IF_ERROR(cuda_status(cudaMemset(d_argmax_, 0, argmax_scratch_bytes(n)), "argmax scratch"));
   KILN_RETURN_IF_ERROR(cuda_status(cudaMallocHost(reinterpret_cast<void**>(&h_ids_), size_t(n) * 4), "pinned ids"));
   ids_cap_ = n;
   return Status::ok();
@@ -630,7 +635,7 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
   cudaStream_t s = as_stream(stream_);
   last_rows_ = int32_t(batch.logits_rows.size());
   const int32_t V = config_.vocab_size;
-  launch_argmax(ops_->logits(), L, V, d_ids_, s);
+  launch_argmax(ops_->logits(), L, V, d_ids_, d_argmax_, s);
   if (device_sampling_) {
     std::vector<int32_t> rows;
     std::vector<const SeqSampling*> seqs;

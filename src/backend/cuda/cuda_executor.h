@@ -101,6 +101,7 @@ class CudaExecutor final : public ModelExecutor {
   std::map<int32_t, void*> graphs_;  // bucket -> cudaGraphExec_t
   StepBatch pad_;
   int32_t* d_ids_ = nullptr;
+  void* d_argmax_ = nullptr;  // launch_argmax scratch for ids_cap_ rows (zero between launches)
   int32_t* h_ids_ = nullptr;
   int32_t ids_cap_ = 0;  // rows d_ids_ / h_ids_ hold
   int32_t last_bucket_ = 0;  // the bucket of the last graph-replayed decode step

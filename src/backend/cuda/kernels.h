@@ -2,6 +2,7 @@
 // pointers plus sizes; every launcher enqueues on `stream` and never synchronizes, so a whole step
 // can be captured in a CUDA graph. bf16 activations, f32 residual stream, f32 norm weights/biases.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -95,7 +96,10 @@ void launch_gather_rows(const bf16_t* x, int64_t ldx, const int32_t* rows, int32
                         cudaStream_t s);
 void launch_add_bias(void* y, bool y_f32, int64_t ldy, const float* bias, int32_t n, int32_t N, cudaStream_t s);
 // ids[r] = argmax(logits[r, :]) (first maximum), r < L                  logits: [L, V] f32
-void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, cudaStream_t s);
+// scratch: argmax_scratch_bytes(L) of device memory, zero before the first launch (every launch
+// leaves it zero again); one launch at a time per scratch.
+size_t argmax_scratch_bytes(int32_t L);
+void launch_argmax(const float* logits, int32_t L, int32_t V, int32_t* ids, void* scratch, cudaStream_t s);
 
 // How an FP8 GEMV treats its bf16 input (fp8.h Fp8Act, plus weight-only). kNone: the activations
 // stay bf16 and the weights are widened (the CUDA-core kernel in kernels.cu). The others quantize x
