@@ -283,17 +283,17 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
   return y;
 }
 
-// The end of a split decode block, shared by both decode kernels: once its partials ([acc (D), l, m]
-// per head) are written, the last block of the (sequence, head group) to count (p.counters, put back
-// to 0 by that block for the next launch) merges the splits: every (split, head) m and l loaded at
-// once into shared memory, the split weights e^(m - M) / L computed once (2^(m - M) with kExp2: v2
-// keeps m in log2 units), then each output a dot over the splits (loads in flight, never a serial
+// The end of a split decode block, shared by both decode kernels (v2, v3): once its partials ([acc
+// (D), l, m] per head) are written, the last block of the (sequence, head group) to count
+// (p.counters, put back to 0 by that block for the next launch) merges the splits: every (split,
+// head) m and l loaded at once into shared memory, the split weights 2^(m - M) / L computed once (m
+// is kept in log2 units), then each output a dot over the splits (loads in flight, never a serial
 // chain of L2 round trips on the step's critical path). s_m and s_l hold 32 G floats, s_ml 2 G; the
 // block is 128 threads; `out` is the sequence's output row.
-template <int D, int G, bool kExp2>
+template <int D, int G>
 __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int head0, int n_eff, float v_scale, bf16* out,
                                              float* s_m, float* s_l, float* s_ml, bool& s_last) {
-  auto ex = [](float x) { return kExp2 ? fast_exp2(x) : __expf(x); };
+  auto ex = [](float x) { return fast_exp2(x); };
   const int tid = threadIdx.x;
   __threadfence();  // partials visible device-wide before the count
   __syncthreads();
@@ -382,196 +382,9 @@ __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int h
   }
 }
 
-// v1 (KILN_DECODE_ATTN=v1, kept to measure against): online softmax per token on CUDA cores.
-// G query heads per block (the GQA group when it is 1, 2, 4 or 8; else 1 and one block per query head).
-// With p.rope, the block also applies the rotary embedding to q (in registers) and, in the block
-// whose split holds the new token, ropes its k and writes k, v into the cache first: one kernel
-// instead of rope + KV write + attention + split reduce (each boundary ~2-3 us at batch 1).
-template <int D, int G, typename C>
-__global__ void __launch_bounds__(128) decode_kernel_v1(AttnParams p) {
-  constexpr int kTpt = D / 8, kGroups = 128 / kTpt;
-  __shared__ float red[kGroups][G][D + 2];
-  __shared__ bool s_last;
-  pdl_trigger();
-  pdl_wait();
-  const int seq = blockIdx.x, head0 = blockIdx.y * G, split = blockIdx.z;
-  const int kvh = head0 / (p.n_heads / p.n_kv);
-  const SeqMeta sm = p.seqs[seq];
-  if (sm.q_len != 1) return;  // a prefill sequence of a mixed step: the prefill kernel's
-  const int tid = threadIdx.x, g = tid / kTpt, li = tid % kTpt;
-  const int ctx = sm.ctx_len;
-  // Splits are fixed when a graph is captured, the context is not: a split takes at least kMinPer
-  // tokens (2 loop iterations), and splits past the context exit at once, so a short context (or
-  // the first steps after prefill) has few splits to merge.
-  constexpr int kMinPer = 4 * kGroups;
-  const int per = max((ctx + p.splits - 1) / p.splits, kMinPer);
-  const int n_eff = max(1, (ctx + per - 1) / per);
-  if (split >= n_eff) return;
-  const int j0 = split * per, j1 = min(ctx, j0 + per);
-  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
-  C* kc = static_cast<C*>(const_cast<void*>(p.k_cache));
-  C* vc = static_cast<C*>(const_cast<void*>(p.v_cache));
-  using V8 = typename Vec8<C>::T;
-  constexpr bool kFp8 = std::is_same<C, fp8>::value;
-  const float qk_scale = kFp8 ? p.scale * p.k_scale : p.scale;
-  const float v_scale = kFp8 ? p.v_scale : 1.0f;
-
-  // Rotary angles of this lane's 8 dims (sincosf, as the rope kernel: positions reach 131072).
-  float cs[8], sn[8];
-  const float sign = li < kTpt / 2 ? -1.0f : 1.0f;  // half style: x0' = x0 c - x1 s, x1' = x1 c + x0 s
-  int32_t tok_slot = -1;
-  if (p.rope) {
-    const TokenMeta tm = p.tokens[sm.q_start];
-    tok_slot = tm.slot;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int d = li * 8 + i;
-      const int f = p.rope == 2 ? d / 2 : d % (D / 2);
-      sincosf(float(tm.pos) * p.inv_freq[f], &sn[i], &cs[i]);
-    }
-  }
-  // x (8 dims of this lane) -> roped and rounded to bf16 as the unfused path stores it.
-  auto rope8 = [&](float (&x)[8]) {
-    float o[8];
-    if (p.rope == 2) {
-#pragma unroll
-      for (int i = 0; i < 8; i += 2) {
-        o[i] = x[i] * cs[i] - x[i + 1] * sn[i];
-        o[i + 1] = x[i + 1] * cs[i + 1] + x[i] * sn[i + 1];
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float partner = __shfl_xor_sync(0xffffffffu, x[i], kTpt / 2, kTpt);
-        o[i] = x[i] * cs[i] + sign * partner * sn[i];
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(__float2bfloat16(o[i]));
-  };
-  auto load8 = [](const bf16* src, float (&x)[8]) {
-    const uint4 r = *reinterpret_cast<const uint4*>(src);
-    const bf16* b = reinterpret_cast<const bf16*>(&r);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(b[i]);
-  };
-
-  float qf[G][8], acc[G][8], m[G], l[G];
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    load8(reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq + int64_t(head0 + h) * D + li * 8, qf[h]);
-    if (p.rope) rope8(qf[h]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      qf[h][i] *= qk_scale;
-      acc[h][i] = 0.0f;
-    }
-    m[h] = -INFINITY;
-    l[h] = 0.0f;
-  }
-  if (p.rope) {
-    // The new token (position ctx - 1) goes into the cache before the split that reads it runs.
-    float kn[8];
-    load8(reinterpret_cast<const bf16*>(p.k_new) + int64_t(sm.q_start) * p.ldk + int64_t(kvh) * D + li * 8, kn);
-    rope8(kn);
-    if (g == 0 && tok_slot >= 0 && ctx > 0 && (ctx - 1) / per == split) {
-      const int64_t dst = ((int64_t(tok_slot / p.block_size) * p.n_kv + kvh) * p.block_size + tok_slot % p.block_size) * D +
-                          li * 8;
-      const uint4 vn = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.v_new) +
-                                                       int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D + li * 8);
-      if constexpr (kFp8) {
-        // kn is already rounded to bf16, so the codes equal launch_kv_write_fp8's on the unfused path
-        float vf[8];
-        to_float8(vn, vf);
-        *reinterpret_cast<uint2*>(kc + dst) = to_fp8x8(kn, p.k_scale);
-        *reinterpret_cast<uint2*>(vc + dst) = to_fp8x8(vf, p.v_scale);
-      } else {
-        uint4 kr;
-        bf16* kb = reinterpret_cast<bf16*>(&kr);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) kb[i] = __float2bfloat16(kn[i]);
-        *reinterpret_cast<uint4*>(kc + dst) = kr;
-        *reinterpret_cast<uint4*>(vc + dst) = vn;
-      }
-    }
-    __syncthreads();  // global writes of this block are visible to its threads after the barrier
-  }
-  auto load = [&](int j, V8* kr, V8* vr) {
-    const int64_t base = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D + li * 8;
-    *kr = *reinterpret_cast<const V8*>(kc + base);
-    *vr = *reinterpret_cast<const V8*>(vc + base);
-  };
-  // All lanes run every step (the shuffles need the whole warp); `valid` gates the update.
-  auto step = [&](const V8& kr, const V8& vr, bool valid) {
-    float kf[8], vf[8];
-    to_float8(kr, kf);
-    to_float8(vr, vf);
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      float s = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) s += qf[h][i] * kf[i];
-#pragma unroll
-      for (int o = kTpt / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, kTpt);
-      if (valid) {
-        const float m_new = fmaxf(m[h], s);
-        const float alpha = __expf(m[h] - m_new);  // m == -inf: 0
-        const float e = __expf(s - m_new);
-        l[h] = l[h] * alpha + e;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[h][i] = acc[h][i] * alpha + e * vf[i];
-        m[h] = m_new;
-      }
-    }
-  };
-  for (int jb = j0; jb < j1; jb += 2 * kGroups) {
-    const int ja = jb + g, jc = ja + kGroups;
-    const bool va = ja < j1, vc2 = jc < j1;
-    V8 ka{}, wa{}, kc2{}, wc{};
-    if (va) load(ja, &ka, &wa);
-    if (vc2) load(jc, &kc2, &wc);
-    step(ka, wa, va);
-    step(kc2, wc, vc2);
-  }
-  // Merge the token groups, then (splits > 1) write partials; the last block merges the splits.
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    if (li == 0) {
-      red[g][h][D] = m[h];
-      red[g][h][D + 1] = l[h];
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) red[g][h][li * 8 + i] = acc[h][i];
-  }
-  __syncthreads();
-  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start) * p.ldo;
-  for (int idx = tid; idx < G * (D + 1); idx += 128) {
-    const int h = idx / (D + 1), d = idx % (D + 1);
-    float M = -INFINITY;
-    for (int gg = 0; gg < kGroups; ++gg) M = fmaxf(M, red[gg][h][D]);
-    float sum = 0.0f, L = 0.0f;
-    for (int gg = 0; gg < kGroups; ++gg) {
-      const float w = red[gg][h][D] == -INFINITY ? 0.0f : __expf(red[gg][h][D] - M);
-      sum += (d < D ? red[gg][h][d] : red[gg][h][D + 1]) * w;
-      L += red[gg][h][D + 1] * w;
-    }
-    if (n_eff == 1) {
-      if (d < D) out[int64_t(head0 + h) * D + d] = __float2bfloat16(L > 0.0f ? sum / L * v_scale : 0.0f);
-    } else {
-      float* part = p.partials + ((int64_t(seq) * p.n_heads + head0 + h) * p.splits + split) * (D + 2);
-      part[d] = sum;  // d == D: the merged l
-      if (d == 0) part[D + 1] = M;
-    }
-  }
-  if (n_eff == 1) return;
-  // `red` is free again: the merge's shared arrays live in it
-  float* sm_m = &red[0][0][0];
-  merge_splits<D, G, false>(p, seq, head0, n_eff, v_scale, out, sm_m, sm_m + 32 * 8, sm_m + 2 * 32 * 8, s_last);
-}
-
 // ---- decode v2: tensor cores (mma.sync m16n8k16), the default ----
-// v1 spent ~20 instructions per (token, head) on its per-token online softmax (a 4-step shuffle,
-// two exps by all 16 lanes, an accumulator rescale): instruction-bound at large batch (batch 256 x
+// v1 (a CUDA-core kernel, since removed) spent ~20 instructions per (token, head) on its per-token
+// online softmax (a 4-step shuffle, two exps by all 16 lanes, an accumulator rescale): instruction-bound at large batch (batch 256 x
 // ctx 1000, Llama-3.1-8B: 22.7 ms a step with an FP8 cache vs 8.1 ms of bytes). v2 makes the
 // per-token work two tensor-core products: a warp takes 32 tokens at a time, S = Q K^T with the G
 // query heads as the rows of a 16-row A operand (rows >= G are zero), one max and one rescale per
@@ -851,7 +664,7 @@ __device__ __forceinline__ void decode_finish(const AttnParams& p, float (*red)[
     }
   }
   if (n_eff == 1) return;
-  merge_splits<D, G, true>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
+  merge_splits<D, G>(p, seq, head0, n_eff, v_scale, out, s_m, s_l, s_ml, s_last);
 }
 
 template <int D, int G, typename C, int kN = decode_tile<D, C>(), int kMinBlocks = 3>
@@ -881,7 +694,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int ctx = sm.ctx_len;
   // Splits are fixed when a graph is captured, the context is not: a split takes at least 64
-  // tokens (v1's split sizes at batch 1), and splits past the context exit at once.
+  // tokens (the first decode kernel's split sizes at batch 1); splits past the context exit at once.
   constexpr int kMinPer = 64;
   const int per = (max((ctx + p.splits - 1) / p.splits, kMinPer) + kN - 1) / kN * kN;
   const int n_eff = max(1, (ctx + per - 1) / per);
@@ -1634,13 +1447,13 @@ void prefill_launch(const AttnParams& p, cudaStream_t s) {
 }
 
 // KILN_DECODE_ATTN: unset = auto (v3 where p.splits <= KILN_DECODE_V3_MAX_SPLITS, else v2; v2 at head
-// dims 16 and 32); v3 = v3 whenever the head dim has it; v2old = v2 (registers, no pipeline); v1 = the
-// CUDA-core kernel; t16 / b2 = v2 at head_dim 128 with 16 tokens per warp iteration, or 2 blocks an SM.
+// dims 16 and 32); v3 = v3 whenever the head dim has it; v2old = v2 (registers, no pipeline);
+// t16 / b2 = v2 at head_dim 128 with 16 tokens per warp iteration, or 2 blocks an SM.
 // Read at every launch (launches are captured once per graph), so a test can switch kernels.
 int decode_attn_variant() {
   const char* e = std::getenv("KILN_DECODE_ATTN");
   const std::string s = e ? e : "";
-  return s == "v1" ? 1 : s == "t16" ? 2 : s == "b2" ? 3 : s == "v2old" ? 4 : s == "v3" ? 5 : 0;
+  return s == "t16" ? 2 : s == "b2" ? 3 : s == "v2old" ? 4 : s == "v3" ? 5 : 0;
 }
 
 // Auto picks v3 where a block streams many stages (large batches: few splits) and v2 where it has one
@@ -1675,7 +1488,6 @@ template <int D, int G, typename C>
 void decode_launch_g(const AttnParams& p, cudaStream_t s) {
   const dim3 grid(p.num_seqs, p.n_heads / G, p.splits);
   const int v = decode_attn_variant();
-  if (v == 1) return launch_pdl(decode_kernel_v1<D, G, C>, grid, dim3(128), 0, s, p);
   if constexpr (D == 128) {
     if (v == 2) return launch_pdl(decode_kernel<D, G, C, 16>, grid, dim3(128), 0, s, p);
     if (v == 3) return launch_pdl(decode_kernel<D, G, C, decode_tile<D, C>(), 2>, grid, dim3(128), 0, s, p);
