@@ -48,7 +48,7 @@ TEST(CudaDecodeTiming, Bandwidth) {
   cudaEventCreate(&e1);
   for (const TimingShape s : {TimingShape{256, 1000, true}, TimingShape{256, 1000, false}, TimingShape{256, 2000, true},
                               TimingShape{64, 2000, true}, TimingShape{64, 2000, false}, TimingShape{1, 128, true},
-                              TimingShape{1, 2048, true}}) {
+                              TimingShape{1, 2048, true}, TimingShape{512, 1500, true}, TimingShape{1024, 192, true}}) {
     std::mt19937 rng(99 + s.batch + s.ctx);
     const int max_blocks = (s.ctx + bs - 1) / bs, num_blocks = s.batch * max_blocks;
     cuda::Gemm gemm;
