@@ -293,7 +293,6 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
 template <int D, int G>
 __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int head0, int n_eff, float v_scale, bf16* out,
                                              float* s_m, float* s_l, float* s_ml, bool& s_last) {
-  auto ex = [](float x) { return fast_exp2(x); };
   const int tid = threadIdx.x;
   __threadfence();  // partials visible device-wide before the count
   __syncthreads();
@@ -334,14 +333,14 @@ __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int h
         if (sp < n_eff) M = fmaxf(M, m[sp]);
 #pragma unroll
       for (int sp = 0; sp < kRegSplits; ++sp)
-        if (sp < n_eff) L += m[sp] == -INFINITY ? 0.0f : l[sp] * ex(m[sp] - M);
+        if (sp < n_eff) L += m[sp] == -INFINITY ? 0.0f : l[sp] * fast_exp2(m[sp] - M);
       float o[kPer];
 #pragma unroll
       for (int j = 0; j < kPer; ++j) o[j] = 0.0f;
 #pragma unroll
       for (int sp = 0; sp < kRegSplits; ++sp) {
         if (sp >= n_eff) break;
-        const float wt = m[sp] == -INFINITY || L <= 0.0f ? 0.0f : ex(m[sp] - M) / L;
+        const float wt = m[sp] == -INFINITY || L <= 0.0f ? 0.0f : fast_exp2(m[sp] - M) / L;
 #pragma unroll
         for (int j = 0; j < kPer; ++j) o[j] += v[sp][j] * wt;
       }
@@ -361,7 +360,7 @@ __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int h
     float M = -INFINITY, L = 0.0f;
     for (int sp = 0; sp < n_eff; ++sp) M = fmaxf(M, s_m[sp * G + tid]);
     for (int sp = 0; sp < n_eff; ++sp)
-      L += s_m[sp * G + tid] == -INFINITY ? 0.0f : s_l[sp * G + tid] * ex(s_m[sp * G + tid] - M);
+      L += s_m[sp * G + tid] == -INFINITY ? 0.0f : s_l[sp * G + tid] * fast_exp2(s_m[sp * G + tid] - M);
     s_ml[2 * tid] = M;
     s_ml[2 * tid + 1] = L;
   }
@@ -369,7 +368,7 @@ __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int h
   for (int idx = tid; idx < n_eff * G; idx += 128) {
     const int h = idx % G;
     const float M = s_ml[2 * h], L = s_ml[2 * h + 1];
-    s_m[idx] = s_m[idx] == -INFINITY || L <= 0.0f ? 0.0f : ex(s_m[idx] - M) / L;
+    s_m[idx] = s_m[idx] == -INFINITY || L <= 0.0f ? 0.0f : fast_exp2(s_m[idx] - M) / L;
   }
   __syncthreads();
   for (int idx = tid; idx < G * D; idx += 128) {
@@ -504,13 +503,17 @@ __device__ __forceinline__ void decode_rope_pair(const AttnParams& p, float (*sq
   }
 }
 
-// The new token's v into the cache row at dst (the whole block).
+// The new token's v (vn: its bf16 row, global or shared) into the cache row at dst (the whole
+// block); with v_copy, also what the cache row now holds, for the block's own reads.
 template <int D, typename C>
-__device__ __forceinline__ void decode_store_new_v(const AttnParams& p, C* vc, int64_t dst, int q_start, int kvh) {
-  const bf16* vn = reinterpret_cast<const bf16*>(p.v_new) + int64_t(q_start) * p.ldv + int64_t(kvh) * D;
+__device__ __forceinline__ void decode_store_new_v(const AttnParams& p, C* vc, int64_t dst, const bf16* vn,
+                                                   C* v_copy = nullptr) {
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    if constexpr (std::is_same<C, fp8>::value) vc[dst + d] = fp8(__fdiv_rn(__bfloat162float(vn[d]), p.v_scale));
-    else vc[dst + d] = vn[d];
+    C cv;
+    if constexpr (std::is_same<C, fp8>::value) cv = fp8(__fdiv_rn(__bfloat162float(vn[d]), p.v_scale));
+    else cv = vn[d];
+    vc[dst + d] = cv;
+    if (v_copy) v_copy[d] = cv;
   }
 }
 
@@ -777,15 +780,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) decode_kernel(AttnParams p) {
       const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
       decode_rope_pair<D, G>(p, sq, s_new, s_new + G * D, kc, dst, h, a, b, sc.x, sc.y, s_kv[0]);
     }
-    if (write)
-      for (int d = tid; d < D; d += blockDim.x) {
-        const bf16 v = s_new[(G + 1) * D + d];
-        C cv;
-        if constexpr (kFp8) cv = fp8(__fdiv_rn(__bfloat162float(v), p.v_scale));
-        else cv = v;
-        vc[dst + d] = cv;
-        s_kv[1][d] = cv;
-      }
+    if (write) decode_store_new_v<D>(p, vc, dst, s_new + (G + 1) * D, s_kv[1]);
   } else {
     for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(s_new[idx]);
   }
@@ -999,7 +994,9 @@ __global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kern
       if (h == G && !write) break;
       decode_rope_pair<D, G>(p, sq, qrow, kn, kc, dst, h, a, b, sn, cs);
     }
-    if (write) decode_store_new_v<D>(p, vc, dst, sm.q_start, kvh);
+    if (write)
+      decode_store_new_v<D>(p, vc, dst,
+                            reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh) * D);
   } else {
     for (int idx = tid; idx < G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(qrow[(idx / D) * D + idx % D]);
   }
