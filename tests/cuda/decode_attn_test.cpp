@@ -8,7 +8,7 @@
 // Each case: one prefill step of ctx - 1 tokens per sequence (cache written by both sides), then
 // one decode step through attention() (the unfused path: KV write + decode kernel) and again through
 // rope_attention() (the fused rope + KV write + attention kernel), against the CPU's attention on the
-// same roped bf16 q/k; then both again with the other decode kernel (v3 <-> v2). Tolerance: the
+// same roped bf16 q/k; then both again with each other decode kernel (v3, v2, v5). Tolerance: the
 // grids' 1.5e-2 relative L2 (bf16 P and output rounding; the FP8 codes are equal on both sides).
 #include <gtest/gtest.h>
 
@@ -56,8 +56,13 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
   const int max_blocks = (max_ctx + bs - 1) / bs, num_blocks = nseq * max_blocks + 5;
   int total = 0;
   for (int x : pc.ctx) total += x;
-  std::printf("[decode long] heads %d kv %d head_dim %d block %d %s, %d seqs, contexts up to %d (%d tokens)\n",
-              pc.heads, pc.kv, pc.hd, bs, pc.fp8 ? "fp8" : "bf16", nseq, max_ctx, total);
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  // v5 applies (when forced below) where CudaOps picks no split: 4 blocks an SM of (sequence, KV head)
+  const bool v5_applies = pc.kv % 4 == 0 && nseq * pc.kv >= 4 * sms;
+  std::printf("[decode long] heads %d kv %d head_dim %d block %d %s, %d seqs, contexts up to %d (%d tokens)%s\n",
+              pc.heads, pc.kv, pc.hd, bs, pc.fp8 ? "fp8" : "bf16", nseq, max_ctx, total,
+              v5_applies ? ", v5 applies" : "");
   std::mt19937 rng(4242 + pc.hd + nseq);
   const float k_scale = 0.019f, v_scale = 0.027f;  // N(0, 1) values use most of E4M3's range
 
@@ -122,30 +127,33 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
       const double rel3 = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
       EXPECT_LE(rel3, 1.5e-2) << "rope_attention, third launch";
 
-      // The other decode kernel on the same cache and inputs: v3 where this run picks v2 (auto at
-      // small batches: many splits; or KILN_DECODE_ATTN=v2old), v2 where it picks v3. The variant
-      // is read at each launch.
+      // The other decode kernels on the same cache and inputs: v3, v2 and v5 forced in turn (auto
+      // picks v2 at small batches (many splits), v3 at mid ones, v5 at large ones; v5 forced falls back
+      // to auto where it does not apply: splits, or KV heads not a multiple of 4). The variant is read
+      // at each launch.
       const char* env = std::getenv("KILN_DECODE_ATTN");
       const std::string saved = env ? env : "";
-      const char* other = saved == "v3" ? "v2old" : "v3";
-      setenv("KILN_DECODE_ATTN", other, 1);
-      gpu.write_buffer(Buf::kQ, q_roped.data(), T, Q);
-      gpu.write_buffer(Buf::kK, k_roped.data(), T, KV);
-      gpu.write_buffer(Buf::kV, v.data(), T, KV);
-      gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
-      gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
-      rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
-      std::printf("  decode  attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
-      EXPECT_LE(rel, 1.5e-2) << "decode, " << other;
-      gpu.write_buffer(Buf::kQ, q.data(), T, Q);
-      gpu.write_buffer(Buf::kK, k.data(), T, KV);
-      gpu.write_buffer(Buf::kV, v.data(), T, KV);
-      gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
-      gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
-      gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
-      rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
-      std::printf("  decode  rope_attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
-      EXPECT_LE(rel, 1.5e-2) << "rope_attention, " << other;
+      for (const char* other : {"v3", "v2old", "v5"}) {
+        if (saved == other) continue;
+        setenv("KILN_DECODE_ATTN", other, 1);
+        gpu.write_buffer(Buf::kQ, q_roped.data(), T, Q);
+        gpu.write_buffer(Buf::kK, k_roped.data(), T, KV);
+        gpu.write_buffer(Buf::kV, v.data(), T, KV);
+        gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+        gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+        rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
+        std::printf("  decode  attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
+        EXPECT_LE(rel, 1.5e-2) << "decode, " << other;
+        gpu.write_buffer(Buf::kQ, q.data(), T, Q);
+        gpu.write_buffer(Buf::kK, k.data(), T, KV);
+        gpu.write_buffer(Buf::kV, v.data(), T, KV);
+        gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+        gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+        gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+        rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
+        std::printf("  decode  rope_attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
+        EXPECT_LE(rel, 1.5e-2) << "rope_attention, " << other;
+      }
       if (env) setenv("KILN_DECODE_ATTN", saved.c_str(), 1);
       else unsetenv("KILN_DECODE_ATTN");
     }
@@ -185,5 +193,17 @@ INSTANTIATE_TEST_SUITE_P(
                       LongCase{32, 8, 128, 16, false, {2047}}, LongCase{32, 8, 128, 32, true, {2049, 1983}},
                       LongCase{8, 4, 64, 16, true, {1999, 64, 65}}, LongCase{8, 4, 64, 48, false, {1999, 64, 65}},
                       LongCase{64, 8, 128, 16, true, {1500, 129}}, LongCase{16, 16, 128, 16, false, {1100, 5}}));
+
+// v5 (a warp per KV head: no split, KV heads a multiple of 4; forced above): 66+ sequences of 8 KV
+// heads (140+ of 4) so that no split happens on a 132-SM GPU; block sizes that are not a power of two,
+// of one token and larger than a stage; group 8 and head_dim 64.
+INSTANTIATE_TEST_SUITE_P(
+    WarpPerHead, CudaDecodeLong,
+    ::testing::Values(LongCase{32, 8, 128, 24, true, mixed_contexts(80, 3)},
+                      LongCase{32, 8, 128, 1, false, mixed_contexts(70, 4)},
+                      LongCase{32, 8, 128, 128, true, mixed_contexts(70, 8)},
+                      LongCase{64, 8, 128, 16, true, mixed_contexts(70, 5)},
+                      LongCase{8, 4, 64, 16, true, mixed_contexts(140, 6)},
+                      LongCase{8, 4, 64, 48, false, mixed_contexts(140, 7)}));
 
 }  // namespace

@@ -622,14 +622,14 @@ __device__ __forceinline__ void decode_tile_math(const uint32_t (&kw)[kN / 8][De
 // The end of both mma decode kernels (v2, v3): each warp's O^T accumulators and running max / sum
 // into red, the warps merged, then the output (one split) or this split's partials and the last
 // block's merge of the splits.
+// One warp's O^T accumulators (heads 2t, 2t + 1; the output's column permutation undone), running
+// max and sum (over the row's 4 lanes) into red[warp]: [G][D] outputs, then m, l.
 template <int D, int G, typename C>
-__device__ __forceinline__ void decode_finish(const AttnParams& p, float (*red)[G][D + 2], const float (&o)[D / 16][4],
-                                              float m_run, float l_run, int seq, int head0, int split, int n_eff,
-                                              float v_scale, int q_start, float* s_m, float* s_l, float* s_ml,
-                                              bool& s_last) {
+__device__ __forceinline__ void decode_warp_to_smem(float (*red)[G][D + 2], const float (&o)[D / 16][4], float m_run,
+                                                    float l_run) {
   using L = DecodeLayout<D, C>;
-  constexpr int kWarps = 4, kMt = D / 16;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  constexpr int kMt = D / 16;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
 #pragma unroll
@@ -643,6 +643,16 @@ __device__ __forceinline__ void decode_finish(const AttnParams& p, float (*red)[
     red[warp][g][D] = m_run;
     red[warp][g][D + 1] = l_run;
   }
+}
+
+template <int D, int G, typename C>
+__device__ __forceinline__ void decode_finish(const AttnParams& p, float (*red)[G][D + 2], const float (&o)[D / 16][4],
+                                              float m_run, float l_run, int seq, int head0, int split, int n_eff,
+                                              float v_scale, int q_start, float* s_m, float* s_l, float* s_ml,
+                                              bool& s_last) {
+  constexpr int kWarps = 4;
+  const int tid = threadIdx.x;
+  decode_warp_to_smem<D, G, C>(red, o, m_run, l_run);
   __syncthreads();
   // Merge the warps, then (splits > 1) write partials; the last block merges the splits.
   bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(q_start) * p.ldo;
@@ -1055,6 +1065,180 @@ __global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kern
   decode_finish<D, G, C>(p, red, o, m_run, l_run, seq, head0, split, n_eff, v_scale, sm.q_start, s_m, s_l, s_ml, s_last);
 }
 
+// ---- decode v5: v3 with one KV head a warp, for large batches ----
+// v3 gives a block one (sequence, KV head) and its 4 warps 16 tokens each of every 64-token stage. At
+// batch 1,024 x ctx 192 (128/128 at max batch 1,024) such a block streams 3 stages, and its fixed
+// costs (the metadata -> block table -> first bytes round trips, the new token's write before its
+// stage, the warps' merge) are most of its life: 64-65 % of the read rate (s5 op timing; 92 % at ctx
+// 1,500). v5 gives a block 4 KV heads of one sequence and each warp one of them over the whole
+// context: a stage is the same 64 rows (16 tokens x 4 heads, copied by the same code, one block-table
+// entry per token for the 4 heads), so a block streams 4x the stages for the same fixed costs and its
+// warps need no merge. Only where there is no split (each warp ends with its heads' outputs) and the
+// grid, a quarter of v3's, still fills the GPU: the launcher picks it.
+template <int D, int G, typename C>
+__global__ void __launch_bounds__(128, DecodePipe<D, C>::kMinBlocks) decode_kernel_v5(AttnParams p) {
+  constexpr int kWarps = 4, kN = 16;
+  constexpr int kKs = D / 16, kMt = D / 16;
+  using L = DecodeLayout<D, C>;
+  using P = DecodePipe<D, C>;
+  constexpr int kS = P::kStages;
+  constexpr bool kFp8 = std::is_same<C, fp8>::value;
+  static_assert(P::kTok == kWarps * kN, "a stage is kN tokens of each warp's head");
+  // a thread's rows r0 + k kRowStep: one token (one table entry) for all k when kRowStep is a multiple of kN
+  constexpr int kTbl = P::kRowStep % kN == 0 ? 1 : P::kPerThr;
+  extern __shared__ __align__(128) unsigned char smem[];
+  // after the loop the stages hold the warps' results; before it the last stage holds q (4 G heads)
+  float(*red)[G][D + 2] = reinterpret_cast<float(*)[G][D + 2]>(smem);
+  float(*sq)[D] = reinterpret_cast<float(*)[D]>(smem + size_t(kS - 1) * P::kStageB);
+  static_assert(sizeof(float) * kWarps * G * (D + 2) <= size_t(kS) * P::kStageB &&
+                    sizeof(float) * kWarps * G * D <= P::kStageB,
+                "smem");
+  pdl_trigger();
+  pdl_wait();
+  const int seq = blockIdx.x, kvh0 = blockIdx.y * kWarps, head0 = kvh0 * G;
+  const SeqMeta sm = p.seqs[seq];
+  if (sm.q_len != 1) return;  // a prefill sequence of a mixed step: the prefill kernel's
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int ctx = sm.ctx_len;
+  const int n_st = (ctx + kN - 1) / kN;
+  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+  C* kc = static_cast<C*>(const_cast<void*>(p.k_cache));
+  C* vc = static_cast<C*>(const_cast<void*>(p.v_cache));
+  const float qk_scale = (kFp8 ? p.scale * p.k_scale : p.scale) * 1.4426950408889634f;  // log2 units
+  const float v_scale = kFp8 ? p.v_scale : 1.0f;
+  const bf16* qrow = reinterpret_cast<const bf16*>(p.q) + int64_t(sm.q_start) * p.ldq + int64_t(head0) * D;
+  const uint32_t sbase = uint32_t(__cvta_generic_to_shared(smem));
+
+  // The copy side: this thread's chunk c0 of rows r0 + k kRowStep of every stage; row r is token
+  // st kN + r % kN of KV head kvh0 + r / kN.
+  const int bs = p.block_size;
+  const bool bs_pow2 = (bs & (bs - 1)) == 0;
+  const int bs_shift = __ffs(bs) - 1;
+  const int c0 = tid % P::kCpr, r0 = tid / P::kCpr;
+  auto block_of = [&](int j) { return bs_pow2 ? j >> bs_shift : j / bs; };
+  auto load_tbl = [&](int st, int32_t (&tb)[kTbl]) {
+#pragma unroll
+    for (int k = 0; k < kTbl; ++k) {
+      const int j = min(st * kN + (r0 + k * P::kRowStep) % kN, ctx - 1);
+      tb[k] = st < n_st ? __ldg(table + block_of(j)) : 0;
+    }
+  };
+  auto issue = [&](int st, const int32_t (&tb)[kTbl]) {
+    if (st < n_st) {
+      const uint32_t dst = sbase + uint32_t((st % kS) * P::kStageB);
+#pragma unroll
+      for (int k = 0; k < P::kPerThr; ++k) {
+        const int r = r0 + k * P::kRowStep, j = st * kN + r % kN;
+        const int off = bs_pow2 ? j & (bs - 1) : j % bs;
+        const int64_t row = (int64_t(tb[kTbl == 1 ? 0 : k]) * p.n_kv + kvh0 + r / kN) * bs + off;
+        const bool ok = j < ctx;
+        const int64_t e = ok ? row * D + c0 * (16 / P::kEsz) : 0;
+        const uint32_t o = uint32_t(P::at(r, c0 * 16));
+        cp_async16_zfill(dst + o, kc + e, ok);
+        cp_async16_zfill(dst + P::kTileB + o, vc + e, ok);
+      }
+    }
+    pipe_commit();  // one group a stage, empty past the context: the wait counts stay uniform
+  };
+
+  const TokenMeta tm = p.rope ? p.tokens[sm.q_start] : TokenMeta{};
+  const bool write = p.rope && tm.slot >= 0 && ctx > 0;
+  // stages issued before the rope: all but the one holding the new token (the last)
+  const int n_pre = write ? min(kS - 1, (ctx - 1) / kN) : kS - 1;
+  int32_t tbp[kS - 1][kTbl];
+#pragma unroll
+  for (int st = 0; st < kS - 1; ++st) load_tbl(st, tbp[st]);
+#pragma unroll
+  for (int st = 0; st < kS - 1; ++st)
+    if (st < n_pre) issue(st, tbp[st]);
+
+  // q of the 4 G heads (roped with p.rope, rounded to bf16 as the unfused path stores it) -> sq; the
+  // new token's roped k and its v of the 4 KV heads -> the cache (v3's arithmetic, decode_rope_pair).
+  if (p.rope) {
+    const float pos = float(tm.pos);
+    const bool inter = p.rope == 2;
+    const int64_t dst0 = write ? (int64_t(tm.slot / bs) * p.n_kv + kvh0) * bs + tm.slot % bs : 0;  // row of kvh0
+    const bf16* kn0 = reinterpret_cast<const bf16*>(p.k_new) + int64_t(sm.q_start) * p.ldk + int64_t(kvh0) * D;
+    constexpr int kHg = 128 / (D / 2), kQh = kWarps * G;
+    const int i = tid % (D / 2);
+    float sn, cs;
+    sincosf(pos * p.inv_freq[i], &sn, &cs);
+    const int a = inter ? 2 * i : i, b = inter ? 2 * i + 1 : i + D / 2;
+    for (int h = tid / (D / 2); h < kQh + kWarps; h += kHg) {
+      if (h < kQh) {
+        decode_rope_pair<D, kQh>(p, sq, qrow, kn0, kc, 0, h, a, b, sn, cs);
+      } else if (write) {  // head kvh0 + w's new key: the cache rows of one slot are bs rows apart
+        const int w = h - kQh;
+        decode_rope_pair<D, kQh>(p, sq, qrow, kn0 + w * D, kc, (dst0 + int64_t(w) * bs) * D, kQh, a, b, sn, cs);
+      }
+    }
+    if (write) {
+      const bf16* vn0 = reinterpret_cast<const bf16*>(p.v_new) + int64_t(sm.q_start) * p.ldv + int64_t(kvh0) * D;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) decode_store_new_v<D>(p, vc, (dst0 + int64_t(w) * bs) * D, vn0 + w * D);
+    }
+  } else {
+    for (int idx = tid; idx < kWarps * G * D; idx += 128) sq[idx / D][idx % D] = __bfloat162float(qrow[idx]);
+  }
+  __syncthreads();  // sq ready; the new token's global writes visible to this block's copies
+#pragma unroll
+  for (int st = 0; st < kS - 1; ++st)
+    if (st >= n_pre) issue(st, tbp[st]);
+  int32_t tb[kTbl];
+  load_tbl(kS - 1, tb);
+
+  uint32_t qa[kKs][2];  // this warp's heads: rows g < G of its KV head's group
+  decode_q_fragments<D, G, C>(sq + warp * G, qa);
+
+  // This lane's fragment pieces, as byte offsets in a stage (v3's: rows of the warp's 16).
+  uint32_t koff[kN / 8][D / 4 / L::kWK];
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+    for (int pc = 0; pc < D / 4 / L::kWK; ++pc)
+      koff[nt][pc] = uint32_t(P::at(warp * kN + nt * 8 + g, (t + pc * 4) * 16));
+  uint32_t voff[4][D / 8 / L::kWV];  // tokens 2t, 2t + 1, 2t + 8, 2t + 9
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
+      voff[i][pc] = uint32_t(P::at(warp * kN + 2 * t + (i & 1) + 8 * (i >> 1), (g + pc * 8) * L::kWV * L::kEsz)) + P::kTileB;
+
+  float o[kMt][4];
+#pragma unroll
+  for (int i = 0; i < kMt; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m_run = -INFINITY, l_run = 0.0f;
+  for (int st = 0; st < n_st; ++st) {
+    pipe_wait<kS - 2>();  // this thread's copies of stage st have landed
+    __syncthreads();          // everyone's have; everyone is done reading stage st - 1's buffer
+    issue(st + kS - 1, tb);   // into stage st - 1's buffer
+    load_tbl(st + kS, tb);    // a stage ahead: its latency hides behind this stage's math
+    const uint32_t sb = sbase + uint32_t((st % kS) * P::kStageB);
+    uint32_t kw[kN / 8][L::kKW];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+      for (int pc = 0; pc < D / 4 / L::kWK; ++pc) lds_raw<16>(sb + koff[nt][pc], &kw[nt][pc * 4]);
+    uint32_t vw[kN / 16][4][L::kVW];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int pc = 0; pc < D / 8 / L::kWV; ++pc)
+        lds_raw<L::kWV * L::kEsz>(sb + voff[i][pc], &vw[0][i][pc * L::kWV * L::kEsz / 4]);
+    decode_tile_math<D, C, kN>(kw, vw, qa, st * kN, ctx, qk_scale, o, m_run, l_run);
+  }
+  pipe_wait<0>();  // (only empty groups can be pending) the stages become red
+  __syncthreads();
+  decode_warp_to_smem<D, G, C>(red, o, m_run, l_run);
+  __syncthreads();
+  bf16* out = reinterpret_cast<bf16*>(p.out) + int64_t(sm.q_start) * p.ldo + int64_t(head0) * D;
+  for (int idx = tid; idx < kWarps * G * D; idx += 128) {
+    const int w = idx / (G * D), h = idx / D % G, d = idx % D;
+    const float l = red[w][h][D + 1];
+    out[idx] = __float2bfloat16(l > 0.0f ? red[w][h][d] / l * v_scale : 0.0f);
+  }
+}
+
 // ---- prefill v2: tensor cores through mma.sync m16n8k16, the default ----
 // v1 (KILN_PREFILL_ATTN=v1) ran one block per (64-row query tile, query head), gathered each K/V
 // tile into shared memory with plain loads before any math (no overlap inside a block), went
@@ -1443,14 +1627,28 @@ void prefill_launch(const AttnParams& p, cudaStream_t s) {
   else prefill_launch_as<D, bf16>(p, s);
 }
 
-// KILN_DECODE_ATTN: unset = auto (v3 where p.splits <= KILN_DECODE_V3_MAX_SPLITS, else v2; v2 at head
-// dims 16 and 32); v3 = v3 whenever the head dim has it; v2old = v2 (registers, no pipeline);
+// KILN_DECODE_ATTN: unset = auto (v5 at large batches, below; v3 where p.splits <=
+// KILN_DECODE_V3_MAX_SPLITS, else v2; v2 at head dims 16 and 32); v3 = v3 whenever the head dim has it;
+// v5 = v5 wherever it applies (no split, KV heads a multiple of 4); v2old = v2 (registers, no pipeline);
 // t16 / b2 = v2 at head_dim 128 with 16 tokens per warp iteration, or 2 blocks an SM.
 // Read at every launch (launches are captured once per graph), so a test can switch kernels.
 int decode_attn_variant() {
   const char* e = std::getenv("KILN_DECODE_ATTN");
   const std::string s = e ? e : "";
-  return s == "t16" ? 2 : s == "b2" ? 3 : s == "v2old" ? 4 : s == "v3" ? 5 : 0;
+  return s == "t16" ? 2 : s == "b2" ? 3 : s == "v2old" ? 4 : s == "v3" ? 5 : s == "v5" ? 6 : 0;
+}
+
+// v5 (a warp per KV head) where there is no split and its grid, num_seqs x n_kv / 4 blocks, fills
+// at least KILN_DECODE_V5_MIN_WAVES (default 0.9) x the resident blocks: fewer would leave SMs idle.
+// H100, FP8 cache, op timing v3 -> v5 (s6 run 1): batch 1,024 x ctx 192 (3.9 waves) 64.9 -> 79.4 % of
+// a streaming read, 512 x 1,500 (1.9) 92.4 -> 93.4 %, 256 x 1,000 (0.97) 87.3 -> 92.2 %, but 64 x
+// 2,000 (0.24) 82.5 -> 76.7 %.
+double decode_v5_min_waves() {
+  static const double v = [] {
+    const char* e = std::getenv("KILN_DECODE_V5_MIN_WAVES");
+    return e && *e ? std::atof(e) : 0.9;
+  }();
+  return v;
 }
 
 // Auto picks v3 where a block streams many stages (large batches: few splits) and v2 where it has one
@@ -1482,9 +1680,29 @@ void decode_launch_v3(const AttnParams& p, const dim3& grid, cudaStream_t s) {
 }
 
 template <int D, int G, typename C>
+void decode_launch_v5(const AttnParams& p, cudaStream_t s) {
+  using P = DecodePipe<D, C>;
+  constexpr size_t kBytes = size_t(P::kStages) * P::kStageB;
+  static bool configured = false;  // the attribute is per function; set once per process
+  if (!configured) {
+    cudaFuncSetAttribute(decode_kernel_v5<D, G, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBytes));
+    configured = true;
+  }
+  launch_pdl(decode_kernel_v5<D, G, C>, dim3(p.num_seqs, p.n_kv / 4), dim3(128), kBytes, s, p);
+}
+
+template <int D, int G, typename C>
 void decode_launch_g(const AttnParams& p, cudaStream_t s) {
   const dim3 grid(p.num_seqs, p.n_heads / G, p.splits);
   const int v = decode_attn_variant();
+  if constexpr (D == 64 || D == 128) {
+    if constexpr (4 * G * D * sizeof(float) <= DecodePipe<D, C>::kStageB) {  // q of 4 G heads in a stage
+      // v5's warps are whole KV heads: G must be the true group (not 1 for a group of 7)
+      const bool v5_ok = p.splits == 1 && p.n_kv % 4 == 0 && p.n_heads == p.n_kv * G;
+      const double waves = double(p.num_seqs) * (p.n_kv / 4) / std::max(1, p.target_blocks);
+      if (v5_ok && (v == 6 || (v == 0 && waves >= decode_v5_min_waves()))) return decode_launch_v5<D, G, C>(p, s);
+    }
+  }
   if constexpr (D == 128) {
     if (v == 2) return launch_pdl(decode_kernel<D, G, C, 16>, grid, dim3(128), 0, s, p);
     if (v == 3) return launch_pdl(decode_kernel<D, G, C, decode_tile<D, C>(), 2>, grid, dim3(128), 0, s, p);

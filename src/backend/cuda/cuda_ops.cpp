@@ -613,6 +613,7 @@ AttnParams CudaOps::attn_params(int32_t layer, Act q, Act out, const ModelConfig
   p.counters = counters_;
   const int32_t work = std::max(1, S_ * c.num_heads / decode_heads_per_block(c.num_heads, c.num_kv_heads));
   p.splits = std::clamp((target_blocks_ + work - 1) / work, 1, 32);
+  p.target_blocks = target_blocks_;
   return p;
 }
 

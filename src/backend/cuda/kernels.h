@@ -48,6 +48,8 @@ struct AttnParams {
   // decode: KV split count and the partial-result scratch [num_seqs, n_heads, splits, head_dim + 2]
   // (blocks: num_seqs x n_heads / decode_heads_per_block x splits)
   int32_t splits;
+  // resident decode blocks the GPU holds at once (4 an SM): the launcher's measure of a full grid
+  int32_t target_blocks;
   float* partials;
   // [num_seqs, n_heads] zeros: the last block of each (sequence, head unit) to finish merges the
   // splits (no second kernel) and puts its counter back to 0.
