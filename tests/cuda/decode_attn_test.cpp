@@ -5,7 +5,8 @@
 // groups are 4, 8 and 1 (7 heads per KV head: one block per query head). Part of test_cuda; skips
 // without a GPU.
 //
-// Each case: one prefill step of ctx - 1 tokens per sequence (cache written by both sides), then
+// Each case: one prefill step of ctx - 1 tokens per sequence (cache written by both sides; the
+// prompts, fresh, attend to their own k, v rows), then
 // one decode step through attention() (the unfused path: KV write + decode kernel) and again through
 // rope_attention() (the fused rope + KV write + attention kernel), against the CPU's attention on the
 // same roped bf16 q/k; then both again with each other decode kernel (v3, v2, v5). Tolerance: the

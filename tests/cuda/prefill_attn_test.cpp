@@ -8,8 +8,10 @@
 // block sizes 8/16/32, bf16 and FP8 caches. Part of test_cuda; skips without a GPU.
 //
 // Each step: the same roped bf16 q/k and v on both sides, KV written by both (the FP8 codes are
-// equal), the output poisoned with NaN before the GPU runs. Tolerance: the grids' 1.5e-2 relative L2
-// (bf16 P and output rounding).
+// equal), the output poisoned with NaN before the GPU runs. A fresh prompt (its whole context in the
+// step: the first chunk too) attends to its own k, v rows on both sides, later chunks to the cache
+// (FP8 caches: two launches in one step). Tolerance: the grids' 1.5e-2 relative L2 (bf16 P and
+// output rounding).
 #include <gtest/gtest.h>
 
 #include <algorithm>

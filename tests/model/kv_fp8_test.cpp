@@ -213,6 +213,42 @@ std::vector<float> prompt_logits(std::shared_ptr<const Model> m, const std::vect
   return std::vector<float>(ex->last_logits(), ex->last_logits() + prompt.size() * size_t(m->config.vocab_size));
 }
 
+// The same rows' logits through the cache: token 0 in a first step, the rest in a second (neither
+// is a fresh prompt, which attends to its own unquantized k, v rows), so every attention reads the
+// cache's values.
+std::vector<float> cached_prompt_logits(std::shared_ptr<const Model> m, const std::vector<int32_t>& prompt,
+                                        const std::string& kv_dtype) {
+  LoadOptions opts;
+  opts.kv_cache_blocks = int32_t(prompt.size() + 15) / 16;
+  opts.kv_cache_dtype = kv_dtype;
+  auto ex = make_cpu_executor(m, opts);
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  const size_t V = size_t(m->config.vocab_size);
+  std::vector<float> logits;
+  for (size_t lo : {size_t(0), size_t(1)}) {
+    const size_t hi = lo == 0 ? 1 : prompt.size();
+    StepBatch b;
+    b.clear();
+    for (size_t i = lo; i < hi; ++i) {
+      b.token_ids.push_back(prompt[i]);
+      b.positions.push_back(int32_t(i));
+      b.logits_rows.push_back(int32_t(i - lo));
+    }
+    b.query_start.push_back(int32_t(hi - lo));
+    b.context_lens.push_back(int32_t(hi));
+    b.max_blocks_per_seq = opts.kv_cache_blocks;
+    for (int32_t i = 0; i < opts.kv_cache_blocks; ++i) b.block_tables.push_back(i);
+    std::vector<SeqSampling> ss(hi - lo);
+    for (auto& s : ss) s.params = &greedy;
+    std::vector<SampledToken> out;
+    Status st = ex->execute(b, ss, &out);
+    EXPECT_TRUE(st.is_ok()) << st.message();
+    logits.insert(logits.end(), ex->last_logits(), ex->last_logits() + (hi - lo) * V);
+  }
+  return logits;
+}
+
 }  // namespace
 
 // The golden models (tiny random transformers, f32 reference): FP8 KV logits stay within a bounded
@@ -241,24 +277,28 @@ TEST_P(KvCacheFp8Golden, CloseToF32CacheAndGreedyMostlyAgrees) {
   // are chaotic), so agreement is counted teacher-forced: every position of prompt + the f32
   // cache's greedy continuation, argmax of the FP8 run against the f32 run's, over the rows whose
   // f32 top-2 gap is clear of the FP8 logit noise (kGap).
+  // The prompt's logits are compared through the cache (cached_prompt_logits): a fresh prompt in one
+  // step attends to its own rows and does not see the cache's dtype (checked below).
   const auto ref = kiln::testing::run_greedy(base, prompt, n_new);
+  const auto ref_prompt = cached_prompt_logits(base, prompt, "auto");
   std::vector<int32_t> seq = prompt;
   seq.insert(seq.end(), ref.greedy.begin(), ref.greedy.end() - 1);
   const int32_t V = base->config.vocab_size;
-  const auto ref_all = prompt_logits(base, seq, "auto");
+  const auto ref_all = cached_prompt_logits(base, seq, "auto");
   constexpr float kGap = 1.0f;
   for (auto [name, model] : {std::pair<const char*, std::shared_ptr<const Model>>{"calibrated", calibrated},
                              {"scale 1", unit}}) {
     const auto got = kiln::testing::run_greedy(model, prompt, n_new);
-    const double rel = rel_l2(got.logits, ref.logits);
+    const auto got_prompt = cached_prompt_logits(model, prompt, "auto");
+    const double rel = rel_l2(got_prompt, ref_prompt);
     double max_abs = 0, ref_max = 0;
-    for (size_t i = 0; i < ref.logits.size(); ++i) {
-      max_abs = std::max(max_abs, std::fabs(double(got.logits[i]) - ref.logits[i]));
-      ref_max = std::max(ref_max, std::fabs(double(ref.logits[i])));
+    for (size_t i = 0; i < ref_prompt.size(); ++i) {
+      max_abs = std::max(max_abs, std::fabs(double(got_prompt[i]) - ref_prompt[i]));
+      ref_max = std::max(ref_max, std::fabs(double(ref_prompt[i])));
     }
     int prefix = 0;  // free-running tokens equal up to the first divergence
     while (prefix < n_new && got.greedy[size_t(prefix)] == ref.greedy[size_t(prefix)]) ++prefix;
-    const auto got_all = prompt_logits(model, seq, "auto");
+    const auto got_all = cached_prompt_logits(model, seq, "auto");
     int rows = 0, agree = 0, decided = 0, decided_agree = 0;
     for (size_t r = 0; r < seq.size(); ++r) {
       const float* a = ref_all.data() + r * size_t(V);
@@ -288,15 +328,17 @@ TEST_P(KvCacheFp8Golden, CloseToF32CacheAndGreedyMostlyAgrees) {
     EXPECT_GE(agree, rows * 3 / 4) << name;
   }
 
-  // Overrides: "bf16" on an FP8 checkpoint is the plain cache bit for bit; "fp8" on a plain one
-  // equals the checkpoint asking for it with scales 1.
-  const auto plain = prompt_logits(base, prompt, "auto");
-  EXPECT_EQ(prompt_logits(calibrated, prompt, "bf16"), plain);
-  EXPECT_EQ(prompt_logits(base, prompt, "fp8"), prompt_logits(unit, prompt, "auto"));
-  EXPECT_NE(prompt_logits(calibrated, prompt, "auto"), plain);
+  // A fresh prompt in one step attends to its own rows: the same logits whatever the cache holds.
+  EXPECT_EQ(prompt_logits(calibrated, prompt, "auto"), prompt_logits(base, prompt, "auto"));
+  // Overrides (through the cache): "bf16" on an FP8 checkpoint is the plain cache bit for bit; "fp8"
+  // on a plain one equals the checkpoint asking for it with scales 1.
+  const auto plain = cached_prompt_logits(base, prompt, "auto");
+  EXPECT_EQ(cached_prompt_logits(calibrated, prompt, "bf16"), plain);
+  EXPECT_EQ(cached_prompt_logits(base, prompt, "fp8"), cached_prompt_logits(unit, prompt, "auto"));
+  EXPECT_NE(cached_prompt_logits(calibrated, prompt, "auto"), plain);
   {
     EnvVar e2("KILN_KV_CACHE_DTYPE", "fp8");
-    EXPECT_EQ(prompt_logits(base, prompt, "auto"), prompt_logits(unit, prompt, "auto"));
+    EXPECT_EQ(cached_prompt_logits(base, prompt, "auto"), cached_prompt_logits(unit, prompt, "auto"));
   }
 }
 

@@ -329,7 +329,10 @@ void CpuOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c,
     }
   }
 
-  // 2. each (token, head): softmax(q . K[0..pos]) V
+  // 2. each (token, head): softmax(q . K[0..pos]) V. A fresh prompt (all of its context in this
+  // step, more than one token) attends to its own k, v rows, not to the cache's copy: with an FP8
+  // cache those are the unquantized values, as the CUDA backend's prefill (and vLLM's) reads them;
+  // the cache serves later steps. (With a float cache the two are the same numbers.)
   const int64_t group = c.num_heads / c.num_kv_heads;
   const float scale = 1.0f / std::sqrt(float(hd));
   parallel_for(int64_t(b.num_tokens()) * c.num_heads, [&](int64_t lo, int64_t hi) {
@@ -337,14 +340,20 @@ void CpuOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c,
     std::vector<double> acc(static_cast<size_t>(hd));
     for (int64_t idx = lo; idx < hi; ++idx) {
       const int64_t t = idx / c.num_heads, h = idx % c.num_heads, kvh = h / group;
-      const int32_t pos = b.positions[size_t(t)];
-      const int32_t* table = b.block_table(seq_of[size_t(t)]);
+      const int32_t pos = b.positions[size_t(t)], s = seq_of[size_t(t)];
+      const int32_t* table = b.block_table(s);
+      const int32_t q0 = b.query_start[size_t(s)], q_len = b.query_start[size_t(s) + 1] - q0;
+      const bool fresh = q_len > 1 && b.context_lens[size_t(s)] == q_len;  // token j is row q0 + j
+      auto kv_row = [&](const float* cache, const float* rows, int64_t j) {
+        return fresh ? rows + (q0 + j) * kvd + kvh * hd
+                     : cache + (size_t(table[j / bs]) * size_t(bs) + size_t(j % bs)) * size_t(kvd) + kvh * hd;
+      };
       const float* qv = qs + (t * c.num_heads + h) * hd;
       const int64_t n = int64_t(pos) + 1;
       scores.resize(size_t(n));
       float mx = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {
-        const float* kj = kc + (size_t(table[j / bs]) * size_t(bs) + size_t(j % bs)) * size_t(kvd) + kvh * hd;
+        const float* kj = kv_row(kc, ks, j);
         scores[size_t(j)] = cpu_dot(qv, kj, hd) * scale;
         mx = std::max(mx, scores[size_t(j)]);
       }
@@ -355,7 +364,7 @@ void CpuOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c,
       }
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t j = 0; j < n; ++j) {
-        const float* vj = vc + (size_t(table[j / bs]) * size_t(bs) + size_t(j % bs)) * size_t(kvd) + kvh * hd;
+        const float* vj = kv_row(vc, vs, j);
         const double p = scores[size_t(j)];
         for (int64_t d = 0; d < hd; ++d) acc[size_t(d)] += p * vj[d];
       }

@@ -1319,6 +1319,8 @@ __global__ void __launch_bounds__(128, kMinBlocks) prefill_kernel_v2(AttnParams 
   const int seq = p.tiles[2 * tile], r0 = p.tiles[2 * tile + 1] + sub * kR;
   const SeqMeta sm = p.seqs[seq];
   if (r0 >= sm.q_len) return;
+  const bool rows_kv = p.prefill_kv_rows == 1;  // K/V from the step's rows: fresh sequences only
+  if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // the other launch's
   const int rows = min(kR, sm.q_len - r0);
   const int head0 = blockIdx.y * G, kvh = head0 / (p.n_heads / p.n_kv);
   const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
@@ -1356,8 +1358,9 @@ __global__ void __launch_bounds__(128, kMinBlocks) prefill_kernel_v2(AttnParams 
 
   // K/V tile loads: thread tid moves chunks idx = tid + 128 i (row idx / kChunks, 8 elements each).
   // Rows past kv_len read the last valid row (finite; masked), never unwritten cache slots.
-  auto row_off = [&](int j) -> int64_t {
+  auto row_off = [&](int j, int64_t ld) -> int64_t {
     j = min(j, kv_len - 1);
+    if (rows_kv) return (int64_t(sm.q_start) + j) * ld + int64_t(kvh) * D;
     return ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * D;
   };
   uint2 kst[kFp8 ? kPer : 1], vst[kFp8 ? kPer : 1];  // FP8: the next tile in flight in registers
@@ -1365,13 +1368,13 @@ __global__ void __launch_bounds__(128, kMinBlocks) prefill_kernel_v2(AttnParams 
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int idx = tid + 128 * i, r = idx / kChunks, c = idx % kChunks;
-      const int64_t off = row_off(it * kBN + r) + c * 8;
+      const int64_t koff = row_off(it * kBN + r, p.ldk) + c * 8, voff = row_off(it * kBN + r, p.ldv) + c * 8;
       if constexpr (kFp8) {
-        kst[i] = *reinterpret_cast<const uint2*>(kc + off);
-        vst[i] = *reinterpret_cast<const uint2*>(vc + off);
+        kst[i] = *reinterpret_cast<const uint2*>(kc + koff);
+        vst[i] = *reinterpret_cast<const uint2*>(vc + voff);
       } else {
-        cp_async16(sk(b) + r * kLd + c * 8, kc + off);
-        cp_async16(sv(b) + r * kLd + c * 8, vc + off);
+        cp_async16(sk(b) + r * kLd + c * 8, kc + koff);
+        cp_async16(sv(b) + r * kLd + c * 8, vc + voff);
       }
     }
     if constexpr (!kFp8) cp_async_commit();
@@ -1738,14 +1741,48 @@ int32_t decode_heads_per_block(int32_t n_heads, int32_t n_kv) {
 
 bool attention_supports_head_dim(int32_t d) { return d == 16 || d == 32 || d == 64 || d == 128; }
 
-void launch_prefill_attention(const AttnParams& p, cudaStream_t s) {
-  if (p.num_tiles == 0) return;
+namespace {
+void prefill_launch_dim(const AttnParams& p, cudaStream_t s) {
   switch (p.head_dim) {
     case 16: return prefill_launch<16>(p, s);
     case 32: return prefill_launch<32>(p, s);
     case 64: return prefill_launch<64>(p, s);
     case 128: return prefill_launch<128>(p, s);
   }
+}
+
+// KILN_PREFILL_FRESH_KV=0: fresh prompts read the FP8 cache like every other sequence.
+bool prefill_fresh_rows() {
+  static const bool v = [] {
+    const char* e = std::getenv("KILN_PREFILL_FRESH_KV");
+    return !(e && std::string(e) == "0");
+  }();
+  return v;
+}
+}  // namespace
+
+// With an FP8 cache, a fresh prompt's attention reads its own bf16 k and v rows (the step's, roped)
+// through the bf16 kernel, whose tiles go to shared memory by cp.async with no conversion; the cache
+// (written beside) serves later steps, as in vLLM. The FP8 kernel, which stages its tiles through
+// registers to convert them, is slower at 4 x 2,048 tokens despite half the bytes (s4: 697 vs 618 us).
+// Other sequences of the step (chunks after the first, cached prefixes) keep the cache, in a second
+// launch over the same tiles; each launch skips the other's blocks.
+void launch_prefill_attention(const AttnParams& p, cudaStream_t s) {
+  if (p.num_tiles == 0) return;
+  if (p.kv_fp8 && p.num_fresh_tiles > 0 && p.k_new && p.v_new && !prefill_attn_v1() && prefill_fresh_rows()) {
+    AttnParams r = p;
+    r.prefill_kv_rows = 1;
+    r.kv_fp8 = false;
+    r.k_cache = p.k_new;
+    r.v_cache = p.v_new;
+    r.k_scale = r.v_scale = 1.0f;
+    prefill_launch_dim(r, s);
+    if (p.num_fresh_tiles == p.num_tiles) return;
+    AttnParams c = p;
+    c.prefill_kv_rows = 2;
+    return prefill_launch_dim(c, s);
+  }
+  prefill_launch_dim(p, s);
 }
 
 void launch_kv_write_fp8(const bf16_t* k, int64_t ldk, const bf16_t* v, int64_t ldv, const TokenMeta* tokens, int32_t T,

@@ -397,6 +397,7 @@ void CudaOps::pack_step(const StepBatch& b) {
   const size_t tiles_off = off;
   int32_t* tiles = h_meta_ + off;
   n_prefill_tiles_ = 0;
+  n_fresh_tiles_ = 0;
   n_decode_seqs_ = 0;
   for (int32_t s = 0; s < S_; ++s) {
     const int32_t q0 = b.query_start[size_t(s)], q1 = b.query_start[size_t(s) + 1];
@@ -407,6 +408,7 @@ void CudaOps::pack_step(const StepBatch& b) {
         tiles[2 * n_prefill_tiles_] = s;
         tiles[2 * n_prefill_tiles_ + 1] = r;
         ++n_prefill_tiles_;
+        if (b.context_lens[size_t(s)] == q1 - q0) ++n_fresh_tiles_;
       }
     const int32_t* table = b.block_table(s);
     for (int32_t t = q0; t < q1; ++t) {
@@ -631,9 +633,16 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
     launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
                     static_cast<bf16_t*>(kv_->k[size_t(layer)]), static_cast<bf16_t*>(kv_->v[size_t(layer)]),
                     c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
-  const AttnParams p = attn_params(layer, q, out, c);
+  AttnParams p = attn_params(layer, q, out, c);
   if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
-  if (n_prefill_tiles_ > 0) launch_prefill_attention(p, stream_);
+  if (n_prefill_tiles_ > 0) {
+    p.num_fresh_tiles = n_fresh_tiles_;  // fresh prompts may attend to their own k, v rows
+    p.k_new = static_cast<const bf16_t*>(kv.ptr);
+    p.ldk = kv.ld;
+    p.v_new = static_cast<const bf16_t*>(vv.ptr);
+    p.ldv = vv.ld;
+    launch_prefill_attention(p, stream_);
+  }
 }
 
 void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {

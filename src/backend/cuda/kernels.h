@@ -45,6 +45,12 @@ struct AttnParams {
   // prefill: tiles of up to 64 query rows, (seq, first row within the sequence) pairs
   const int32_t* tiles;
   int32_t num_tiles;
+  // tiles of sequences whose whole context is in this step (a fresh prompt: ctx_len == q_len). With an
+  // FP8 cache and k_new / v_new set, those attend to their own bf16 rows instead of the cache.
+  int32_t num_fresh_tiles;
+  // set by the prefill launcher: 0 = K/V from the cache for every sequence; 1 = only fresh sequences,
+  // K/V from the step's rows k_cache / v_cache ([T, ldk] / [T, ldv] bf16); 2 = only the others
+  int32_t prefill_kv_rows;
   // decode: KV split count and the partial-result scratch [num_seqs, n_heads, splits, head_dim + 2]
   // (blocks: num_seqs x n_heads / decode_heads_per_block x splits)
   int32_t splits;
@@ -55,7 +61,8 @@ struct AttnParams {
   // splits (no second kernel) and puts its counter back to 0.
   int32_t* counters;
   // Decode with the rotary embedding and KV write fused in (0: q and the cache are ready): q and the
-  // step's k, v rows are raw projections; rope 1 = half-split pairs, 2 = interleaved pairs.
+  // step's k, v rows are raw projections; rope 1 = half-split pairs, 2 = interleaved pairs. Prefill:
+  // k_new / v_new are the step's roped k and v rows (num_fresh_tiles).
   int32_t rope;
   const float* inv_freq;  // [head_dim / 2]
   const bf16_t* k_new;    // [T, ldk]
