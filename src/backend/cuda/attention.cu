@@ -8,8 +8,9 @@
 //    query heads of the KV head's group, so each K/V byte is read once, not once per query head
 //    (4x fewer bytes for Llama-3-8B's GQA); each warp takes 16-32 tokens at a time through
 //    tensor-core QK^T and PV products (decode v2 below; v3, v2's math fed by a cp.async pipeline of
-//    64-token K/V stages, where a block streams many stages); splits are merged by the last block to
-//    finish (flash-decoding), so batch 1 still fills the GPU.
+//    64-token K/V stages, where a block streams many stages; v5, v3 with a warp per KV head and 4
+//    KV heads a block, at large batches); splits are merged by the last block to finish
+//    (flash-decoding), so batch 1 still fills the GPU.
 // FP8 KV cache (p.kv_fp8): the same kernels instantiated on __nv_fp8_e4m3 cache elements (half the
 // bytes streamed). E4M3 values are all exact in f16 (and bf16), so prefill converts the fp8 tiles
 // to f16 on their way into shared memory (f16 mma; v1: bf16, wmma) and decode converts in
