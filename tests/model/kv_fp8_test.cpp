@@ -197,27 +197,11 @@ double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / den);
 }
 
+// The prompt's logits for every row, in one step (a fresh prompt: it attends to its own unquantized
+// k, v rows, whatever the cache holds) or, through_cache, token 0 in a first step and the rest in a
+// second (neither is fresh), so that every attention reads the cache's values.
 std::vector<float> prompt_logits(std::shared_ptr<const Model> m, const std::vector<int32_t>& prompt,
-                                 const std::string& kv_dtype) {
-  LoadOptions opts;
-  opts.kv_cache_blocks = int32_t(prompt.size() + 15) / 16;
-  opts.kv_cache_dtype = kv_dtype;
-  auto ex = make_cpu_executor(m, opts);
-  SamplingParams greedy;
-  greedy.temperature = 0.0f;
-  std::vector<SeqSampling> ss(prompt.size());
-  for (auto& s : ss) s.params = &greedy;
-  std::vector<SampledToken> out;
-  Status st = ex->execute(prompt_step(prompt, opts.kv_cache_blocks), ss, &out);
-  EXPECT_TRUE(st.is_ok()) << st.message();
-  return std::vector<float>(ex->last_logits(), ex->last_logits() + prompt.size() * size_t(m->config.vocab_size));
-}
-
-// The same rows' logits through the cache: token 0 in a first step, the rest in a second (neither
-// is a fresh prompt, which attends to its own unquantized k, v rows), so every attention reads the
-// cache's values.
-std::vector<float> cached_prompt_logits(std::shared_ptr<const Model> m, const std::vector<int32_t>& prompt,
-                                        const std::string& kv_dtype) {
+                                 const std::string& kv_dtype, bool through_cache = false) {
   LoadOptions opts;
   opts.kv_cache_blocks = int32_t(prompt.size() + 15) / 16;
   opts.kv_cache_dtype = kv_dtype;
@@ -226,8 +210,10 @@ std::vector<float> cached_prompt_logits(std::shared_ptr<const Model> m, const st
   greedy.temperature = 0.0f;
   const size_t V = size_t(m->config.vocab_size);
   std::vector<float> logits;
-  for (size_t lo : {size_t(0), size_t(1)}) {
-    const size_t hi = lo == 0 ? 1 : prompt.size();
+  const std::vector<size_t> cuts = through_cache ? std::vector<size_t>{0, 1, prompt.size()}
+                                                 : std::vector<size_t>{0, prompt.size()};
+  for (size_t c = 0; c + 1 < cuts.size(); ++c) {
+    const size_t lo = cuts[c], hi = cuts[c + 1];
     StepBatch b;
     b.clear();
     for (size_t i = lo; i < hi; ++i) {
@@ -247,6 +233,11 @@ std::vector<float> cached_prompt_logits(std::shared_ptr<const Model> m, const st
     logits.insert(logits.end(), ex->last_logits(), ex->last_logits() + (hi - lo) * V);
   }
   return logits;
+}
+
+std::vector<float> cached_prompt_logits(std::shared_ptr<const Model> m, const std::vector<int32_t>& prompt,
+                                        const std::string& kv_dtype) {
+  return prompt_logits(m, prompt, kv_dtype, /*through_cache=*/true);
 }
 
 }  // namespace
