@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Decode attention variants (KILN_DECODE_ATTN=v2old | t16 | b2 | v3 | auto) on the GPU machine
+# Decode attention variants (KILN_DECODE_ATTN=v2old | t16 | b2 | v3 | v5 | auto) on the GPU machine
 # (device tool) from the repo root with $BIN/{test_cuda,kiln} carried: correctness first, then
 # before/after in one call.   BIN=build-attn tools/decode_attn_ab.sh [tests] [bench]
 # Logs: $OUT/attn-tests.txt, $OUT/attn-bench.txt.
@@ -28,9 +28,8 @@ for part in "$@"; do
           for v in v2old auto; do run $v bf16 fp8 1 128 256; done; exit 0; }
         for v in v2old auto t16 b2; do run $v fp8 fp8 256 1000 24; done
         for v in v2old auto; do run $v bf16 fp8 256 1000 24; done
-        for v in v1 v2old auto; do run $v bf16 fp8 1 128 256; run $v bf16 bf16 1 128 256; done
+        for v in v2old auto; do run $v bf16 fp8 1 128 256; run $v bf16 bf16 1 128 256; done
         run v2old fp8 fp8 1 128 256; run auto fp8 fp8 1 128 256
-        run v1 fp8 fp8 256 1000 24
         run v2old fp8 fp8 256 1000 24; run auto fp8 fp8 256 1000 24
       } 2>&1 | tee "$out/attn-bench.txt" ;;
   esac

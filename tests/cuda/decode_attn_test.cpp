@@ -113,11 +113,15 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
     std::printf("  %s attention rel %.2e max|d| %.3g\n", step == 0 ? "prefill" : "decode ", rel, max_abs);
     EXPECT_LE(rel, 1.5e-2) << (step == 0 ? "prefill" : "decode");
     if (step == 1) {
+      // q and k (raw for the fused kernel, roped for attention()), v, and a NaN-poisoned output
+      auto set_inputs = [&](const std::vector<float>& qs, const std::vector<float>& ks) {
+        gpu.write_buffer(Buf::kQ, qs.data(), T, Q);
+        gpu.write_buffer(Buf::kK, ks.data(), T, KV);
+        gpu.write_buffer(Buf::kV, v.data(), T, KV);
+        gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+      };
       // the fused kernel from the raw q, k, v: it ropes, rewrites the new token and attends
-      gpu.write_buffer(Buf::kQ, q.data(), T, Q);
-      gpu.write_buffer(Buf::kK, k.data(), T, KV);
-      gpu.write_buffer(Buf::kV, v.data(), T, KV);
-      gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+      set_inputs(q, k);
       gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
       rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
       std::printf("  decode  rope_attention rel %.2e max|d| %.3g\n", rel, max_abs);
@@ -137,18 +141,12 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
       for (const char* other : {"v3", "v2old", "v5"}) {
         if (saved == other) continue;
         setenv("KILN_DECODE_ATTN", other, 1);
-        gpu.write_buffer(Buf::kQ, q_roped.data(), T, Q);
-        gpu.write_buffer(Buf::kK, k_roped.data(), T, KV);
-        gpu.write_buffer(Buf::kV, v.data(), T, KV);
-        gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+        set_inputs(q_roped, k_roped);
         gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
         rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
         std::printf("  decode  attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
         EXPECT_LE(rel, 1.5e-2) << "decode, " << other;
-        gpu.write_buffer(Buf::kQ, q.data(), T, Q);
-        gpu.write_buffer(Buf::kK, k.data(), T, KV);
-        gpu.write_buffer(Buf::kV, v.data(), T, KV);
-        gpu.write_buffer(Buf::kAttn, std::vector<float>(size_t(T * Q), NAN).data(), T, Q);
+        set_inputs(q, k);
         gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
         gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
         rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);

@@ -1668,31 +1668,20 @@ int decode_v3_max_splits() {
   return v;
 }
 
-template <int D, int G, typename C>
-void decode_launch_v3(const AttnParams& p, const dim3& grid, cudaStream_t s) {
+// A kernel fed by DecodePipe's stages (v3, v5): its kStages x kStageB bytes of dynamic shared memory.
+// Measured and dropped (s3-dattn runs 1-2): 4 stages (FP8: 3 blocks an SM, 218 vs 203 us at batch
+// 256 x ctx 1000; bf16: 1 block, 458 vs 377 us), 6 stages (FP8 step 13.22 vs 11.74 ms), and a
+// max-shared carveout hint (no change: 202.1 vs 202.8 us, batch-1 step 4.098 vs 4.102 ms).
+template <int D, typename C, void (*Kernel)(AttnParams)>
+void decode_launch_pipe(const AttnParams& p, const dim3& grid, cudaStream_t s) {
   using P = DecodePipe<D, C>;
   constexpr size_t kBytes = size_t(P::kStages) * P::kStageB;
-  // Measured and dropped (s3-dattn runs 1-2): 4 stages (FP8: 3 blocks an SM, 218 vs 203 us at batch
-  // 256 x ctx 1000; bf16: 1 block, 458 vs 377 us), 6 stages (FP8 step 13.22 vs 11.74 ms), and a
-  // max-shared carveout hint (no change: 202.1 vs 202.8 us, batch-1 step 4.098 vs 4.102 ms).
-  static bool configured = false;  // the attribute is per function; set once per process
+  static bool configured = false;  // the attribute is per function; set once per process (and Kernel)
   if (!configured) {
-    cudaFuncSetAttribute(decode_kernel_v3<D, G, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBytes));
+    cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBytes));
     configured = true;
   }
-  launch_pdl(decode_kernel_v3<D, G, C>, grid, dim3(128), kBytes, s, p);
-}
-
-template <int D, int G, typename C>
-void decode_launch_v5(const AttnParams& p, cudaStream_t s) {
-  using P = DecodePipe<D, C>;
-  constexpr size_t kBytes = size_t(P::kStages) * P::kStageB;
-  static bool configured = false;  // the attribute is per function; set once per process
-  if (!configured) {
-    cudaFuncSetAttribute(decode_kernel_v5<D, G, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBytes));
-    configured = true;
-  }
-  launch_pdl(decode_kernel_v5<D, G, C>, dim3(p.num_seqs, p.n_kv / 4), dim3(128), kBytes, s, p);
+  launch_pdl(Kernel, grid, dim3(128), kBytes, s, p);
 }
 
 template <int D, int G, typename C>
@@ -1704,7 +1693,8 @@ void decode_launch_g(const AttnParams& p, cudaStream_t s) {
       // v5's warps are whole KV heads: G must be the true group (not 1 for a group of 7)
       const bool v5_ok = p.splits == 1 && p.n_kv % 4 == 0 && p.n_heads == p.n_kv * G;
       const double waves = double(p.num_seqs) * (p.n_kv / 4) / std::max(1, p.target_blocks);
-      if (v5_ok && (v == 6 || (v == 0 && waves >= decode_v5_min_waves()))) return decode_launch_v5<D, G, C>(p, s);
+      if (v5_ok && (v == 6 || (v == 0 && waves >= decode_v5_min_waves())))
+        return decode_launch_pipe<D, C, decode_kernel_v5<D, G, C>>(p, dim3(p.num_seqs, p.n_kv / 4), s);
     }
   }
   if constexpr (D == 128) {
@@ -1712,7 +1702,7 @@ void decode_launch_g(const AttnParams& p, cudaStream_t s) {
     if (v == 3) return launch_pdl(decode_kernel<D, G, C, decode_tile<D, C>(), 2>, grid, dim3(128), 0, s, p);
   }
   if constexpr (D == 64 || D == 128) {
-    if (v == 5 || (v == 0 && p.splits <= decode_v3_max_splits())) return decode_launch_v3<D, G, C>(p, grid, s);
+    if (v == 5 || (v == 0 && p.splits <= decode_v3_max_splits())) return decode_launch_pipe<D, C, decode_kernel_v3<D, G, C>>(p, grid, s);
   }
   launch_pdl(decode_kernel<D, G, C>, grid, dim3(128), 0, s, p);
 }
