@@ -1,6 +1,7 @@
-// Prefill attention (the v2 tensor-core kernel: blocks of 128 / G query rows x the G heads of a GQA
-// group, or 64 rows of one head, 32/64-token K/V tiles double-buffered, causal early exit) at long
-// prompts, against the CPU (KILN_PREFILL_ATTN=m1 / v1 run the same cases on the other kernels).
+// Prefill attention (on sm_90 at head_dim 128 with bf16 K/V and GQA 2-8: the wgmma kernel; else the
+// v2 tensor-core kernel: blocks of 128 / G query rows x the G heads of a GQA group, or 64 rows of one
+// head, 32/64-token K/V tiles double-buffered, causal early exit) at long prompts, against the CPU
+// (KILN_PREFILL_ATTN=v2 / m1 / v1 run the same cases on the other kernels).
 // The op grids (cuda_test.cpp, kv_fp8_test.cpp) cover prompts up to 152 tokens; here prompts reach
 // 1500 tokens in one step, or arrive in chunks (chunked prefill: a step's query rows start at
 // ctx_len - q_len, and a sequence with one token left is a decode row of a mixed step), block
@@ -149,6 +150,10 @@ INSTANTIATE_TEST_SUITE_P(
         PrefillCase{32, 8, 128, 16, false, {1100, 3, 77, 300}, 0},
         PrefillCase{32, 8, 128, 16, true, {1100, 3, 77, 300}, 0},
         PrefillCase{32, 8, 128, 16, false, {1100, 130, 2}, 256}, PrefillCase{32, 8, 128, 16, true, {1100, 130, 2}, 256},
+        // head_dim 128 at GQA 8 and 2 (on sm_90: the wgmma kernel's 16- and 64-position blocks), bf16
+        // cache in chunks (its paged path), FP8 fresh then cached
+        PrefillCase{16, 2, 128, 16, false, {700, 95}, 0}, PrefillCase{16, 2, 128, 16, true, {700, 95}, 130},
+        PrefillCase{8, 4, 128, 8, false, {900, 33, 1}, 200}, PrefillCase{8, 4, 128, 8, false, {513, 260}, 0},
         // GQA 8 (8 query rows a block), odd chunks (a sequence ends on a decode row: mixed steps)
         PrefillCase{16, 2, 64, 8, false, {1500, 95}, 0}, PrefillCase{16, 2, 64, 8, true, {1500, 95}, 0},
         PrefillCase{16, 2, 64, 8, true, {700, 95}, 97},

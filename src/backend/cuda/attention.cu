@@ -28,6 +28,8 @@
 #include <string>
 #include <type_traits>
 
+#include "backend/cuda/async_copy.cuh"
+#include "backend/cuda/attention_wgmma.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/launch.cuh"
 
@@ -1265,15 +1267,6 @@ struct PrefillSmemV2 {
   static_assert(kMt > 1 || kRows <= kBN, "q staging fits a K tile");
 };
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 __device__ __forceinline__ void ldsm_x4(const void* p, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -1569,11 +1562,12 @@ __global__ void __launch_bounds__(128, kMinBlocks) prefill_kernel_v2(AttnParams 
 // m1 = v2 with 16 rows a warp everywhere (the default takes 32 where the GQA group allows).
 // Measured and dropped (s2-pattn run 3, Llama-8B shapes): a 2- or 3-blocks-an-SM register cap for
 // both caches at head_dim 128 (3 for FP8 spills: 4x2048 780 -> 930 us; 2 for bf16: 64x128 184 -> 212 us).
+// v2 = v2 only (not the wgmma kernel where it applies).
 int prefill_attn_variant() {
   static const int v = [] {
     const char* e = std::getenv("KILN_PREFILL_ATTN");
     const std::string s = e ? e : "";
-    return s == "v1" ? 1 : s == "m1" ? 2 : 0;
+    return s == "v1" ? 1 : s == "m1" ? 2 : s == "v2" ? 3 : 0;
   }();
   return v;
 }
@@ -1610,6 +1604,10 @@ void prefill_launch_v2(const AttnParams& p, cudaStream_t s) {
 template <int D, typename C>
 void prefill_launch_as(const AttnParams& p, cudaStream_t s) {
   if (!prefill_attn_v1()) {
+    // sm_90a: the wgmma kernel (attention_wgmma.cu) for bf16 K/V at head_dim 128, GQA groups 2-8
+    if constexpr (D == 128 && std::is_same<C, bf16>::value) {
+      if (prefill_attn_variant() == 0 && launch_prefill_wgmma(p, decode_heads_per_block(p.n_heads, p.n_kv), s)) return;
+    }
     switch (decode_heads_per_block(p.n_heads, p.n_kv)) {
       case 1: return prefill_launch_v2<D, 1, C>(p, s);
       case 2: return prefill_launch_v2<D, 2, C>(p, s);

@@ -1,0 +1,314 @@
+// Prefill attention through Hopper's warpgroup MMA (wgmma.mma_async, sm_90a): FlashAttention-3's
+// arithmetic without its warp specialization. mma.sync (attention.cu's prefill v2) tops out near
+// 200 TFLOP/s on the H100 at 2,048-token prompts, where cuDNN's wgmma kernels reach ~400
+// (../shared/HARDWARE.md).
+//
+// A block is 2 warpgroups = 128 mma rows: 128 / G query positions x the G query heads of one KV head
+// (GQA: K/V read once for the group). Warpgroup w holds rows 64 w .. 64 w + 63 (row m: head m / P,
+// position m % P, P = 128 / G). Per 128-token K/V tile:
+//   S = Q K^T   8 x wgmma m64n128k16, A = q and B = K from shared memory (both K-major);
+//   softmax     online, on S's accumulator fragments (thread: rows g and g + 8 of its warp's 16,
+//               32 columns each), log2 units, one max and one rescale per tile;
+//   O += P V    8 x wgmma m64n128k16, A = P from registers (the accumulator layout of S is the
+//               register-A layout of the next product, as with mma.sync), B = V from shared memory,
+//               MN-major (V's rows are tokens: the instruction's transpose flag).
+// Tiles live in shared memory as two 64-column halves, each [rows][128 bytes] with the 128-byte
+// swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)), the layout the SW128 descriptors name.
+// K/V tiles are double-buffered and loaded by every thread with cp.async: tile it + 1 streams in
+// while tile it is multiplied. q, K[2], V[2]: 5 x 32 KB, one block an SM.
+// Sources: K/V from the step's bf16 rows (a fresh prompt, AttnParams::prefill_kv_rows == 1) or a
+// bf16 paged cache; an FP8 cache stays on v2 (its tiles are converted on the way in).
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "backend/cuda/async_copy.cuh"
+#include "backend/cuda/attention_wgmma.h"
+#include "backend/cuda/launch.cuh"
+
+namespace kiln::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kD = 128;             // head dim
+constexpr int kBM = 128;            // mma rows a block (2 warpgroups x 64)
+constexpr int kBN = 128;            // K/V tokens a tile
+constexpr int kThreads = 256;
+constexpr int kHalf = 128 * 128;    // bytes of a 64-column half of a 128-row tile
+constexpr int kTileB = 2 * kHalf;   // a 128 x 128 bf16 tile
+constexpr int kSmem = 5 * kTileB + 1024;  // q, K[2], V[2], and slack to align the base to 1,024
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Byte offset of 16-byte chunk c16 (0..15) of row r in a swizzled tile.
+__device__ __forceinline__ uint32_t sw_off(int r, int c16) {
+  return uint32_t((c16 >> 3) * kHalf + r * 128 + (((c16 & 7) ^ (r & 7)) << 4));
+}
+
+// wgmma shared-memory descriptor, 128-byte swizzle: start address, leading and stride byte offsets
+// (16-byte units). K-major: sbo = 1,024 (the next 8 rows), lbo unused. MN-major: lbo = the next 64
+// columns (the other half), sbo = the next 8 rows of K.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((saddr >> 4) & 0x3FFF) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Pins registers an in-flight wgmma reads or writes: no instruction touching them moves across.
+__device__ __forceinline__ void reg_fence(float (&r)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+__device__ __forceinline__ void reg_fence(uint32_t (&r)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// D (64 x 128 f32) = A B (+ D when scale_d): A, B in shared memory, both K-major.
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// D += A B: A (64 x 16 bf16) from registers, B (16 x 128) in shared memory, MN-major.
+__device__ __forceinline__ void wgmma_rs_tb(float (&d)[64], const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+#endif
+
+template <int G>
+__global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnParams p) {
+  pdl_trigger();
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kP = kBM / G;     // query positions a block
+  constexpr int kSubs = 64 / kP;  // blocks a 64-row tile of AttnParams::tiles
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023u) & ~1023u;
+  const uint32_t sq = base;
+  auto sk = [&](int b) { return base + uint32_t(1 + b) * kTileB; };
+  auto sv = [&](int b) { return base + uint32_t(3 + b) * kTileB; };
+  __shared__ int s_maxpos;
+  pdl_wait();
+
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int bx = int(gridDim.x) - 1 - int(blockIdx.x);  // the last rows of a sequence (longest) first
+  const int tile = bx / kSubs, sub = bx % kSubs;
+  const int seq = p.tiles[2 * tile], r0 = p.tiles[2 * tile + 1] + sub * kP;
+  const SeqMeta sm = p.seqs[seq];
+  if (r0 >= sm.q_len) return;
+  const bool rows_kv = p.prefill_kv_rows == 1;  // K/V from the step's rows: fresh sequences only
+  if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // the other launch's
+  const int rows = min(kP, sm.q_len - r0);
+  const int head0 = blockIdx.y * G, kvh = head0 / (p.n_heads / p.n_kv);
+  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+  const bf16* kc = static_cast<const bf16*>(p.k_cache);
+  const bf16* vc = static_cast<const bf16*>(p.v_cache);
+  const int64_t qrow0 = int64_t(sm.q_start) + r0;
+
+  if (tid == 0) s_maxpos = -1;
+  __syncthreads();
+  if (tid < rows) atomicMax(&s_maxpos, p.tokens[qrow0 + tid].pos);
+  __syncthreads();
+  const int kv_len = min(s_maxpos + 1, sm.ctx_len);
+  const int n_tiles = kv_len > 0 ? (kv_len + kBN - 1) / kBN : 0;
+
+  // This thread's two rows (g and g + 8 of its warp's 16): head, position, last visible column.
+  int rh[2], rr[2], lim[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int m = 64 * wg + 16 * warp + g + 8 * i;
+    rh[i] = m / kP;
+    rr[i] = m % kP;
+    lim[i] = rr[i] < rows ? min(p.tokens[qrow0 + rr[i]].pos, kv_len - 1) : -1;
+  }
+  const int lim_min = rr[0] < rows && rr[1] < rows ? min(lim[0], lim[1]) : max(lim[0], lim[1]);
+
+  // Loads: thread tid moves 16-byte chunk tid % 16 of rows tid / 16 + 16 i, i < 8. Rows past kv_len
+  // read the last valid row (finite; masked), never unwritten cache slots.
+  const int c16 = tid & 15, rbase = tid >> 4;
+  auto kv_off = [&](int j, int64_t ld) -> int64_t {
+    j = min(j, kv_len - 1);
+    if (rows_kv) return (int64_t(sm.q_start) + j) * ld + int64_t(kvh) * kD;
+    return ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * kD;
+  };
+  auto issue = [&](int it, int b) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = rbase + 16 * i, j = it * kBN + r;
+      cp_async16(sk(b) + sw_off(r, c16), kc + kv_off(j, p.ldk) + c16 * 8);
+      cp_async16(sv(b) + sw_off(r, c16), vc + kv_off(j, p.ldv) + c16 * 8);
+    }
+  };
+  if (n_tiles > 0) {
+    const bf16* q = reinterpret_cast<const bf16*>(p.q);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int m = rbase + 16 * i, r = min(m % kP, rows - 1);
+      cp_async16(sq + sw_off(m, c16), q + (qrow0 + r) * p.ldq + int64_t(head0 + m / kP) * kD + c16 * 8);
+    }
+    issue(0, 0);
+  }
+  cp_async_commit();
+
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+  const float qk_scale = p.scale * 1.4426950408889634f;  // log2 units
+  const uint32_t qa = sq + uint32_t(wg) * 64 * 128;       // this warpgroup's 64 rows of each half
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int b = it & 1, kv0 = it * kBN;
+    cp_async_wait<0>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async writes -> wgmma reads
+    __syncthreads();  // tile it landed for everyone; buffer b ^ 1 is no longer read
+    if (it + 1 < n_tiles) issue(it + 1, b ^ 1);
+    cp_async_commit();
+
+    float s[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+    reg_fence(s);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      const uint32_t koff = uint32_t(ks >> 2) * kHalf + uint32_t(ks & 3) * 32;
+      wgmma_ss(s, sw128_desc(qa + koff, 16, 1024), sw128_desc(sk(b) + koff, 16, 1024), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    reg_fence(s);
+
+    // Online softmax on this thread's 2 rows x 32 columns: s[4 j + e] is (row e / 2, column
+    // kv0 + 8 j + 2 t + e % 2).
+    const bool mask = kv0 + kBN - 1 > lim_min;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[4 * j + e] * qk_scale;
+        if (mask && kv0 + 8 * j + 2 * t + (e & 1) > lim[e >> 1]) x = -INFINITY;
+        s[4 * j + e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    float al[2], mu[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float mn = fmaxf(mrow[i], mx[i]);
+      mu[i] = mn == -INFINITY ? 0.0f : mn;  // nothing visible yet: exp2(-inf - 0) = 0, no NaN
+      al[i] = fast_exp2(mrow[i] - mu[i]);
+      mrow[i] = mn;
+    }
+    // P in the register-A layout: for tokens 16 kk .. 16 kk + 15, {row g, row g + 8} x {k 2t, k 8 + 2t}.
+    uint32_t pa[32];
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float p0 = fast_exp2(s[4 * j] - mu[0]), p1 = fast_exp2(s[4 * j + 1] - mu[0]);
+      const float p2 = fast_exp2(s[4 * j + 2] - mu[1]), p3 = fast_exp2(s[4 * j + 3] - mu[1]);
+      sum[0] += p0 + p1;
+      sum[1] += p2 + p3;
+      pa[4 * (j >> 1) + 2 * (j & 1)] = pack_bf16(p0, p1);
+      pa[4 * (j >> 1) + 2 * (j & 1) + 1] = pack_bf16(p2, p3);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) lrow[i] = lrow[i] * al[i] + sum[i];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      o[4 * j] *= al[0];
+      o[4 * j + 1] *= al[0];
+      o[4 * j + 2] *= al[1];
+      o[4 * j + 3] *= al[1];
+    }
+    reg_fence(o);
+    reg_fence(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb(o, pa + 4 * kk, sw128_desc(sv(b) + uint32_t(kk) * 2048, kHalf, 1024));
+    wgmma_commit();
+    wgmma_wait0();
+    reg_fence(o);
+    reg_fence(pa);
+  }
+
+  bf16* out = reinterpret_cast<bf16*>(p.out);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = lrow[i];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    if (rr[i] >= rows) continue;
+    bf16* orow = out + (qrow0 + rr[i]) * p.ldo + int64_t(head0 + rh[i]) * kD + 2 * t;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(orow + 8 * j) =
+          __floats2bfloat162_rn(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // launched only where the sm_90a code exists (launch_prefill_wgmma)
+#endif
+}
+
+bool device_is_sm90() {
+  static const bool v = [] {
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return major == 9 && minor == 0;
+  }();
+  return v;
+}
+
+template <int G>
+void launch(const AttnParams& p, cudaStream_t s) {
+  static const bool configured =
+      cudaFuncSetAttribute(prefill_wgmma_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
+  (void)configured;
+  // each 64-row tile of AttnParams.tiles becomes 64 / (128 / G) blocks
+  launch_pdl(prefill_wgmma_kernel<G>, dim3(p.num_tiles * (64 / (kBM / G)), p.n_heads / G), dim3(kThreads), size_t(kSmem),
+             s, p);
+}
+
+}  // namespace
+
+bool launch_prefill_wgmma(const AttnParams& p, int G, cudaStream_t s) {
+#if defined(KILN_CUDA_SM90A)
+  if (p.head_dim != kD || p.kv_fp8 || !device_is_sm90()) return false;
+  switch (G) {
+    case 2: launch<2>(p, s); return true;
+    case 4: launch<4>(p, s); return true;
+    case 8: launch<8>(p, s); return true;
+    default: return false;
+  }
+#else
+  (void)p, (void)G, (void)s;
+  return false;
+#endif
+}
+
+}  // namespace kiln::cuda
