@@ -35,10 +35,11 @@ using bf16 = __nv_bfloat16;
 constexpr int kD = 128;             // head dim
 constexpr int kBM = 128;            // mma rows a block (2 warpgroups x 64)
 constexpr int kBN = 128;            // K/V tokens a tile
-constexpr int kThreads = 256;
+constexpr int kStages = 3;         // K/V tiles in shared memory
+constexpr int kThreads = 384;       // warpgroup 0 loads, 1 and 2 compute
 constexpr int kHalf = 128 * 128;    // bytes of a 64-column half of a 128-row tile
 constexpr int kTileB = 2 * kHalf;   // a 128 x 128 bf16 tile
-constexpr int kSmem = 5 * kTileB + 1024;  // q, K[2], V[2], and slack to align the base to 1,024
+constexpr int kSmem = (1 + 2 * kStages) * kTileB + 1024;  // q, K[3], V[3], slack to align the base to 1,024
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Byte offset of 16-byte chunk c16 (0..15) of row r in a swizzled tile.
@@ -85,6 +86,35 @@ __device__ __forceinline__ void wgmma_rs_tb(float (&d)[64], const uint32_t* a, u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
+// mbarriers (shared memory, CTA scope): K/V stage full (the loaders' cp.async landed) and empty
+// (both compute warpgroups are done with it).
+__device__ __forceinline__ void mbar_init(uint32_t a, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a) : "memory");
+}
+// Arrives once this thread's earlier cp.async have landed.
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t a) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+}
+// Named barriers 1 and 2: the compute warpgroups' turns at the tensor cores (256 threads: one
+// warpgroup syncs, the other arrives); 3 and 4: one warpgroup alone.
+__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
 __device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -106,7 +136,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   const uint32_t raw = smem_addr(smem_raw), base = (raw + 1023u) & ~1023u;
   const uint32_t sq = base;
   auto sk = [&](int b) { return base + uint32_t(1 + b) * kTileB; };
-  auto sv = [&](int b) { return base + uint32_t(3 + b) * kTileB; };
+  auto sv = [&](int b) { return base + uint32_t(1 + kStages + b) * kTileB; };
+  __shared__ __align__(8) uint64_t bars[2 * kStages];  // full[s], then empty[s]
+  const uint32_t full0 = smem_addr(&bars[0]), empty0 = smem_addr(&bars[kStages]);
   __shared__ int s_maxpos;
   pdl_wait();
 
@@ -120,84 +152,127 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // the other launch's
   const int rows = min(kP, sm.q_len - r0);
   const int head0 = blockIdx.y * G, kvh = head0 / (p.n_heads / p.n_kv);
-  const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
-  const bf16* kc = static_cast<const bf16*>(p.k_cache);
-  const bf16* vc = static_cast<const bf16*>(p.v_cache);
   const int64_t qrow0 = int64_t(sm.q_start) + r0;
 
-  if (tid == 0) s_maxpos = -1;
+  if (tid == 0) {
+    s_maxpos = -1;
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(full0 + 8 * i, 128);   // every loader thread, once its copies land
+      mbar_init(empty0 + 8 * i, 256);  // every compute thread
+    }
+  }
   __syncthreads();
   if (tid < rows) atomicMax(&s_maxpos, p.tokens[qrow0 + tid].pos);
   __syncthreads();
   const int kv_len = min(s_maxpos + 1, sm.ctx_len);
   const int n_tiles = kv_len > 0 ? (kv_len + kBN - 1) / kBN : 0;
 
+  if (wg == 0) {
+    // Loader: tile it into stage it % kStages once both compute warpgroups released the tile
+    // kStages before it. Thread tid moves 16-byte chunk tid % 16 of rows tid / 16 + 8 i, i < 16; rows
+    // past kv_len read the last valid row (finite; masked), never unwritten cache slots.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
+    const bf16* kc = static_cast<const bf16*>(p.k_cache);
+    const bf16* vc = static_cast<const bf16*>(p.v_cache);
+    const int c16 = tid & 15, rbase = tid >> 4;
+    for (int it = 0; it < n_tiles; ++it) {
+      const int st = it % kStages;
+      if (it >= kStages) mbar_wait(empty0 + 8 * st, uint32_t((it / kStages - 1) & 1));
+#pragma unroll 4
+      for (int i = 0; i < 16; ++i) {
+        const int r = rbase + 8 * i, j = min(it * kBN + r, kv_len - 1);
+        int64_t ko, vo;
+        if (rows_kv) {
+          ko = (int64_t(sm.q_start) + j) * p.ldk + int64_t(kvh) * kD;
+          vo = (int64_t(sm.q_start) + j) * p.ldv + int64_t(kvh) * kD;
+        } else {
+          ko = vo = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * kD;
+        }
+        cp_async16(sk(st) + sw_off(r, c16), kc + ko + c16 * 8);
+        cp_async16(sv(st) + sw_off(r, c16), vc + vo + c16 * 8);
+      }
+      mbar_arrive_cp_async(full0 + 8 * st);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cw = wg - 1;  // compute warpgroup 0 or 1: rows 64 cw .. 64 cw + 63
+
   // This thread's two rows (g and g + 8 of its warp's 16): head, position, last visible column.
   int rh[2], rr[2], lim[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int m = 64 * wg + 16 * warp + g + 8 * i;
+    const int m = 64 * cw + 16 * warp + g + 8 * i;
     rh[i] = m / kP;
     rr[i] = m % kP;
     lim[i] = rr[i] < rows ? min(p.tokens[qrow0 + rr[i]].pos, kv_len - 1) : -1;
   }
   const int lim_min = rr[0] < rows && rr[1] < rows ? min(lim[0], lim[1]) : max(lim[0], lim[1]);
 
-  // Loads: thread tid moves 16-byte chunk tid % 16 of rows tid / 16 + 16 i, i < 8. Rows past kv_len
-  // read the last valid row (finite; masked), never unwritten cache slots.
-  const int c16 = tid & 15, rbase = tid >> 4;
-  auto kv_off = [&](int j, int64_t ld) -> int64_t {
-    j = min(j, kv_len - 1);
-    if (rows_kv) return (int64_t(sm.q_start) + j) * ld + int64_t(kvh) * kD;
-    return ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * kD;
-  };
-  auto issue = [&](int it, int b) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = rbase + 16 * i, j = it * kBN + r;
-      cp_async16(sk(b) + sw_off(r, c16), kc + kv_off(j, p.ldk) + c16 * 8);
-      cp_async16(sv(b) + sw_off(r, c16), vc + kv_off(j, p.ldv) + c16 * 8);
-    }
-  };
-  if (n_tiles > 0) {
+  // q: each compute warpgroup its own 64 rows (rows past the block's read its last row; not written)
+  {
     const bf16* q = reinterpret_cast<const bf16*>(p.q);
+    const int c16 = tid & 15;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int m = rbase + 16 * i, r = min(m % kP, rows - 1);
+      const int m = 64 * cw + ((tid & 127) >> 4) + 8 * i, r = min(m % kP, rows - 1);
       cp_async16(sq + sw_off(m, c16), q + (qrow0 + r) * p.ldq + int64_t(head0 + m / kP) * kD + c16 * 8);
     }
-    issue(0, 0);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();
+    bar_sync(3 + cw, 128);
   }
-  cp_async_commit();
 
   float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  uint32_t pa[32];  // P of the previous tile, in the register-A layout
+#pragma unroll
+  for (int i = 0; i < 32; ++i) pa[i] = 0u;
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
   const float qk_scale = p.scale * 1.4426950408889634f;  // log2 units
-  const uint32_t qa = sq + uint32_t(wg) * 64 * 128;       // this warpgroup's 64 rows of each half
+  const uint32_t qa = sq + uint32_t(cw) * 64 * 128;       // this warpgroup's 64 rows of each half
 
-  for (int it = 0; it < n_tiles; ++it) {
-    const int b = it & 1, kv0 = it * kBN;
-    cp_async_wait<0>();
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async writes -> wgmma reads
-    __syncthreads();  // tile it landed for everyone; buffer b ^ 1 is no longer read
-    if (it + 1 < n_tiles) issue(it + 1, b ^ 1);
-    cp_async_commit();
-
-    float s[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) s[i] = 0.0f;
+  // Phase it issues O += P(it - 1) V(it - 1) and S = Q K(it)^T together, on this warpgroup's turn
+  // (named barrier 1 + cw), then hands the turn over: the other warpgroup's products run on the
+  // tensor cores while this one does its softmax (FlashAttention-3's ping-pong). Phase n_tiles
+  // issues only the last PV.
+  if (cw == 1) bar_arrive(1, 256);  // warpgroup 0 goes first
+  for (int it = 0; it <= n_tiles; ++it) {
+    const int st = it % kStages, prev = (it + kStages - 1) % kStages;
+    if (it < n_tiles) {
+      mbar_wait(full0 + 8 * st, uint32_t((it / kStages) & 1));
+      fence_async_smem();  // the loaders' cp.async writes -> this warpgroup's wgmma reads
+    }
+    bar_sync(1 + cw, 256);
+    float s[64];  // written by the first S product (scale-d 0)
     reg_fence(s);
+    reg_fence(o);
+    reg_fence(pa);
     wgmma_fence();
+    if (it > 0) {
 #pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      const uint32_t koff = uint32_t(ks >> 2) * kHalf + uint32_t(ks & 3) * 32;
-      wgmma_ss(s, sw128_desc(qa + koff, 16, 1024), sw128_desc(sk(b) + koff, 16, 1024), ks > 0);
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_rs_tb(o, pa + 4 * kk, sw128_desc(sv(prev) + uint32_t(kk) * 2048, kHalf, 1024));
+    }
+    if (it < n_tiles) {
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        const uint32_t koff = uint32_t(ks >> 2) * kHalf + uint32_t(ks & 3) * 32;
+        wgmma_ss(s, sw128_desc(qa + koff, 16, 1024), sw128_desc(sk(st) + koff, 16, 1024), ks > 0);
+      }
     }
     wgmma_commit();
+    if (!(cw == 1 && it == n_tiles)) bar_arrive(2 - cw, 256);  // the other warpgroup's turn
     wgmma_wait0();
     reg_fence(s);
+    reg_fence(o);
+    reg_fence(pa);
+    if (it > 0) mbar_arrive(empty0 + 8 * prev);  // V(it - 1) read: the stage may be refilled
+    if (it == n_tiles) break;
+    const int kv0 = it * kBN;
 
     // Online softmax on this thread's 2 rows x 32 columns: s[4 j + e] is (row e / 2, column
     // kv0 + 8 j + 2 t + e % 2).
@@ -223,7 +298,6 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
       mrow[i] = mn;
     }
     // P in the register-A layout: for tokens 16 kk .. 16 kk + 15, {row g, row g + 8} x {k 2t, k 8 + 2t}.
-    uint32_t pa[32];
     float sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
@@ -243,15 +317,6 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
       o[4 * j + 2] *= al[1];
       o[4 * j + 3] *= al[1];
     }
-    reg_fence(o);
-    reg_fence(pa);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_tb(o, pa + 4 * kk, sw128_desc(sv(b) + uint32_t(kk) * 2048, kHalf, 1024));
-    wgmma_commit();
-    wgmma_wait0();
-    reg_fence(o);
-    reg_fence(pa);
   }
 
   bf16* out = reinterpret_cast<bf16*>(p.out);
