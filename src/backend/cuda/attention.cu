@@ -1604,8 +1604,8 @@ void prefill_launch_v2(const AttnParams& p, cudaStream_t s) {
 template <int D, typename C>
 void prefill_launch_as(const AttnParams& p, cudaStream_t s) {
   if (!prefill_attn_v1()) {
-    // sm_90a: the wgmma kernel (attention_wgmma.cu) for bf16 K/V at head_dim 128, GQA groups 2-8
-    if constexpr (D == 128 && std::is_same<C, bf16>::value) {
+    // sm_90a: the wgmma kernel (attention_wgmma.cu) at head_dim 128, GQA groups 2-8
+    if constexpr (D == 128) {
       if (prefill_attn_variant() == 0 && launch_prefill_wgmma(p, decode_heads_per_block(p.n_heads, p.n_kv), s)) return;
     }
     switch (decode_heads_per_block(p.n_heads, p.n_kv)) {

@@ -19,9 +19,13 @@
 // Sources: K/V from the step's bf16 rows (a fresh prompt, AttnParams::prefill_kv_rows == 1) or a
 // bf16 paged cache; an FP8 cache stays on v2 (its tiles are converted on the way in).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "backend/cuda/async_copy.cuh"
 #include "backend/cuda/attention_wgmma.h"
@@ -35,11 +39,20 @@ using bf16 = __nv_bfloat16;
 constexpr int kD = 128;             // head dim
 constexpr int kBM = 128;            // mma rows a block (2 warpgroups x 64)
 constexpr int kBN = 128;            // K/V tokens a tile
-constexpr int kStages = 3;         // K/V tiles in shared memory
 constexpr int kThreads = 384;       // warpgroup 0 loads, 1 and 2 compute
 constexpr int kHalf = 128 * 128;    // bytes of a 64-column half of a 128-row tile
-constexpr int kTileB = 2 * kHalf;   // a 128 x 128 bf16 tile
-constexpr int kSmem = (1 + 2 * kStages) * kTileB + 1024;  // q, K[3], V[3], slack to align the base to 1,024
+constexpr int kTileB = 2 * kHalf;   // a 128 x 128 16-bit tile
+constexpr int kRawB = kBN * kD;     // a 128 x 128 FP8 tile as loaded
+// K/V tiles in shared memory: 3; 2 from an FP8 cache, whose raw tiles (K and V, 2 in flight) also
+// need room. q, K[], V[] (, raw[2][K, V]), and slack to align the base to 1,024: 225 KB either way.
+template <bool kF16>
+constexpr int stages() {
+  return kF16 ? 2 : 3;
+}
+template <bool kF16>
+constexpr int smem_bytes() {
+  return (1 + 2 * stages<kF16>()) * kTileB + (kF16 ? 4 * kRawB : 0) + 1024;
+}
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Byte offset of 16-byte chunk c16 (0..15) of row r in a swizzled tile.
@@ -68,23 +81,41 @@ __device__ __forceinline__ void reg_fence(uint32_t (&r)[32]) {
   for (int i = 0; i < 32; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
+// The 64 f32 accumulators of an m64n128 product: in the instruction text, and as operands.
+#define KILN_WG_D "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define KILN_WG_ACC "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+// kF16: f16 operands (the FP8 cache's path: E4M3 -> f16 is exact, as in v2), else bf16.
 // D (64 x 128 f32) = A B (+ D when scale_d): A, B in shared memory, both K-major.
+template <bool kF16>
 __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(scale_d));
+  if constexpr (kF16)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " KILN_WG_D ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : KILN_WG_ACC
+                 : "l"(da), "l"(db), "r"(scale_d));
+  else
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " KILN_WG_D ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : KILN_WG_ACC
+                 : "l"(da), "l"(db), "r"(scale_d));
 }
 
-// D += A B: A (64 x 16 bf16) from registers, B (16 x 128) in shared memory, MN-major.
+// D += A B: A (64 x 16) from registers, B (16 x 128) in shared memory, MN-major.
+template <bool kF16>
 __device__ __forceinline__ void wgmma_rs_tb(float (&d)[64], const uint32_t* a, uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  if constexpr (kF16)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " KILN_WG_D ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : KILN_WG_ACC
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+  else
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " KILN_WG_D ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : KILN_WG_ACC
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
+#undef KILN_WG_D
+#undef KILN_WG_ACC
 
 // mbarriers (shared memory, CTA scope): K/V stage full (the loaders' cp.async landed) and empty
 // (both compute warpgroups are done with it).
@@ -120,16 +151,30 @@ __device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
+template <bool kF16>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (kF16) {
+    // f16 tops out at 65504: clamp so a huge q cannot make inf * 0 = NaN in the product (as v2)
+    const __half2 h = __floats2half2_rn(fminf(fmaxf(a, -65504.0f), 65504.0f), fminf(fmaxf(b, -65504.0f), 65504.0f));
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+// Four E4M3 codes -> two f16x2, exact.
+__device__ __forceinline__ uint2 fp8x4_to_f16x4(uint32_t x) {
+  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
+  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x >> 16), __NV_E4M3);
+  return make_uint2(uint32_t(lo.x) | (uint32_t(lo.y) << 16), uint32_t(hi.x) | (uint32_t(hi.y) << 16));
 }
 #endif
 
-template <int G>
+template <int G, bool kF16>
 __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnParams p) {
   pdl_trigger();
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = stages<kF16>();
   constexpr int kP = kBM / G;     // query positions a block
   constexpr int kSubs = 64 / kP;  // blocks a 64-row tile of AttnParams::tiles
   extern __shared__ unsigned char smem_raw[];
@@ -137,6 +182,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   const uint32_t sq = base;
   auto sk = [&](int b) { return base + uint32_t(1 + b) * kTileB; };
   auto sv = [&](int b) { return base + uint32_t(1 + kStages + b) * kTileB; };
+  // FP8: raw tile i % 2 as loaded, K then V ([128 rows][128 bytes] each)
+  auto sraw = [&](int i, int kv) { return base + uint32_t(1 + 2 * kStages) * kTileB + uint32_t(2 * (i & 1) + kv) * kRawB; };
   __shared__ __align__(8) uint64_t bars[2 * kStages];  // full[s], then empty[s]
   const uint32_t full0 = smem_addr(&bars[0]), empty0 = smem_addr(&bars[kStages]);
   __shared__ int s_maxpos;
@@ -171,32 +218,82 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
     // Loader: tile it into stage it % kStages once both compute warpgroups released the tile
     // kStages before it. Thread tid moves 16-byte chunk tid % 16 of rows tid / 16 + 8 i, i < 16; rows
     // past kv_len read the last valid row (finite; masked), never unwritten cache slots.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    // registers: 128 x 40 (56 converting FP8) + 256 x 232 (224) <= 64 K
+    if constexpr (kF16) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
-    const bf16* kc = static_cast<const bf16*>(p.k_cache);
-    const bf16* vc = static_cast<const bf16*>(p.v_cache);
-    const int c16 = tid & 15, rbase = tid >> 4;
-    for (int it = 0; it < n_tiles; ++it) {
-      const int st = it % kStages;
-      if (it >= kStages) mbar_wait(empty0 + 8 * st, uint32_t((it / kStages - 1) & 1));
+    auto row_off = [&](int j, int64_t ld) -> int64_t {  // element offset of token j's row of this KV head
+      j = min(j, kv_len - 1);
+      if (rows_kv) return (int64_t(sm.q_start) + j) * ld + int64_t(kvh) * kD;
+      return ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * kD;
+    };
+    if constexpr (!kF16) {
+      const bf16* kc = static_cast<const bf16*>(p.k_cache);
+      const bf16* vc = static_cast<const bf16*>(p.v_cache);
+      const int c16 = tid & 15, rbase = tid >> 4;
+      for (int it = 0; it < n_tiles; ++it) {
+        const int st = it % kStages;
+        if (it >= kStages) mbar_wait(empty0 + 8 * st, uint32_t((it / kStages - 1) & 1));
 #pragma unroll 4
-      for (int i = 0; i < 16; ++i) {
-        const int r = rbase + 8 * i, j = min(it * kBN + r, kv_len - 1);
-        int64_t ko, vo;
-        if (rows_kv) {
-          ko = (int64_t(sm.q_start) + j) * p.ldk + int64_t(kvh) * kD;
-          vo = (int64_t(sm.q_start) + j) * p.ldv + int64_t(kvh) * kD;
-        } else {
-          ko = vo = ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * kD;
+        for (int i = 0; i < 16; ++i) {
+          const int r = rbase + 8 * i, j = it * kBN + r;
+          cp_async16(sk(st) + sw_off(r, c16), kc + row_off(j, p.ldk) + c16 * 8);
+          cp_async16(sv(st) + sw_off(r, c16), vc + row_off(j, p.ldv) + c16 * 8);
         }
-        cp_async16(sk(st) + sw_off(r, c16), kc + ko + c16 * 8);
-        cp_async16(sv(st) + sw_off(r, c16), vc + vo + c16 * 8);
+        mbar_arrive_cp_async(full0 + 8 * st);
       }
-      mbar_arrive_cp_async(full0 + 8 * st);
+    } else {
+      // FP8 cache: tile it + 2's codes stream into raw buffer it % 2 while tile it is converted to
+      // f16 into its stage. A thread converts exactly the 16-byte pieces it loaded (16 codes of rows
+      // tid / 8 + 16 i, i < 8, at byte 16 (tid % 8)), so its own cp.async wait suffices.
+      const uint8_t* kc = static_cast<const uint8_t*>(p.k_cache);
+      const uint8_t* vc = static_cast<const uint8_t*>(p.v_cache);
+      const int cc = tid & 7, rbase = tid >> 3;
+      auto load_raw = [&](int it) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int r = rbase + 16 * i, j = it * kBN + r;
+          cp_async16(sraw(it, 0) + r * 128 + cc * 16, kc + row_off(j, 0) + cc * 16);
+          cp_async16(sraw(it, 1) + r * 128 + cc * 16, vc + row_off(j, 0) + cc * 16);
+        }
+      };
+      if (n_tiles > 0) load_raw(0);
+      cp_async_commit();
+      if (n_tiles > 1) load_raw(1);
+      cp_async_commit();
+      for (int it = 0; it < n_tiles; ++it) {
+        const int st = it % kStages;
+        if (it >= kStages) mbar_wait(empty0 + 8 * st, uint32_t((it / kStages - 1) & 1));
+        cp_async_wait<1>();  // tile it's codes (tile it + 1's may still be in flight)
+#pragma unroll
+        for (int kv = 0; kv < 2; ++kv)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int r = rbase + 16 * i;
+            uint4 c;
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(c.x), "=r"(c.y), "=r"(c.z), "=r"(c.w)
+                         : "r"(sraw(it, kv) + r * 128 + cc * 16));
+            const uint2 h0 = fp8x4_to_f16x4(c.x), h1 = fp8x4_to_f16x4(c.y), h2 = fp8x4_to_f16x4(c.z),
+                        h3 = fp8x4_to_f16x4(c.w);
+            const uint32_t dst = (kv ? sv(st) : sk(st));
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + sw_off(r, 2 * cc)), "r"(h0.x),
+                         "r"(h0.y), "r"(h1.x), "r"(h1.y)
+                         : "memory");
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + sw_off(r, 2 * cc + 1)), "r"(h2.x),
+                         "r"(h2.y), "r"(h3.x), "r"(h3.y)
+                         : "memory");
+          }
+        fence_async_smem();  // these generic-proxy stores -> the compute warpgroups' wgmma reads
+        mbar_arrive(full0 + 8 * st);
+        if (it + 2 < n_tiles) load_raw(it + 2);  // into the raw buffer just converted
+        cp_async_commit();
+      }
     }
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  if constexpr (kF16) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+  else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int cw = wg - 1;  // compute warpgroup 0 or 1: rows 64 cw .. 64 cw + 63
 
   // This thread's two rows (g and g + 8 of its warp's 16): head, position, last visible column.
@@ -217,7 +314,22 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int m = 64 * cw + ((tid & 127) >> 4) + 8 * i, r = min(m % kP, rows - 1);
-      cp_async16(sq + sw_off(m, c16), q + (qrow0 + r) * p.ldq + int64_t(head0 + m / kP) * kD + c16 * 8);
+      const bf16* src = q + (qrow0 + r) * p.ldq + int64_t(head0 + m / kP) * kD + c16 * 8;
+      if constexpr (kF16) {  // q in f16 for the f16 products
+        const uint4 u = *reinterpret_cast<const uint4*>(src);
+        const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&u);
+        uint32_t h[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = __bfloat1622float2(b2[e]);
+          h[e] = pack2<true>(f.x, f.y);
+        }
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(sq + sw_off(m, c16)), "r"(h[0]), "r"(h[1]),
+                     "r"(h[2]), "r"(h[3])
+                     : "memory");
+      } else {
+        cp_async16(sq + sw_off(m, c16), src);
+      }
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -232,7 +344,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
 #pragma unroll
   for (int i = 0; i < 32; ++i) pa[i] = 0u;
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  const float qk_scale = p.scale * 1.4426950408889634f;  // log2 units
+  // log2 units; an FP8 cache's scales: k_scale here, v_scale in the output's normalization
+  const float qk_scale = (kF16 ? p.scale * p.k_scale : p.scale) * 1.4426950408889634f;
+  const float v_scale = kF16 ? p.v_scale : 1.0f;
   const uint32_t qa = sq + uint32_t(cw) * 64 * 128;       // this warpgroup's 64 rows of each half
 
   // Phase it issues O += P(it - 1) V(it - 1) and S = Q K(it)^T together, on this warpgroup's turn
@@ -255,13 +369,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
     if (it > 0) {
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_rs_tb(o, pa + 4 * kk, sw128_desc(sv(prev) + uint32_t(kk) * 2048, kHalf, 1024));
+        wgmma_rs_tb<kF16>(o, pa + 4 * kk, sw128_desc(sv(prev) + uint32_t(kk) * 2048, kHalf, 1024));
     }
     if (it < n_tiles) {
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         const uint32_t koff = uint32_t(ks >> 2) * kHalf + uint32_t(ks & 3) * 32;
-        wgmma_ss(s, sw128_desc(qa + koff, 16, 1024), sw128_desc(sk(st) + koff, 16, 1024), ks > 0);
+        wgmma_ss<kF16>(s, sw128_desc(qa + koff, 16, 1024), sw128_desc(sk(st) + koff, 16, 1024), ks > 0);
       }
     }
     wgmma_commit();
@@ -305,8 +419,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
       const float p2 = fast_exp2(s[4 * j + 2] - mu[1]), p3 = fast_exp2(s[4 * j + 3] - mu[1]);
       sum[0] += p0 + p1;
       sum[1] += p2 + p3;
-      pa[4 * (j >> 1) + 2 * (j & 1)] = pack_bf16(p0, p1);
-      pa[4 * (j >> 1) + 2 * (j & 1) + 1] = pack_bf16(p2, p3);
+      pa[4 * (j >> 1) + 2 * (j & 1)] = pack2<kF16>(p0, p1);
+      pa[4 * (j >> 1) + 2 * (j & 1) + 1] = pack2<kF16>(p2, p3);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) lrow[i] = lrow[i] * al[i] + sum[i];
@@ -325,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
     float l = lrow[i];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l > 0.0f ? v_scale / l : 0.0f;
     if (rr[i] >= rows) continue;
     bf16* orow = out + (qrow0 + rr[i]) * p.ldo + int64_t(head0 + rh[i]) * kD + 2 * t;
 #pragma unroll
@@ -336,6 +450,16 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
 #elif defined(__CUDA_ARCH__)
   __trap();  // launched only where the sm_90a code exists (launch_prefill_wgmma)
 #endif
+}
+
+// Mean prefill context (tokens) from which the kernel pays, bf16 K/V (H100 s7 run 4, v2 -> wgmma,
+// KV write + kernel: 32 x 256 FP8-fresh 164 -> 170 us, 16 x 512 231 -> 211, 4 x 2,048 643 -> 467).
+int min_ctx() {
+  static const int v = [] {
+    const char* e = std::getenv("KILN_PREFILL_WGMMA_MIN_CTX");
+    return e && *e ? std::atoi(e) : 384;
+  }();
+  return v;
 }
 
 bool device_is_sm90() {
@@ -349,27 +473,45 @@ bool device_is_sm90() {
   return v;
 }
 
-template <int G>
+template <int G, bool kF16>
 void launch(const AttnParams& p, cudaStream_t s) {
-  static const bool configured =
-      cudaFuncSetAttribute(prefill_wgmma_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
+  constexpr int kSmem = smem_bytes<kF16>();
+  static const bool configured = cudaFuncSetAttribute(prefill_wgmma_kernel<G, kF16>,
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
   (void)configured;
   // each 64-row tile of AttnParams.tiles becomes 64 / (128 / G) blocks
-  launch_pdl(prefill_wgmma_kernel<G>, dim3(p.num_tiles * (64 / (kBM / G)), p.n_heads / G), dim3(kThreads), size_t(kSmem),
-             s, p);
+  launch_pdl(prefill_wgmma_kernel<G, kF16>, dim3(p.num_tiles * (64 / (kBM / G)), p.n_heads / G), dim3(kThreads),
+             size_t(kSmem), s, p);
+}
+
+template <bool kF16>
+bool launch_g(const AttnParams& p, int G, cudaStream_t s) {
+  switch (G) {
+    case 2: launch<2, kF16>(p, s); return true;
+    case 4: launch<4, kF16>(p, s); return true;
+    case 8: launch<8, kF16>(p, s); return true;
+    default: return false;
+  }
+}
+
+// KILN_PREFILL_WGMMA_FP8=0: an FP8 cache stays on v2.
+bool fp8_enabled() {
+  static const bool v = [] {
+    const char* e = std::getenv("KILN_PREFILL_WGMMA_FP8");
+    return !(e && std::string(e) == "0");
+  }();
+  return v;
 }
 
 }  // namespace
 
 bool launch_prefill_wgmma(const AttnParams& p, int G, cudaStream_t s) {
 #if defined(KILN_CUDA_SM90A)
-  if (p.head_dim != kD || p.kv_fp8 || !device_is_sm90()) return false;
-  switch (G) {
-    case 2: launch<2>(p, s); return true;
-    case 4: launch<4>(p, s); return true;
-    case 8: launch<8>(p, s); return true;
-    default: return false;
-  }
+  // An FP8 cache pays from longer contexts (its loader converts every tile): H100 s7 run 5, cache path,
+  // v2 -> wgmma: 16 x 512 315 -> 338 us, 8 x 1,024 532 -> 494, 4 x 2,048 961 -> 788.
+  const int min = p.kv_fp8 ? 2 * min_ctx() : min_ctx();
+  if (p.head_dim != kD || (p.kv_fp8 && !fp8_enabled()) || p.prefill_mean_ctx < min || !device_is_sm90()) return false;
+  return p.kv_fp8 ? launch_g<true>(p, G, s) : launch_g<false>(p, G, s);
 #else
   (void)p, (void)G, (void)s;
   return false;

@@ -399,11 +399,13 @@ void CudaOps::pack_step(const StepBatch& b) {
   n_prefill_tiles_ = 0;
   n_fresh_tiles_ = 0;
   n_decode_seqs_ = 0;
+  int64_t prefill_ctx = 0;
   for (int32_t s = 0; s < S_; ++s) {
     const int32_t q0 = b.query_start[size_t(s)], q1 = b.query_start[size_t(s) + 1];
     seq[s] = SeqMeta{q0, q1 - q0, b.context_lens[size_t(s)], b.max_blocks_per_seq};
     if (q1 - q0 == 1) ++n_decode_seqs_;
-    else
+    else prefill_ctx += b.context_lens[size_t(s)];
+    if (q1 - q0 > 1)
       for (int32_t r = 0; r < q1 - q0; r += 64) {
         tiles[2 * n_prefill_tiles_] = s;
         tiles[2 * n_prefill_tiles_ + 1] = r;
@@ -417,6 +419,7 @@ void CudaOps::pack_step(const StepBatch& b) {
       tok[t] = TokenMeta{b.token_ids[size_t(t)], pos, slot, s};
     }
   }
+  prefill_mean_ctx_ = S_ > n_decode_seqs_ ? int32_t(prefill_ctx / (S_ - n_decode_seqs_)) : 0;
   off = align4(off + size_t(2) * size_t(n_prefill_tiles_));
   const size_t tables_off = off;
   std::memcpy(h_meta_ + off, b.block_tables.data(), b.block_tables.size() * 4);
@@ -611,6 +614,7 @@ AttnParams CudaOps::attn_params(int32_t layer, Act q, Act out, const ModelConfig
   p.scale = 1.0f / std::sqrt(float(c.head_dim));
   p.tiles = d_tiles_;
   p.num_tiles = n_prefill_tiles_;
+  p.prefill_mean_ctx = prefill_mean_ctx_;
   p.partials = partials_;
   p.counters = counters_;
   const int32_t work = std::max(1, S_ * c.num_heads / decode_heads_per_block(c.num_heads, c.num_kv_heads));

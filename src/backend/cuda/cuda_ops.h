@@ -190,7 +190,8 @@ class CudaOps final : public Ops {
   const int32_t* d_rows_ = nullptr;
   const int32_t* d_tiles_ = nullptr;
   const int32_t* d_tables_ = nullptr;
-  int32_t T_ = 0, S_ = 0, L_ = 0, n_prefill_tiles_ = 0, n_fresh_tiles_ = 0, n_decode_seqs_ = 0;
+  int32_t T_ = 0, S_ = 0, L_ = 0, n_prefill_tiles_ = 0, n_fresh_tiles_ = 0, n_decode_seqs_ = 0,
+          prefill_mean_ctx_ = 0;
   bool external_upload_ = false;
   std::unordered_map<const void*, Fused> fused_;
   std::unordered_map<const void*, Fp8Weight> fp8_;

@@ -45,6 +45,8 @@ struct AttnParams {
   // prefill: tiles of up to 64 query rows, (seq, first row within the sequence) pairs
   const int32_t* tiles;
   int32_t num_tiles;
+  // mean context (tokens) of the step's prefill sequences: short prompts stay on v2 (attention_wgmma.h)
+  int32_t prefill_mean_ctx;
   // tiles of sequences whose whole context is in this step (a fresh prompt: ctx_len == q_len). With an
   // FP8 cache and k_new / v_new set, those attend to their own bf16 rows instead of the cache.
   int32_t num_fresh_tiles;
