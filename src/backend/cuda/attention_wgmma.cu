@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "backend/cuda/async_copy.cuh"
 #include "backend/cuda/attention_wgmma.h"
@@ -218,14 +219,26 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
     // Loader: tile it into stage it % kStages once both compute warpgroups released the tile
     // kStages before it. Thread tid moves 16-byte chunk tid % 16 of rows tid / 16 + 8 i, i < 16; rows
     // past kv_len read the last valid row (finite; masked), never unwritten cache slots.
-    // registers: 128 x 40 (56 converting FP8) + 256 x 232 (224) <= 64 K
+    // registers: 128 x 40 + 256 x 232 (FP8: 128 x 56 + 256 x 224, which spills 16 bytes) <= 64 K
     if constexpr (kF16) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
     else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
-    auto row_off = [&](int j, int64_t ld) -> int64_t {  // element offset of token j's row of this KV head
-      j = min(j, kv_len - 1);
-      if (rows_kv) return (int64_t(sm.q_start) + j) * ld + int64_t(kvh) * kD;
-      return ((int64_t(table[j / p.block_size]) * p.n_kv + kvh) * p.block_size + j % p.block_size) * kD;
+    const int bs = p.block_size, bs_shift = __ffs(bs) - 1;
+    const bool bs_pow2 = (bs & (bs - 1)) == 0;
+    // Element offsets of rows r0 + dr i (i < N) of tile it in the paged K (and V: the same layout),
+    // rows past kv_len clamped to the last. (The step's rows, bf16 only, take no table.) The block-table loads are all issued before the first use
+    // (one round trip a batch, not one a row: the paged loads were latency-bound).
+    auto row_offs = [&](auto n, int it, int r0, int dr, int64_t* off) {
+      constexpr int N = decltype(n)::value;
+      int j[N], blk[N];
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        j[i] = min(it * kBN + r0 + dr * i, kv_len - 1);
+        blk[i] = table[bs_pow2 ? j[i] >> bs_shift : j[i] / bs];
+      }
+#pragma unroll
+      for (int i = 0; i < N; ++i)
+        off[i] = ((int64_t(blk[i]) * p.n_kv + kvh) * bs + (bs_pow2 ? j[i] & (bs - 1) : j[i] % bs)) * kD;
     };
     if constexpr (!kF16) {
       const bf16* kc = static_cast<const bf16*>(p.k_cache);
@@ -234,11 +247,26 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
       for (int it = 0; it < n_tiles; ++it) {
         const int st = it % kStages;
         if (it >= kStages) mbar_wait(empty0 + 8 * st, uint32_t((it / kStages - 1) & 1));
+        if (rows_kv) {  // the step's rows: no table (batching them cost the fresh path ~7 %, s7 run 10)
 #pragma unroll 4
-        for (int i = 0; i < 16; ++i) {
-          const int r = rbase + 8 * i, j = it * kBN + r;
-          cp_async16(sk(st) + sw_off(r, c16), kc + row_off(j, p.ldk) + c16 * 8);
-          cp_async16(sv(st) + sw_off(r, c16), vc + row_off(j, p.ldv) + c16 * 8);
+          for (int i = 0; i < 16; ++i) {
+            const int r = rbase + 8 * i;
+            const int64_t row = int64_t(sm.q_start) + min(it * kBN + r, kv_len - 1);
+            cp_async16(sk(st) + sw_off(r, c16), kc + row * p.ldk + int64_t(kvh) * kD + c16 * 8);
+            cp_async16(sv(st) + sw_off(r, c16), vc + row * p.ldv + int64_t(kvh) * kD + c16 * 8);
+          }
+        } else {
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {  // rows rbase + 8 i, 4 at a time
+          int64_t off[4];
+          row_offs(std::integral_constant<int, 4>{}, it, rbase + 32 * h, 8, off);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = rbase + 32 * h + 8 * i;
+            cp_async16(sk(st) + sw_off(r, c16), kc + off[i] + c16 * 8);
+            cp_async16(sv(st) + sw_off(r, c16), vc + off[i] + c16 * 8);
+          }
+        }
         }
         mbar_arrive_cp_async(full0 + 8 * st);
       }
@@ -251,10 +279,15 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
       const int cc = tid & 7, rbase = tid >> 3;
       auto load_raw = [&](int it) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int r = rbase + 16 * i, j = it * kBN + r;
-          cp_async16(sraw(it, 0) + r * 128 + cc * 16, kc + row_off(j, 0) + cc * 16);
-          cp_async16(sraw(it, 1) + r * 128 + cc * 16, vc + row_off(j, 0) + cc * 16);
+        for (int h = 0; h < 2; ++h) {  // rows rbase + 16 i: i < 4, then 4 <= i < 8
+          int64_t off[4];
+          row_offs(std::integral_constant<int, 4>{}, it, rbase + 64 * h, 16, off);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = rbase + 64 * h + 16 * i;
+            cp_async16(sraw(it, 0) + r * 128 + cc * 16, kc + off[i] + cc * 16);
+            cp_async16(sraw(it, 1) + r * 128 + cc * 16, vc + off[i] + cc * 16);
+          }
         }
       };
       if (n_tiles > 0) load_raw(0);
@@ -343,6 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   uint32_t pa[32];  // P of the previous tile, in the register-A layout
 #pragma unroll
   for (int i = 0; i < 32; ++i) pa[i] = 0u;
+  float s[64];  // S of the current tile: written by its first product (scale-d 0)
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
   // log2 units; an FP8 cache's scales: k_scale here, v_scale in the output's normalization
   const float qk_scale = (kF16 ? p.scale * p.k_scale : p.scale) * 1.4426950408889634f;
@@ -353,25 +387,18 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   // (named barrier 1 + cw), then hands the turn over: the other warpgroup's products run on the
   // tensor cores while this one does its softmax (FlashAttention-3's ping-pong). Phase n_tiles
   // issues only the last PV.
-  if (cw == 1) bar_arrive(1, 256);  // warpgroup 0 goes first
-  for (int it = 0; it <= n_tiles; ++it) {
-    const int st = it % kStages, prev = (it + kStages - 1) % kStages;
-    if (it < n_tiles) {
-      mbar_wait(full0 + 8 * st, uint32_t((it / kStages) & 1));
-      fence_async_smem();  // the loaders' cp.async writes -> this warpgroup's wgmma reads
-    }
-    bar_sync(1 + cw, 256);
-    float s[64];  // written by the first S product (scale-d 0)
-    reg_fence(s);
+  // Each issue sequence is straight-line code (fence, products, commit): a branch between the fence
+  // and a product makes ptxas insert its own fence there and serialize the products (C7520).
+  auto products = [&](auto pv, auto qk, int st, int prev) {
     reg_fence(o);
     reg_fence(pa);
     wgmma_fence();
-    if (it > 0) {
+    if constexpr (decltype(pv)::value) {
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk)
         wgmma_rs_tb<kF16>(o, pa + 4 * kk, sw128_desc(sv(prev) + uint32_t(kk) * 2048, kHalf, 1024));
     }
-    if (it < n_tiles) {
+    if constexpr (decltype(qk)::value) {
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
         const uint32_t koff = uint32_t(ks >> 2) * kHalf + uint32_t(ks & 3) * 32;
@@ -379,6 +406,21 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
       }
     }
     wgmma_commit();
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (n_tiles > 0 && cw == 1) bar_arrive(1, 256);  // warpgroup 0 goes first
+  for (int it = 0; it <= n_tiles && n_tiles > 0; ++it) {
+    const int st = it % kStages, prev = (it + kStages - 1) % kStages;
+    if (it < n_tiles) {
+      mbar_wait(full0 + 8 * st, uint32_t((it / kStages) & 1));
+      fence_async_smem();  // the loaders' cp.async writes -> this warpgroup's wgmma reads
+    }
+    bar_sync(1 + cw, 256);
+    reg_fence(s);
+    if (it == 0) products(no{}, yes{}, st, prev);
+    else if (it < n_tiles) products(yes{}, yes{}, st, prev);
+    else products(yes{}, no{}, st, prev);
     if (!(cw == 1 && it == n_tiles)) bar_arrive(2 - cw, 256);  // the other warpgroup's turn
     wgmma_wait0();
     reg_fence(s);
@@ -389,24 +431,23 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
     const int kv0 = it * kBN;
 
     // Online softmax on this thread's 2 rows x 32 columns: s[4 j + e] is (row e / 2, column
-    // kv0 + 8 j + 2 t + e % 2).
+    // kv0 + 8 j + 2 t + e % 2). The max is taken before scaling (qk_scale > 0), so each P element is
+    // one FFMA and one EX2.
     const bool mask = kv0 + kBN - 1 > lim_min;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[4 * j + e] * qk_scale;
-        if (mask && kv0 + 8 * j + 2 * t + (e & 1) > lim[e >> 1]) x = -INFINITY;
-        s[4 * j + e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        if (mask && kv0 + 8 * j + 2 * t + (e & 1) > lim[e >> 1]) s[4 * j + e] = -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * j + e]);
       }
     float al[2], mu[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      const float mn = fmaxf(mrow[i], mx[i]);
+      const float mn = fmaxf(mrow[i], mx[i] * qk_scale);
       mu[i] = mn == -INFINITY ? 0.0f : mn;  // nothing visible yet: exp2(-inf - 0) = 0, no NaN
       al[i] = fast_exp2(mrow[i] - mu[i]);
       mrow[i] = mn;
@@ -415,8 +456,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
     float sum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      const float p0 = fast_exp2(s[4 * j] - mu[0]), p1 = fast_exp2(s[4 * j + 1] - mu[0]);
-      const float p2 = fast_exp2(s[4 * j + 2] - mu[1]), p3 = fast_exp2(s[4 * j + 3] - mu[1]);
+      const float p0 = fast_exp2(fmaf(s[4 * j], qk_scale, -mu[0])), p1 = fast_exp2(fmaf(s[4 * j + 1], qk_scale, -mu[0]));
+      const float p2 = fast_exp2(fmaf(s[4 * j + 2], qk_scale, -mu[1])), p3 = fast_exp2(fmaf(s[4 * j + 3], qk_scale, -mu[1]));
       sum[0] += p0 + p1;
       sum[1] += p2 + p3;
       pa[4 * (j >> 1) + 2 * (j & 1)] = pack2<kF16>(p0, p1);
