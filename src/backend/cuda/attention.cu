@@ -3,7 +3,8 @@
 //  - prefill (q_len > 1): one block per (query rows, KV head) computing all the query heads of the
 //    group from one pass over K/V; 32- or 64-token K/V tiles double-buffered in shared memory;
 //    S = QK^T and O += PV through mma.sync with P in registers, online softmax per tile (prefill
-//    v2 below; v1, wmma and one block per query head, under KILN_PREFILL_ATTN=v1).
+//    v2 below; v1, wmma and one block per query head, under KILN_PREFILL_ATTN=v1). On sm_90 at
+//    head_dim 128 with GQA groups 2-8 and long enough prompts: the wgmma kernel (attention_wgmma.cu).
 //  - decode (q_len == 1 everywhere): one block per (sequence, KV head, KV split) computing all the
 //    query heads of the KV head's group, so each K/V byte is read once, not once per query head
 //    (4x fewer bytes for Llama-3-8B's GQA); each warp takes 16-32 tokens at a time through
