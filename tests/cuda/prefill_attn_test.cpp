@@ -184,7 +184,8 @@ TEST(CudaPrefillTiming, LlamaShapes) {
   c.eos_token_ids = {2};
   const int bs = 16;
   for (const bool fp8 : {true, false})
-    for (const auto& [nseq, len] : {std::pair{4, 2048}, std::pair{64, 128}}) {
+    for (const auto& [nseq, len] :
+         {std::pair{4, 2048}, std::pair{8, 1024}, std::pair{16, 512}, std::pair{32, 256}, std::pair{64, 128}}) {
       const int max_blocks = len / bs, num_blocks = nseq * max_blocks;
       cuda::Gemm gemm;
       ASSERT_TRUE(gemm.init().is_ok());
