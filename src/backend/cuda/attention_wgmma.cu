@@ -505,17 +505,6 @@ int min_ctx() {
   return v;
 }
 
-bool device_is_sm90() {
-  static const bool v = [] {
-    int dev = 0, major = 0, minor = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    return major == 9 && minor == 0;
-  }();
-  return v;
-}
-
 template <int G, bool kF16>
 void launch(const AttnParams& p, cudaStream_t s) {
   constexpr int kSmem = smem_bytes<kF16>();
@@ -554,7 +543,7 @@ bool launch_prefill_wgmma(const AttnParams& p, int G, cudaStream_t s) {
   // An FP8 cache pays from longer contexts (its loader converts every tile): H100 s7 run 5, cache path,
   // v2 -> wgmma: 16 x 512 315 -> 338 us, 8 x 1,024 532 -> 494, 4 x 2,048 961 -> 788.
   const int min = p.kv_fp8 ? 2 * min_ctx() : min_ctx();
-  if (p.head_dim != kD || (p.kv_fp8 && !fp8_enabled()) || p.prefill_mean_ctx < min || !device_is_sm90()) return false;
+  if (p.head_dim != kD || (p.kv_fp8 && !fp8_enabled()) || p.prefill_mean_ctx < min || device_cc() != 90) return false;
   return p.kv_fp8 ? launch_g<true>(p, G, s) : launch_g<false>(p, G, s);
 #else
   (void)p, (void)G, (void)s;

@@ -294,16 +294,7 @@ int env_int(const char* name, int dflt) {
   return e && *e ? std::atoi(e) : dflt;
 }
 
-bool device_has_fp8_mma() {
-  static const bool on = [] {
-    int dev = 0, major = 0, minor = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    return major * 10 + minor >= 89;
-  }();
-  return on;
-}
+bool device_has_fp8_mma() { return device_cc() >= 89; }
 
 int max_smem() {
   static const int v = [] {

@@ -846,10 +846,7 @@ bool pdl_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("KILN_PDL");
     if (e && std::string(e) == "0") return false;
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    return major >= 9;
+    return device_cc() >= 90;
   }();
   return on;
 }

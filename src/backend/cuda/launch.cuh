@@ -16,6 +16,18 @@ namespace kiln::cuda {
 // Whether launches carry the PDL attribute (set once per process from the device and KILN_PDL).
 bool pdl_enabled();
 
+// The current device's compute capability as major * 10 + minor (90: H100), read once per process.
+inline int device_cc() {
+  static const int cc = [] {
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return major * 10 + minor;
+  }();
+  return cc;
+}
+
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
