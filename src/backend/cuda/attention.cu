@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "backend/cuda/async_copy.cuh"
+#include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/attention_wgmma.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/launch.cuh"
@@ -281,12 +282,6 @@ __global__ void __launch_bounds__(128) prefill_kernel(AttnParams p) {
     }
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // The end of a split decode block, shared by both decode kernels (v2, v3): once its partials ([acc
 // (D), l, m] per head) are written, the last block of the (sequence, head group) to count
 // (p.counters, put back to 0 by that block for the next launch) merges the splits: every (split,
@@ -404,10 +399,7 @@ template <typename C>
 struct DecodeMma;
 template <>
 struct DecodeMma<bf16> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) { return pack2<false>(a, b); }
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
     asm(
@@ -418,11 +410,7 @@ struct DecodeMma<bf16> {
 };
 template <>
 struct DecodeMma<fp8> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    // f16 tops out at 65504: clamp so a huge q cannot make inf * 0 = NaN in the product
-    const __half2 h = __floats2half2_rn(fminf(fmaxf(a, -65504.0f), 65504.0f), fminf(fmaxf(b, -65504.0f), 65504.0f));
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) { return pack2<true>(a, b); }
   static __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                              uint32_t b0, uint32_t b1) {
     asm(
@@ -431,12 +419,6 @@ struct DecodeMma<fp8> {
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 };
-
-// Two E4M3 codes (low 16 bits of x) -> f16x2, exact.
-__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t x) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
-  return uint32_t(h.x) | (uint32_t(h.y) << 16);
-}
 
 template <int kBytes>
 __device__ __forceinline__ void load_raw(const void* src, uint32_t* w) {

@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "backend/cuda/async_copy.cuh"
+#include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/attention_wgmma.h"
 #include "backend/cuda/launch.cuh"
 
@@ -147,30 +148,13 @@ __device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync
 __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
+__device__ __forceinline__ void st_shared16(uint32_t a, uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
+}
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-__device__ __forceinline__ float fast_exp2(float x) {  // ex2(-inf) = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-template <bool kF16>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (kF16) {
-    // f16 tops out at 65504: clamp so a huge q cannot make inf * 0 = NaN in the product (as v2)
-    const __half2 h = __floats2half2_rn(fminf(fmaxf(a, -65504.0f), 65504.0f), fminf(fmaxf(b, -65504.0f), 65504.0f));
-    return *reinterpret_cast<const uint32_t*>(&h);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-}
 // Four E4M3 codes -> two f16x2, exact.
-__device__ __forceinline__ uint2 fp8x4_to_f16x4(uint32_t x) {
-  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
-  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x >> 16), __NV_E4M3);
-  return make_uint2(uint32_t(lo.x) | (uint32_t(lo.y) << 16), uint32_t(hi.x) | (uint32_t(hi.y) << 16));
-}
+__device__ __forceinline__ uint2 fp8x4_to_f16x4(uint32_t x) { return make_uint2(fp8x2_to_f16x2(x), fp8x2_to_f16x2(x >> 16)); }
 #endif
 
 template <int G, bool kF16>
@@ -221,15 +205,16 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
     // Loader: tile it into stage it % kStages once both compute warpgroups released the tile
     // kStages before it. Thread tid moves 16-byte chunk tid % 16 of rows tid / 16 + 8 i, i < 16; rows
     // past kv_len read the last valid row (finite; masked), never unwritten cache slots.
-    // registers: 128 x 40 + 256 x 232 (FP8: 128 x 56 + 256 x 224, which spills 16 bytes) <= 64 K
+    // registers: 128 x 40 + 256 x 232 (FP8: 128 x 56 + 256 x 224) <= 64 K
     if constexpr (kF16) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
     else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
     const int bs = p.block_size, bs_shift = __ffs(bs) - 1;
     const bool bs_pow2 = (bs & (bs - 1)) == 0;
     // Element offsets of rows r0 + dr i (i < N) of tile it in the paged K (and V: the same layout),
-    // rows past kv_len clamped to the last. (The step's rows, bf16 only, take no table.) The block-table loads are all issued before the first use
-    // (one round trip a batch, not one a row: the paged loads were latency-bound).
+    // rows past kv_len clamped to the last. The block-table loads are all issued before the first use
+    // (one round trip a batch, not one a row: the paged loads were latency-bound). The step's rows
+    // (bf16 only) take no table.
     auto row_offs = [&](auto n, int it, int r0, int dr, int64_t* off) {
       constexpr int N = decltype(n)::value;
       int j[N], blk[N];
@@ -259,16 +244,16 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
           }
         } else {
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {  // rows rbase + 8 i, 4 at a time
-          int64_t off[4];
-          row_offs(std::integral_constant<int, 4>{}, it, rbase + 32 * h, 8, off);
+          for (int h = 0; h < 4; ++h) {  // rows rbase + 8 i, 4 at a time
+            int64_t off[4];
+            row_offs(std::integral_constant<int, 4>{}, it, rbase + 32 * h, 8, off);
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int r = rbase + 32 * h + 8 * i;
-            cp_async16(sk(st) + sw_off(r, c16), kc + off[i] + c16 * 8);
-            cp_async16(sv(st) + sw_off(r, c16), vc + off[i] + c16 * 8);
+            for (int i = 0; i < 4; ++i) {
+              const int r = rbase + 32 * h + 8 * i;
+              cp_async16(sk(st) + sw_off(r, c16), kc + off[i] + c16 * 8);
+              cp_async16(sv(st) + sw_off(r, c16), vc + off[i] + c16 * 8);
+            }
           }
-        }
         }
         mbar_arrive_cp_async(full0 + 8 * st);
       }
@@ -312,12 +297,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
             const uint2 h0 = fp8x4_to_f16x4(c.x), h1 = fp8x4_to_f16x4(c.y), h2 = fp8x4_to_f16x4(c.z),
                         h3 = fp8x4_to_f16x4(c.w);
             const uint32_t dst = (kv ? sv(st) : sk(st));
-            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + sw_off(r, 2 * cc)), "r"(h0.x),
-                         "r"(h0.y), "r"(h1.x), "r"(h1.y)
-                         : "memory");
-            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst + sw_off(r, 2 * cc + 1)), "r"(h2.x),
-                         "r"(h2.y), "r"(h3.x), "r"(h3.y)
-                         : "memory");
+            st_shared16(dst + sw_off(r, 2 * cc), h0.x, h0.y, h1.x, h1.y);
+            st_shared16(dst + sw_off(r, 2 * cc + 1), h2.x, h2.y, h3.x, h3.y);
           }
         fence_async_smem();  // these generic-proxy stores -> the compute warpgroups' wgmma reads
         mbar_arrive(full0 + 8 * st);
@@ -359,9 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
           const float2 f = __bfloat1622float2(b2[e]);
           h[e] = pack2<true>(f.x, f.y);
         }
-        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(sq + sw_off(m, c16)), "r"(h[0]), "r"(h[1]),
-                     "r"(h[2]), "r"(h[3])
-                     : "memory");
+        st_shared16(sq + sw_off(m, c16), h[0], h[1], h[2], h[3]);
       } else {
         cp_async16(sq + sw_off(m, c16), src);
       }
