@@ -160,6 +160,13 @@ bool CudaOps::take_silu_quant(const View& xv, int64_t n, const Weight& w) {
 }
 
 void CudaOps::touch(const void* p) {
+  if (norm_lazy_.on && p && (p == norm_lazy_.out || p == norm_lazy_.residual)) {
+    norm_lazy_.on = false;
+    ProfScope prof(this, "rms_norm (deferred bf16)");
+    // No delta: the updated residual normalized by add_rms_norm's own loops, the bytes it skipped.
+    launch_add_rms_norm(norm_lazy_.residual, nullptr, 0, norm_lazy_.w, int32_t(norm_lazy_.n), int32_t(norm_lazy_.dim),
+                        norm_lazy_.eps, static_cast<bf16_t*>(norm_lazy_.out), norm_lazy_.ldo, stream_);
+  }
   if (!silu_lazy_.on || !p) return;
   const char* c = static_cast<const char*>(p);
   const char* g0 = static_cast<const char*>(gate_up_);
@@ -180,13 +187,12 @@ void CudaOps::gate_up_rewritten(const void* gate, int64_t n) {
   touch(gate);
 }
 
-static bool fuse_norm_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("KILN_FP8_FUSE_NORM");
-    return !(e && std::string(e) == "0");
-  }();
-  return on;
+// KILN_FP8_FUSE_NORM: 0 separate kernels, 1 (default) fused without the bf16 output, 2 fused with it.
+static int fuse_norm_mode() {
+  static const int m = env_int("KILN_FP8_FUSE_NORM", 1);
+  return m;
 }
+static bool fuse_norm_enabled() { return fuse_norm_mode() != 0; }
 
 void CudaOps::flush_norm() {
   if (!norm_.on) return;
@@ -206,12 +212,20 @@ bool CudaOps::take_norm_quant(const View& xv, int64_t n, const Weight& w) {
     return false;
   const Fp8Weight& q = f->second;
   ProfScope prof(this, "add_rms_norm+quantize fp8", n, w.cols);
+  const bool keep_bf16 = fuse_norm_mode() == 2;
   launch_add_rms_norm_quantize_fp8(norm_.residual, static_cast<const bf16_t*>(norm_.delta), norm_.ld_delta, norm_.w,
-                                   int32_t(n), int32_t(w.cols), norm_.eps, static_cast<bf16_t*>(norm_.out), norm_.ldo,
-                                   q.d_input_scale, xq_, x_scales_, q.per_channel, stream_);
+                                   int32_t(n), int32_t(w.cols), norm_.eps,
+                                   keep_bf16 ? static_cast<bf16_t*>(norm_.out) : nullptr, norm_.ldo, q.d_input_scale,
+                                   xq_, x_scales_, q.per_channel, stream_);
   xq_holds_ = {xv.ptr, xv.ld, n, w.cols, q.d_input_scale, q.per_channel};
+  if (!keep_bf16) norm_lazy_ = norm_;
   norm_.on = false;
   return true;
+}
+
+void CudaOps::norm_out_rewritten(const void* out, int64_t n) {
+  if (norm_lazy_.on && out == norm_lazy_.out && n >= norm_lazy_.n) norm_lazy_.on = false;
+  touch(norm_lazy_.residual);  // anything still skipped, before the residual changes
 }
 
 void CudaOps::flush_pending() {
@@ -318,6 +332,7 @@ Status CudaOps::reserve(const StepCaps& want) {
   silu_ = {};  // reserve() runs between steps, after the last op's flush
   norm_ = {};
   silu_lazy_ = {};
+  norm_lazy_ = {};
   xq_holds_ = {};
   xq_ = nullptr;
   x_scales_ = nullptr;
@@ -444,6 +459,7 @@ void CudaOps::begin_step(const StepBatch& batch) {
   // The last step's activations are dead: a skipped bf16 product is never computed (and so never
   // lands in a decode graph being captured).
   silu_lazy_ = {};
+  norm_lazy_ = {};
   last_fused_ = {};
   pack_step(batch);
   if (!external_upload_) upload_step();
@@ -473,6 +489,7 @@ void CudaOps::embed(const Weight& table, Act out) {
 void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
   ProfScope prof(this, "rms_norm");
   flush_pending();
+  norm_out_rewritten(out, n);
   touch(x);
   touch(out);
   last_fused_ = {};
@@ -484,6 +501,7 @@ void CudaOps::rms_norm(Act x, const Weight& w, int64_t n, int64_t dim, float eps
 void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, int64_t dim, float eps, Act out) {
   ProfScope prof(this, "add_rms_norm (+ folded GEMV)");
   last_fused_ = {};
+  norm_out_rewritten(out, n);
   touch(delta);
   touch(out);
   View rv = view(residual, dim), dv = view(delta, dim), ov = view(out, dim);
@@ -517,7 +535,11 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
   xq_holds_ = {};
   const bool prequant = take_silu_quant(xv, n, w) || take_norm_quant(xv, n, w);
   flush_pending();
-  if (!prequant) touch(x);
+  auto f = fused_.find(w.data);
+  // wk / wv after wq (w_up after w_gate): the head's GEMM computed them, x is not read again.
+  const bool computed = f != fused_.end() && !f->second.is_head && y == bufs_[size_t(f->second.out)] && !yv.f32 &&
+                        last_fused_.head == f->second.head && last_fused_.x == x && last_fused_.n == n;
+  if (!prequant && !computed) touch(x);
   if (y == bufs_[size_t(Buf::kGate)]) gate_up_rewritten(y, n);
   touch(y);
   if (y == bufs_[size_t(Buf::kProj)] && !yv.f32 && (!bias || bias->empty()) && n >= 1 && n <= 4 &&
@@ -530,7 +552,6 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
     if (bias && !bias->empty())
       launch_add_bias(yv.ptr, yv.f32, yv.ld, static_cast<const float*>(bias->data), int32_t(n), int32_t(w.rows), stream_);
   };
-  auto f = fused_.find(w.data);
   if (f != fused_.end() && y == bufs_[size_t(f->second.out)] && !yv.f32) {
     const Fused& fu = f->second;
     if (fu.is_head && yv.ld == fu.rows) {

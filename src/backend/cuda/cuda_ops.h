@@ -136,10 +136,13 @@ class CudaOps final : public Ops {
   void gate_up_rewritten(const void* gate, int64_t n);
   SiluRec silu_, silu_lazy_;
   // Prefill add_rms_norm is deferred the same way: fused with the quantization of the next
-  // linear's input (q|k|v or gate|up) when that is a static-scale FP8 GEMM. The bf16 output is
-  // still written (the last layer's feeds gather_logit_rows; it is 67 MB at 8192 tokens of 8B
-  // against the 100 MB that the separate quantize pass moves). KILN_FP8_FUSE_NORM=0: separate.
-  // H100, 8192 tokens: norm 187 us + quantize -> 210 us, ~20 us a projection saved (s3-fuseq-run2).
+  // linear's input (q|k|v or gate|up) when that is a static-scale FP8 GEMM. The bf16 output is then
+  // not written either (norm_lazy_; 67 MB at 8192 tokens of 8B, a sixth of the pass's bytes): an op
+  // that reads it computes it first from the residual (touch: rms_norm, same function, not the same
+  // kernel), an op about to change the residual does the same, and a rewrite of the output by the
+  // next add_rms_norm / rms_norm ends the record. KILN_FP8_FUSE_NORM=0: separate kernels; =2: the
+  // fused kernel also writes the bf16 output. H100, 8192 tokens: norm 187 us + quantize -> 210 us,
+  // ~20 us a projection saved (s3-fuseq-run2).
   struct NormRec {
     bool on = false;
     float* residual = nullptr;
@@ -151,7 +154,10 @@ class CudaOps final : public Ops {
   };
   void flush_norm();
   bool take_norm_quant(const View& xv, int64_t n, const Weight& w);
-  NormRec norm_;
+  // The next op writes `out` rows 0..n (a skipped bf16 norm output there is dead) and may change
+  // the residual (anything still skipped is computed first).
+  void norm_out_rewritten(const void* out, int64_t n);
+  NormRec norm_, norm_lazy_;
   struct {
     const void* x = nullptr;
     int64_t ldx = 0, n = 0, cols = 0;

@@ -1,5 +1,6 @@
 // Error checks and allocation with messages a user can act on.
 #pragma once
+#include <cstdlib>
 #include <string>
 
 #include <cuda_runtime_api.h>
@@ -13,6 +14,12 @@ inline bool cuda_ok(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return true;
   log_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
   return false;
+}
+
+// An integer tuning knob from the environment (unset or empty: dflt). Callers cache it in a static.
+inline int env_int(const char* name, int dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : dflt;
 }
 
 inline std::string mib(size_t bytes) { return std::to_string((bytes + (size_t(1) << 19)) >> 20) + " MiB"; }

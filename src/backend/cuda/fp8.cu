@@ -180,14 +180,14 @@ __global__ void add_rms_norm_quantize_kernel(float* residual, const bf16* delta,
   pdl_wait();
   __shared__ float red[32];
   float* r = residual + int64_t(blockIdx.x) * dim;
-  const float inv = add_rms_row(r, delta + int64_t(blockIdx.x) * ld_delta, dim, eps, red);
+  const float inv = add_rms_row(r, delta ? delta + int64_t(blockIdx.x) * ld_delta : nullptr, dim, eps, red);
   const float s = *scale;
   if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) scales_out[per_row ? blockIdx.x : 0] = s;
-  bf16* o = out + int64_t(blockIdx.x) * ldo;
+  bf16* o = out ? out + int64_t(blockIdx.x) * ldo : nullptr;
   uint8_t* q = xq + int64_t(blockIdx.x) * dim;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     const bf16 b = __float2bfloat16(w[i] * (r[i] * inv));
-    o[i] = b;
+    if (o) o[i] = b;
     q[i] = to_fp8(__bfloat162float(b) / s);
   }
 }
@@ -203,12 +203,13 @@ __global__ void __launch_bounds__(kNormThreads)
   __shared__ float red[32];
   const float s = *scale;
   if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) scales_out[per_row ? blockIdx.x : 0] = s;
-  uint2* o = reinterpret_cast<uint2*>(out + int64_t(blockIdx.x) * ldo);
+  uint2* o = out ? reinterpret_cast<uint2*>(out + int64_t(blockIdx.x) * ldo) : nullptr;
   uint32_t* q = reinterpret_cast<uint32_t*>(xq + int64_t(blockIdx.x) * dim);
-  add_rms_row_vec<kV>(residual + int64_t(blockIdx.x) * dim, delta + int64_t(blockIdx.x) * ld_delta, w, dim, eps, red,
+  const bf16* d = delta ? delta + int64_t(blockIdx.x) * ld_delta : nullptr;  // null: no add
+  add_rms_row_vec<kV>(residual + int64_t(blockIdx.x) * dim, d, w, dim, eps, red,
                       [&](int idx, const float4& y) {
                         const uint2 b = bf16x4(y);
-                        o[idx] = b;
+                        if (o) o[idx] = b;
                         const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b.x));
                         const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b.y));
                         q[idx] = uint32_t(to_fp8(lo.x / s)) | uint32_t(to_fp8(lo.y / s)) << 8 |

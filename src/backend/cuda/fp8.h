@@ -32,7 +32,8 @@ void launch_silu_mul_quantize_fp8(const bf16_t* gate, int64_t ldg, const bf16_t*
 // residual[n, dim] (dense f32) += delta; out = bf16(w * residual / rms); xq[n, dim] (dense) =
 // fp8(out / *static_scale): launch_add_rms_norm followed by launch_quantize_fp8(kStatic) in one
 // pass, every output byte-identical (the same loops, block size and reduction order as
-// kernels.cu's add_rms_norm_kernel). scales_out as launch_quantize_fp8 writes it.
+// kernels.cu's add_rms_norm_kernel). scales_out as launch_quantize_fp8 writes it. out null: the
+// bf16 output is not written (the codes are the same).
 void launch_add_rms_norm_quantize_fp8(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w,
                                       int32_t n, int32_t dim, float eps, bf16_t* out, int64_t ldo,
                                       const float* static_scale, uint8_t* xq, float* scales_out, bool scales_per_row,

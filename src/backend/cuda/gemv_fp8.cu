@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/cuda_util.h"
 #include "backend/cuda/fold_tail.cuh"
 #include "backend/cuda/gemv_fp8.h"
 #include "backend/cuda/launch.cuh"
@@ -287,11 +288,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
   }
   if constexpr (kNorm) fold_norm_tail(p.fold, n, N);
 #endif
-}
-
-int env_int(const char* name, int dflt) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoi(e) : dflt;
 }
 
 bool device_has_fp8_mma() { return device_cc() >= 89; }

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/cuda_util.h"
 #include "backend/cuda/fold_tail.cuh"
 #include "backend/cuda/gemv_fp8.h"
 #include "backend/cuda/kernels.h"
@@ -55,7 +56,7 @@ __global__ void add_rms_norm_kernel(float* residual, const bf16* delta, int64_t 
   pdl_wait();
   __shared__ float red[32];
   float* r = residual + int64_t(blockIdx.x) * dim;
-  const float inv = add_rms_row(r, delta + int64_t(blockIdx.x) * ld_delta, dim, eps, red);
+  const float inv = add_rms_row(r, delta ? delta + int64_t(blockIdx.x) * ld_delta : nullptr, dim, eps, red);
   bf16* o = out + int64_t(blockIdx.x) * ldo;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __float2bfloat16(w[i] * (r[i] * inv));
 }
@@ -69,7 +70,8 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_vec_kernel(float* r
   pdl_wait();
   __shared__ float red[32];
   uint2* o = reinterpret_cast<uint2*>(out + int64_t(blockIdx.x) * ldo);
-  add_rms_row_vec<kV>(residual + int64_t(blockIdx.x) * dim, delta + int64_t(blockIdx.x) * ld_delta, w, dim, eps, red,
+  const bf16* d = delta ? delta + int64_t(blockIdx.x) * ld_delta : nullptr;  // null: no add
+  add_rms_row_vec<kV>(residual + int64_t(blockIdx.x) * dim, d, w, dim, eps, red,
                       [&](int idx, const float4& y) { o[idx] = bf16x4(y); });
 }
 
@@ -562,10 +564,6 @@ __global__ void __launch_bounds__(256, kMinBlocks)
 // Tuning knobs, read once per process (docs/PERF_cuda.md, decode pass 3): KILN_GEMV_SPLIT_TARGET is the
 // warp count below which rows are split over more warps; KILN_GEMV_OCC=0 keeps the compiler's register
 // choice (6 blocks/SM for M=1) instead of capping it so that 8 blocks (64 warps) fit on an SM.
-int env_int(const char* name, int dflt) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoi(e) : dflt;
-}
 int gemv_split_target() {
   static const int v = env_int("KILN_GEMV_SPLIT_TARGET", 12288);
   return v;

@@ -86,7 +86,7 @@ void launch_embed(const bf16_t* table, const TokenMeta* tokens, int32_t T, int32
 // out = rms_norm(x) * w; x f32 or bf16 rows of stride ldx; out bf16 rows of stride ldo
 void launch_rms_norm(const void* x, bool x_f32, int64_t ldx, const float* w, int32_t n, int32_t dim, float eps,
                      bf16_t* out, int64_t ldo, cudaStream_t s);
-// residual += delta; out = rms_norm(residual) * w
+// residual += delta; out = rms_norm(residual) * w. delta null: the residual as it is (not written).
 void launch_add_rms_norm(float* residual, const bf16_t* delta, int64_t ld_delta, const float* w, int32_t n, int32_t dim,
                          float eps, bf16_t* out, int64_t ldo, cudaStream_t s);
 // in place over each head of each row

@@ -22,11 +22,15 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 // add_rms_norm's first pass for row r of the block: r += delta (in place), returns 1 / rms(r).
+// d null: r as it is (read only), the same sums in the same order as after the add.
 __device__ __forceinline__ float add_rms_row(float* r, const __nv_bfloat16* d, int32_t dim, float eps, float* red) {
   float ss = 0.0f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    float v = r[i] + __bfloat162float(d[i]);
-    r[i] = v;
+    float v = r[i];
+    if (d) {
+      v += __bfloat162float(d[i]);
+      r[i] = v;
+    }
     ss += v * v;
   }
   ss = block_sum(ss, red);
@@ -36,8 +40,8 @@ __device__ __forceinline__ float add_rms_row(float* r, const __nv_bfloat16* d, i
 // add_rms_norm's vector form, for rows that allow it (norm_row_vectors): a 256-thread block, 4
 // floats a vector, each thread's kV vectors loaded at once and kept in registers for the second
 // pass (the scalar add_rms_row above is a chain of dependent loads per thread, ~1.7 TB/s at 8192 x
-// 4096). r += delta in place; then emit(idx, y) for every vector idx of the row, y = w * (r * inv)
-// in f32 before any rounding.
+// 4096). r += delta in place (d null: r read only); then emit(idx, y) for every vector idx of the
+// row, y = w * (r * inv) in f32 before any rounding.
 constexpr int kNormThreads = 256;
 
 // kV for rows of `dim` floats whose delta and output rows start ld_delta / ldo elements apart
@@ -66,7 +70,7 @@ __device__ __forceinline__ void add_rms_row_vec(float* r, const __nv_bfloat16* d
     const int idx = threadIdx.x + j * kNormThreads;
     if (idx < nv) {
       v[j] = rv[idx];
-      dd[j] = dv[idx];
+      if (d) dd[j] = dv[idx];
     }
   }
   float ss = 0.0f;
@@ -74,10 +78,12 @@ __device__ __forceinline__ void add_rms_row_vec(float* r, const __nv_bfloat16* d
   for (int j = 0; j < kV; ++j) {
     const int idx = threadIdx.x + j * kNormThreads;
     if (idx < nv) {
-      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dd[j].x));
-      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dd[j].y));
-      v[j].x += a.x, v[j].y += a.y, v[j].z += b.x, v[j].w += b.y;
-      rv[idx] = v[j];
+      if (d) {
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dd[j].x));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dd[j].y));
+        v[j].x += a.x, v[j].y += a.y, v[j].z += b.x, v[j].w += b.y;
+        rv[idx] = v[j];
+      }
       ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
     }
   }
