@@ -15,6 +15,7 @@
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
+#include "model/fp8.h"
 
 using namespace kiln;
 using namespace kiln::cuda_test;
@@ -412,6 +413,147 @@ TEST(CudaFp8Fused, OpsNormMlpMatchesSeparate) {
       EXPECT_GT(amax, 0.0);
       std::printf("[ops norm+mlp fp8] %s: residual, normed and %lld x %lld outputs identical (max |y| %.3g)\n",
                   what.c_str(), (long long)T, (long long)H, amax);
+    }
+  for (void* p : mem) cudaFree(p);
+  cudaStreamDestroy(stream);
+}
+
+// CudaOps at prefill: linear(attn, w_o FP8 static -> kProj) then add_rms_norm(residual, kProj) puts
+// the projection into the f32 residual in the GEMM's epilogue (no bf16 projection, no add pass;
+// KILN_FP8_FUSE_RESIDUAL). Residual against a float64 host reference over the same FP8 codes (the
+// products are exact, the sum f32: 1e-5 relative); the normed output's codes, through the next FP8
+// linear, byte-identical to add_rms_norm (no delta) + quantize + the FP8 GEMM on the residual the
+// ops produced. Per-tensor and per-channel weight scales (the latter may take the unfused path).
+TEST(CudaFp8Fused, OpsProjectionIntoResidual) {
+  REQUIRE_GPU();
+  const ModelConfig c = small_config(8, 2, 64, 256, 512);
+  const int64_t H = c.hidden_size, Q = c.q_dim(), I = c.intermediate_size;
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.init().is_ok());
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cuda::CudaOps ops(c, &gemm, stream);
+  ASSERT_TRUE(ops.reserve(cuda::StepCaps{512, 4, 4, 64}).is_ok());
+  std::mt19937 rng(41);
+  const float* lut = fp8_decode_table();
+  std::vector<void*> mem;
+  auto dev = [&](const void* host, size_t bytes) {
+    void* p = dev_alloc<uint8_t>(bytes);
+    cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice);
+    mem.push_back(p);
+    return p;
+  };
+  for (bool per_channel : {false, true})
+    for (int64_t T : {37, 300}) {
+      // w_o [H, Q] and the next linear's w2 [I, H]: random codes (no NaN), scales per tensor or row.
+      auto codes = [&](int64_t n) {
+        std::vector<uint8_t> q(static_cast<size_t>(n));
+        for (auto& b : q) {
+          b = uint8_t(rng() % 256);
+          if ((b & 0x7f) == 0x7f) b = 0x10;
+        }
+        return q;
+      };
+      const std::vector<uint8_t> wo_q = codes(H * Q), w2_q = codes(I * H);
+      std::vector<float> wo_rs(static_cast<size_t>(H)), w2_rs(static_cast<size_t>(I));
+      for (auto& r : wo_rs) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.002f;
+      for (auto& r : w2_rs) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.003f;
+      const float wo_is = 0.02f, w2_is = 0.01f;
+      auto reg = [&](const std::vector<uint8_t>& q, const std::vector<float>& rs, float is, int64_t rows,
+                     int64_t cols) {
+        Weight w;
+        w.format = WeightFormat::kF8E4M3;
+        w.rows = rows;
+        w.cols = cols;
+        w.row_bytes = size_t(cols);
+        w.data = dev(q.data(), q.size());
+        cuda::Fp8Weight f;
+        f.scale = rs[0];
+        f.d_row_scales = static_cast<const float*>(dev(rs.data(), rs.size() * 4));
+        f.d_scale = f.d_row_scales;
+        f.per_channel = per_channel;
+        f.act = cuda::Fp8Act::kStatic;
+        f.d_input_scale = static_cast<const float*>(dev(&is, 4));
+        ops.register_fp8(w.data, f);
+        return std::make_pair(w, f);
+      };
+      const auto [wo, fo] = reg(wo_q, wo_rs, wo_is, H, Q);
+      const auto [w2, f2] = reg(w2_q, w2_rs, w2_is, I, H);
+      const std::vector<float> normw = random_vec(size_t(H), rng, 1.0f, false);
+      Weight norm;
+      norm.rows = 1;
+      norm.cols = H;
+      norm.data = dev(normw.data(), normw.size() * 4);
+
+      StepBatch b;
+      b.clear();
+      b.max_blocks_per_seq = 32;
+      for (int i = 0; i < T; ++i) {
+        b.token_ids.push_back(i);
+        b.positions.push_back(i);
+      }
+      b.query_start.push_back(int32_t(T));
+      b.context_lens.push_back(int32_t(T));
+      for (int j = 0; j < 32; ++j) b.block_tables.push_back(j);
+      b.logits_rows.push_back(int32_t(T - 1));
+      ops.begin_step(b);
+      const std::vector<float> res = random_vec(size_t(T * H), rng, 3.0f, false), attn = random_vec(size_t(T * Q), rng);
+      ops.write_buffer(Buf::kResidual, res.data(), T, H);
+      ops.write_buffer(Buf::kAttn, attn.data(), T, Q);
+
+      // The engine's calls (forward.cpp: o_proj, add_rms_norm, the next projection).
+      ops.linear(ops.buffer(Buf::kAttn), T, wo, nullptr, ops.buffer(Buf::kProj));
+      ops.add_rms_norm(ops.buffer(Buf::kResidual), ops.buffer(Buf::kProj), norm, T, H, 1e-5f, ops.buffer(Buf::kNormed));
+      ops.linear(ops.buffer(Buf::kNormed), T, w2, nullptr, ops.buffer(Buf::kGate));
+      const std::vector<float> got_res = ops.read_buffer(Buf::kResidual, T, H);
+      const std::vector<float> got_y2 = ops.read_buffer(Buf::kGate, T, I);
+
+      // Residual: float64 over the codes the quantizer makes of the bf16 attention rows.
+      const std::string what = "per_channel " + std::to_string(per_channel) + " T " + std::to_string(T);
+      std::vector<float> xk(static_cast<size_t>(Q));
+      std::vector<uint8_t> xq(static_cast<size_t>(Q));
+      // What the ops added to the residual against the float64 projection: relative L2 within the
+      // FP8 GEMM test's bound (fp8_test.cpp: fast accumulation, 1e-2); a residual dropped or added
+      // twice is off by |res| ~ 3, a wrong scale by a factor.
+      double num = 0, den = 0;
+      for (int64_t m = 0; m < T; ++m) {
+        for (int64_t k = 0; k < Q; ++k) xk[size_t(k)] = bf16_round(attn[size_t(m * Q + k)]);
+        fp8_quantize(xk.data(), Q, wo_is, xq.data());
+        for (int64_t r = 0; r < H; ++r) {
+          double a = 0;
+          for (int64_t k = 0; k < Q; ++k) a += double(lut[xq[size_t(k)]]) * lut[wo_q[size_t(r * Q + k)]];
+          const double y = a * wo_is * wo_rs[size_t(r)];
+          const double added = double(got_res[size_t(m * H + r)]) - double(res[size_t(m * H + r)]);
+          num += (added - y) * (added - y);
+          den += y * y;
+        }
+      }
+      const double worst = std::sqrt(num / std::max(den, 1e-30));
+      // Where cuBLASLt has no f32-accumulating algorithm (outer-vector scales may lack one) the ops
+      // take the separate path: the projection is rounded to bf16 before the add.
+      const bool fused = gemm.fp8_accumulate_ok(T, Q, H, Q, H, per_channel, per_channel);
+      EXPECT_LT(worst, 1e-2) << "residual, " << what << (fused ? " (fused)" : " (separate)");
+
+      // The next projection from that residual through the separate kernels.
+      auto* d_res = static_cast<float*>(dev(got_res.data(), got_res.size() * 4));
+      auto* h = dev_alloc<bf16_t>(size_t(T * H));
+      auto* q2 = dev_alloc<uint8_t>(size_t(T * H));
+      auto* s2 = dev_alloc<float>(size_t(T));
+      auto* y2 = dev_alloc<bf16_t>(size_t(T * I));
+      for (void* p : {static_cast<void*>(h), static_cast<void*>(q2), static_cast<void*>(s2), static_cast<void*>(y2)})
+        mem.push_back(p);
+      cuda::launch_add_rms_norm(d_res, nullptr, 0, static_cast<const float*>(norm.data), int32_t(T), int32_t(H), 1e-5f,
+                                h, H, stream);
+      cuda::launch_quantize_fp8(h, H, int32_t(T), int32_t(H), cuda::Fp8Act::kStatic, f2.d_input_scale, q2, s2,
+                                per_channel, nullptr, stream);
+      gemm.linear_fp8(q2, T, H, s2, per_channel, w2.data, I, H, f2.d_row_scales, per_channel, y2, I, stream);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      const std::vector<bf16_t> y2_ref = to_host(y2, size_t(T * I));
+      int64_t bad = 0;
+      for (size_t i = 0; i < got_y2.size(); ++i) bad += got_y2[i] != bf16_to_f32(y2_ref[i]);
+      EXPECT_EQ(bad, 0) << "next projection, " << what;
+      std::printf("[ops o_proj into residual] %s (%s): residual's projection rel L2 err %.2e, next projection %s\n",
+                  what.c_str(), fused ? "in the GEMM" : "separate add", worst, bad ? "DIFFERS" : "identical");
     }
   for (void* p : mem) cudaFree(p);
   cudaStreamDestroy(stream);

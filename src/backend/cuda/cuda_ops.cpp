@@ -28,6 +28,13 @@ CudaOps::CudaOps(const ModelConfig& c, Gemm* gemm, cudaStream_t stream) : c_(c),
   KILN_CHECK(cuda_ok(cudaMemset(norm_counter_, 0, sizeof(unsigned int)), "norm counter"));
 }
 
+// KILN_FP8_FUSE_RESIDUAL=0: prefill FP8 o_proj / down_proj write their bf16 output and the next
+// add_rms_norm adds it (before session 8); default: the GEMM accumulates into the f32 residual.
+static bool fuse_residual_enabled() {
+  static const bool on = env_int("KILN_FP8_FUSE_RESIDUAL", 1) != 0;
+  return on;
+}
+
 static bool fused_norm_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("KILN_FUSED_NORM");
@@ -271,6 +278,12 @@ void CudaOps::matmul(const void* x, int64_t ldx, int64_t n, const void* w, int64
       launch_gemv(static_cast<const bf16_t*>(x), ldx, int32_t(n), gemv_weight(w), int32_t(rows), int32_t(cols), y, ldy,
                   false, stream_))
     return;
+  const bool vec = quantize_input(x, ldx, n, cols, q);
+  gemm_->linear_fp8(xq_, n, cols, x_scales_, vec, w, rows, cols, vec ? q.d_row_scales : q.d_scale, vec, y, ldy,
+                    stream_);
+}
+
+bool CudaOps::quantize_input(const void* x, int64_t ldx, int64_t n, int64_t cols, const Fp8Weight& q) {
   KILN_CHECK_MSG(n <= caps_.tokens && cols <= fp8_cols_, "FP8 input larger than the reserved quantization buffer");
   // Vector scales whenever either side has them: per-token activations, or per-channel weights
   // (the per-tensor side is then repeated: d_row_scales / the quantizer's per-row output).
@@ -281,8 +294,20 @@ void CudaOps::matmul(const void* x, int64_t ldx, int64_t n, const void* w, int64
   if (!have)
     launch_quantize_fp8(static_cast<const bf16_t*>(x), ldx, int32_t(n), int32_t(cols), q.act, q.d_input_scale, xq_,
                         x_scales_, vec, amax_, stream_);
-  gemm_->linear_fp8(xq_, n, cols, x_scales_, vec, w, rows, cols, vec ? q.d_row_scales : q.d_scale, vec, y, ldy,
-                    stream_);
+  return vec;
+}
+
+bool CudaOps::matmul_into_residual(const Pending& pd, float* residual) {
+  auto f = fp8_.find(pd.w);
+  if (f == fp8_.end() || pd.n <= gemm_->gemv_max_m() || pd.n > caps_.tokens || pd.cols > fp8_cols_) return false;
+  const Fp8Weight& q = f->second;
+  const bool vec = q.per_channel || q.act == Fp8Act::kDynamicToken;
+  if (!gemm_->fp8_accumulate_ok(pd.n, pd.cols, pd.rows, pd.cols, pd.rows, vec, vec)) return false;
+  ProfScope prof(this, "linear fp8 + residual", pd.rows, pd.cols);
+  quantize_input(pd.x, pd.ldx, pd.n, pd.cols, q);
+  gemm_->linear_fp8_accumulate(xq_, pd.n, pd.cols, x_scales_, vec, pd.w, pd.rows, pd.cols,
+                               vec ? q.d_row_scales : q.d_scale, vec, residual, pd.rows, stream_);
+  return true;
 }
 
 // q/k/v and gate/up are interior pointers of qkv_ and gate_up_: only the owners are freed.
@@ -506,7 +531,8 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
   touch(out);
   View rv = view(residual, dim), dv = view(delta, dim), ov = view(out, dim);
   KILN_CHECK_MSG(rv.f32 && rv.ld == dim, "add_rms_norm: the residual is the dense f32 buffer");
-  if (pending_.on && pending_.y == dv.ptr && pending_.n == n && pending_.rows == dim && !ov.f32 &&
+  if (pending_.on && pending_.y == dv.ptr && pending_.n == n && n <= gemm_->gemv_max_m() && pending_.rows == dim &&
+      !ov.f32 &&
       launch_gemv_add_rms_norm(static_cast<const bf16_t*>(pending_.x), pending_.ldx, int32_t(n),
                                gemv_weight(pending_.w), int32_t(dim), int32_t(pending_.cols),
                                static_cast<bf16_t*>(pending_.y), pending_.ldy, static_cast<float*>(rv.ptr),
@@ -515,14 +541,24 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
     pending_.on = false;
     return;
   }
+  // Prefill FP8 o_proj / down_proj: the GEMM adds into the residual itself (f32 C = D), so the norm
+  // below has no delta to read and no residual to write (the projection's bf16 output is never made).
+  const void* dptr = dv.ptr;
+  int64_t ld_delta = dv.ld;
+  if (pending_.on && pending_.y == dv.ptr && pending_.n == n && pending_.rows == dim && !ov.f32 &&
+      matmul_into_residual(pending_, static_cast<float*>(rv.ptr))) {
+    pending_.on = false;
+    dptr = nullptr;
+    ld_delta = 0;
+  }
   flush_pending();
   if (n > gemm_->gemv_max_m() && !ov.f32 && !fp8_.empty() && fuse_quant_mode() != 0 && fuse_norm_enabled()) {
     // Recorded: launched by the next op (fused with its FP8 input quantization where it can be).
-    norm_ = {true, static_cast<float*>(rv.ptr), dv.ptr, static_cast<const float*>(w.data), ov.ptr, dv.ld, ov.ld, n, dim,
-             eps};
+    norm_ = {true, static_cast<float*>(rv.ptr), dptr, static_cast<const float*>(w.data), ov.ptr, ld_delta, ov.ld, n,
+             dim, eps};
     return;
   }
-  launch_add_rms_norm(static_cast<float*>(rv.ptr), static_cast<const bf16_t*>(dv.ptr), dv.ld,
+  launch_add_rms_norm(static_cast<float*>(rv.ptr), static_cast<const bf16_t*>(dptr), ld_delta,
                       static_cast<const float*>(w.data), int32_t(n), int32_t(dim), eps, static_cast<bf16_t*>(ov.ptr),
                       ov.ld, stream_);
 }
@@ -542,8 +578,10 @@ void CudaOps::linear(Act x, int64_t n, const Weight& w, const Weight* bias, Act 
   if (!prequant && !computed) touch(x);
   if (y == bufs_[size_t(Buf::kGate)]) gate_up_rewritten(y, n);
   touch(y);
-  if (y == bufs_[size_t(Buf::kProj)] && !yv.f32 && (!bias || bias->empty()) && n >= 1 && n <= 4 &&
-      n <= gemm_->gemv_max_m() && fused_norm_enabled() && fused_.find(w.data) == fused_.end()) {
+  const bool decode_fold = n >= 1 && n <= 4 && n <= gemm_->gemv_max_m() && fused_norm_enabled();
+  const bool residual_fold = n > gemm_->gemv_max_m() && fuse_residual_enabled() && fp8_.count(w.data);
+  if (y == bufs_[size_t(Buf::kProj)] && !yv.f32 && (!bias || bias->empty()) && (decode_fold || residual_fold) &&
+      fused_.find(w.data) == fused_.end()) {
     last_fused_ = {};
     pending_ = {true, xv.ptr, xv.ld, n, w.data, w.rows, w.cols, yv.ptr, yv.ld};
     return;

@@ -205,7 +205,10 @@ class CudaOps final : public Ops {
   float* x_scales_ = nullptr;      // [T]
   unsigned int* amax_ = nullptr;   // dynamic per-tensor amax word
   int64_t fp8_cols_ = 0;
-  struct {
+  // A projection into kProj that linear() recorded for the add_rms_norm after it: the decode fold
+  // (GEMV + add + norm in one kernel) or, at prefill with FP8 weights, the GEMM accumulating into
+  // the residual (matmul_into_residual). Any other op launches it as it was (flush_pending).
+  struct Pending {
     bool on = false;
     const void* x = nullptr;
     int64_t ldx = 0, n = 0;
@@ -213,7 +216,14 @@ class CudaOps final : public Ops {
     int64_t rows = 0, cols = 0;
     void* y = nullptr;
     int64_t ldy = 0;
-  } pending_;
+  };
+  Pending pending_;
+  // The FP8 GEMM input: x quantized into xq_ / x_scales_ unless xq_holds_ says it is there already.
+  // Returns whether the scales are vectors (per token / per channel).
+  bool quantize_input(const void* x, int64_t ldx, int64_t n, int64_t cols, const Fp8Weight& q);
+  // residual[n, rows] (dense f32) += the recorded FP8 projection, in the GEMM's epilogue; false
+  // (nothing launched) where that path does not apply.
+  bool matmul_into_residual(const Pending& pd, float* residual);
   unsigned int* norm_counter_ = nullptr;  // device word of the fused-norm GEMV (kept at 0)
   struct {
     const void* head = nullptr;

@@ -260,6 +260,7 @@ Gemm::~Gemm() {
   if (d_one_) cudaFree(d_one_);
   for (auto& [k, p] : plans_) delete p;
   for (auto& [k, p] : plans_fp8_) delete p;
+  for (auto& [k, p] : plans_fp8_acc_) delete p;
 }
 
 Status Gemm::init(size_t workspace_bytes) {
@@ -289,7 +290,7 @@ void Gemm::ensure_one() {
 }
 
 // Descriptors and layouts of one GEMM; the algorithm is chosen by choose().
-Gemm::Plan* Gemm::make_plan(const GemmKey& key, int64_t ldx, int64_t ldy) {
+Gemm::Plan* Gemm::make_plan(const GemmKey& key, int64_t ldx, int64_t ldy, bool f32_acc) {
   const LtApi& api = lt_api();
   auto* p = new Plan;
   const bool fp8 = key.kind == GemmKind::kFp8;
@@ -314,7 +315,7 @@ Gemm::Plan* Gemm::make_plan(const GemmKey& key, int64_t ldx, int64_t ldy) {
     api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &d_one_, sizeof(d_one_));
   }
   const cudaDataType_t in = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
-  const cudaDataType_t out = key.kind == GemmKind::kBf16F32Out ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t out = key.kind == GemmKind::kBf16F32Out || f32_acc ? CUDA_R_32F : CUDA_R_16BF;
   KILN_CHECK(api.layout_create(&p->a, in, uint64_t(key.K), uint64_t(key.N), key.K) == CUBLAS_STATUS_SUCCESS);
   KILN_CHECK(api.layout_create(&p->b, in, uint64_t(key.K), uint64_t(key.n), ldx) == CUBLAS_STATUS_SUCCESS);
   KILN_CHECK(api.layout_create(&p->c, out, uint64_t(key.N), uint64_t(key.n), ldy) == CUBLAS_STATUS_SUCCESS);
@@ -330,8 +331,8 @@ bool Gemm::check(Plan* p, const GemmAlgo& algo) {
   return st == CUBLAS_STATUS_SUCCESS && res.workspaceSize <= workspace_bytes_;
 }
 
-void Gemm::choose(Plan* p, const GemmKey& key) {
-  if (table_ && !table_->algos.empty()) {
+void Gemm::choose(Plan* p, const GemmKey& key, bool use_table) {
+  if (use_table && table_ && !table_->algos.empty()) {
     auto exact = table_->algos.find(key);
     if (exact != table_->algos.end()) {
       if (check(p, exact->second)) {
@@ -398,6 +399,40 @@ Gemm::Plan* Gemm::plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t
   choose(p, gk);
   plans_fp8_[key] = p;
   return p;
+}
+
+Gemm::Plan* Gemm::plan_fp8_acc(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec) {
+  auto key = std::make_tuple(n, ldx, N, K, ldy, outer_vec);
+  auto it = plans_fp8_acc_.find(key);
+  if (it != plans_fp8_acc_.end()) return it->second;
+  const GemmKey gk{GemmKind::kFp8, n, N, K, outer_vec};
+  Plan* p = make_plan(gk, ldx, ldy, true);
+  choose(p, gk, false);
+  plans_fp8_acc_[key] = p;
+  return p;
+}
+
+bool Gemm::fp8_accumulate_ok(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool x_per_row,
+                             bool w_per_row) {
+  if (n == 0 || x_per_row != w_per_row) return false;
+  ensure_one();
+  return plan_fp8_acc(n, ldx, N, K, ldy, x_per_row)->found;
+}
+
+void Gemm::linear_fp8_accumulate(const void* xq, int64_t n, int64_t ldx, const float* x_scales, bool x_per_row,
+                                 const void* wq, int64_t N, int64_t K, const float* w_scales, bool w_per_row,
+                                 float* y, int64_t ldy, cudaStream_t stream) {
+  KILN_CHECK_MSG(fp8_accumulate_ok(n, ldx, N, K, ldy, x_per_row, w_per_row),
+                 "linear_fp8_accumulate: no cuBLASLt algorithm (call fp8_accumulate_ok first)");
+  Plan* p = plan_fp8_acc(n, ldx, N, K, ldy, x_per_row);
+  const LtApi& api = lt_api();
+  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales));
+  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales));
+  const float alpha = 1.0f, beta = 1.0f;
+  const cublasStatus_t st = api.matmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, wq, p->a, xq, p->b,
+                                       &beta, y, p->c, y, p->c, &p->algo, workspace_, workspace_bytes_, stream);
+  KILN_CHECK_MSG(st == CUBLAS_STATUS_SUCCESS, "cublasLtMatmul (FP8, f32 accumulate) failed: status " +
+                                                  std::to_string(int(st)));
 }
 
 std::vector<GemmAlgo> Gemm::heuristic_algorithms(const GemmKey& key, int max_count) {

@@ -96,6 +96,15 @@ class Gemm {
   void linear_fp8(const void* xq, int64_t n, int64_t ldx, const float* x_scales, bool x_per_row, const void* wq,
                   int64_t N, int64_t K, const float* w_scales, bool w_per_row, void* y, int64_t ldy,
                   cudaStream_t stream);
+  // FP8 E4M3 accumulated into f32: y[n, N] (f32, row stride ldy) += (xq[n, K] . wq[N, K]^T) * x_scale
+  // * w_scale, through cuBLASLt's C = D = y and beta = 1 (the prefill residual add of o_proj and
+  // down_proj in the GEMM's epilogue). Scales both per tensor or both vectors (outer-vector mode);
+  // the heuristic's algorithm (plan.json does not cover it). fp8_accumulate_ok() first: false where
+  // the library has no algorithm for the shape or the scales are mixed (then call nothing).
+  bool fp8_accumulate_ok(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool x_per_row, bool w_per_row);
+  void linear_fp8_accumulate(const void* xq, int64_t n, int64_t ldx, const float* x_scales, bool x_per_row,
+                             const void* wq, int64_t N, int64_t K, const float* w_scales, bool w_per_row, float* y,
+                             int64_t ldy, cudaStream_t stream);
   // Where the library was found, for logs.
   const std::string& library() const { return lib_path_; }
   // Up to this many rows go to kiln's streaming GEMV instead of cuBLASLt (KILN_GEMV_MAX_M; 0 = never).
@@ -143,14 +152,17 @@ class Gemm {
 
  private:
   struct Plan;
-  Plan* make_plan(const GemmKey& key, int64_t ldx, int64_t ldy);
+  // f32_acc: FP8 into f32 C = D (linear_fp8_accumulate).
+  Plan* make_plan(const GemmKey& key, int64_t ldx, int64_t ldy, bool f32_acc = false);
   bool check(Plan* p, const GemmAlgo& algo);
-  void choose(Plan* p, const GemmKey& key);
+  // use_table false: the heuristic's first, whatever the table says.
+  void choose(Plan* p, const GemmKey& key, bool use_table = true);
   const Plan& plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool y_f32);
   // FP8 plans by (n, ldx, N, K, ldy, vector scales); null algorithm = the library has none.
   Plan* plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec);
   void ensure_one();
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, Plan*> plans_fp8_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, Plan*> plans_fp8_, plans_fp8_acc_;
+  Plan* plan_fp8_acc(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec);
   float* d_one_ = nullptr;  // device 1.0f: the unit scale of the epilogue fallback
   bool fast_accum_ = true;
   void* handle_ = nullptr;
