@@ -105,10 +105,12 @@ class CudaOps final : public Ops {
   };
   View view(Act p, int64_t dense_ld) const;
   AttnParams attn_params(int32_t layer, Act q, Act out, const ModelConfig& c) const;
-  // Decode fold of linear(x -> kProj) + add_rms_norm(residual, kProj): linear() only records the
-  // projection; add_rms_norm() launches one GEMV that also adds and normalizes (kernels.h,
-  // launch_gemv_add_rms_norm). Every other entry point launches a recorded projection first, so the
-  // ops keep their meaning in any order. KILN_FUSED_NORM=0 turns the fold off.
+  // Fold of linear(x -> kProj) + add_rms_norm(residual, kProj): linear() only records the
+  // projection (pending_); add_rms_norm() then launches, at decode, one GEMV that also adds and
+  // normalizes (kernels.h, launch_gemv_add_rms_norm; KILN_FUSED_NORM=0: off), or, for FP8 weights
+  // and more rows, the GEMM accumulating into the f32 residual (matmul_into_residual; kProj is then
+  // not written; KILN_FP8_FUSE_RESIDUAL=0: off). Every other entry point launches a recorded
+  // projection first, so the ops keep their meaning in any order.
   void flush_pending();
   // Every projection goes through here: bf16 -> Gemm::linear (GEMV or cuBLASLt); FP8 -> GEMV for
   // small n, else quantize x then Gemm::linear_fp8.
