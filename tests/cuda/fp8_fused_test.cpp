@@ -47,6 +47,32 @@ int64_t first_diff(const void* a, const void* b, size_t n) {
   return -1;
 }
 
+// n random E4M3 codes, no NaN (0x7f / 0xff replaced).
+std::vector<uint8_t> random_codes(std::mt19937& rng, int64_t n) {
+  std::vector<uint8_t> q(static_cast<size_t>(n));
+  for (auto& b : q) {
+    b = uint8_t(rng() % 256);
+    if ((b & 0x7f) == 0x7f) b = 0x10;
+  }
+  return q;
+}
+
+// A prefill step of one T-token prompt over `blocks` KV blocks (logits for its last token).
+StepBatch one_prompt(int64_t T, int blocks) {
+  StepBatch b;
+  b.clear();
+  b.max_blocks_per_seq = blocks;
+  for (int i = 0; i < T; ++i) {
+    b.token_ids.push_back(i);
+    b.positions.push_back(i);
+  }
+  b.query_start.push_back(int32_t(T));
+  b.context_lens.push_back(int32_t(T));
+  for (int j = 0; j < blocks; ++j) b.block_tables.push_back(j);
+  b.logits_rows.push_back(int32_t(T - 1));
+  return b;
+}
+
 struct SiluCase {
   int n, dim;
   float scale;  // static activation scale; small ones saturate (|silu(g) u| / s > 448)
@@ -132,11 +158,7 @@ TEST(CudaFp8Fused, OpsSiluThenDownProjMatchesSeparate) {
   std::mt19937 rng(21);
   for (bool per_channel : {false, true}) {
     // FP8 w_down [H, I]: random codes (no NaN: 0x7f / 0xff excluded), scales per tensor or row.
-    std::vector<uint8_t> wq(size_t(H * I));
-    for (auto& b : wq) {
-      b = uint8_t(rng() % 256);
-      if ((b & 0x7f) == 0x7f) b = 0x10;
-    }
+    const std::vector<uint8_t> wq = random_codes(rng, H * I);
     std::vector<float> row_scales(static_cast<size_t>(H));
     for (auto& r : row_scales) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.002f;
     const float input_scale = 0.03f;
@@ -162,18 +184,7 @@ TEST(CudaFp8Fused, OpsSiluThenDownProjMatchesSeparate) {
     w_down.data = d_w;
 
     const int64_t T = 37;
-    StepBatch b;
-    b.clear();
-    b.max_blocks_per_seq = 4;
-    for (int i = 0; i < T; ++i) {
-      b.token_ids.push_back(i);
-      b.positions.push_back(i);
-    }
-    b.query_start.push_back(int32_t(T));
-    b.context_lens.push_back(int32_t(T));
-    for (int j = 0; j < 4; ++j) b.block_tables.push_back(j);
-    b.logits_rows.push_back(int32_t(T - 1));
-    ops.begin_step(b);
+    ops.begin_step(one_prompt(T, 4));
     std::vector<float> g = random_vec(size_t(T * I), rng, 2.0f), u = random_vec(size_t(T * I), rng, 2.0f);
     ops.write_buffer(Buf::kGate, g.data(), T, I);
     ops.write_buffer(Buf::kUp, u.data(), T, I);
@@ -311,11 +322,7 @@ TEST(CudaFp8Fused, OpsNormMlpMatchesSeparate) {
     const float* rs;
   };
   auto make_w = [&](int64_t rows, int64_t cols, float in_scale, bool per_channel) {
-    std::vector<uint8_t> q(size_t(rows * cols));
-    for (auto& b : q) {
-      b = uint8_t(rng() % 256);
-      if ((b & 0x7f) == 0x7f) b = 0x10;
-    }
+    const std::vector<uint8_t> q = random_codes(rng, rows * cols);
     std::vector<float> rs(static_cast<size_t>(rows));
     for (auto& r : rs) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.002f;
     W w;
@@ -349,18 +356,7 @@ TEST(CudaFp8Fused, OpsNormMlpMatchesSeparate) {
       LayerWeights l;
       l.w_gate = wg.w;
       l.w_up = wu.w;
-      StepBatch b;
-      b.clear();
-      b.max_blocks_per_seq = 32;
-      for (int i = 0; i < T; ++i) {
-        b.token_ids.push_back(i);
-        b.positions.push_back(i);
-      }
-      b.query_start.push_back(int32_t(T));
-      b.context_lens.push_back(int32_t(T));
-      for (int j = 0; j < 32; ++j) b.block_tables.push_back(j);
-      b.logits_rows.push_back(int32_t(T - 1));
-      ops.begin_step(b);
+      ops.begin_step(one_prompt(T, 32));
       std::vector<float> res = random_vec(size_t(T * H), rng, 3.0f, false), delta = random_vec(size_t(T * H), rng);
       ops.write_buffer(Buf::kResidual, res.data(), T, H);
       ops.write_buffer(Buf::kProj, delta.data(), T, H);
@@ -446,15 +442,7 @@ TEST(CudaFp8Fused, OpsProjectionIntoResidual) {
   for (bool per_channel : {false, true})
     for (int64_t T : {37, 300}) {
       // w_o [H, Q] and the next linear's w2 [I, H]: random codes (no NaN), scales per tensor or row.
-      auto codes = [&](int64_t n) {
-        std::vector<uint8_t> q(static_cast<size_t>(n));
-        for (auto& b : q) {
-          b = uint8_t(rng() % 256);
-          if ((b & 0x7f) == 0x7f) b = 0x10;
-        }
-        return q;
-      };
-      const std::vector<uint8_t> wo_q = codes(H * Q), w2_q = codes(I * H);
+      const std::vector<uint8_t> wo_q = random_codes(rng, H * Q), w2_q = random_codes(rng, I * H);
       std::vector<float> wo_rs(static_cast<size_t>(H)), w2_rs(static_cast<size_t>(I));
       for (auto& r : wo_rs) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.002f;
       for (auto& r : w2_rs) r = per_channel ? 0.001f * float(1 + rng() % 4) : 0.003f;
@@ -485,18 +473,7 @@ TEST(CudaFp8Fused, OpsProjectionIntoResidual) {
       norm.cols = H;
       norm.data = dev(normw.data(), normw.size() * 4);
 
-      StepBatch b;
-      b.clear();
-      b.max_blocks_per_seq = 32;
-      for (int i = 0; i < T; ++i) {
-        b.token_ids.push_back(i);
-        b.positions.push_back(i);
-      }
-      b.query_start.push_back(int32_t(T));
-      b.context_lens.push_back(int32_t(T));
-      for (int j = 0; j < 32; ++j) b.block_tables.push_back(j);
-      b.logits_rows.push_back(int32_t(T - 1));
-      ops.begin_step(b);
+      ops.begin_step(one_prompt(T, 32));
       const std::vector<float> res = random_vec(size_t(T * H), rng, 3.0f, false), attn = random_vec(size_t(T * Q), rng);
       ops.write_buffer(Buf::kResidual, res.data(), T, H);
       ops.write_buffer(Buf::kAttn, attn.data(), T, Q);
