@@ -283,11 +283,13 @@ void CudaOps::matmul(const void* x, int64_t ldx, int64_t n, const void* w, int64
                     stream_);
 }
 
+// Vector scales whenever either side has them: per-token activations, or per-channel weights (the
+// per-tensor side is then repeated: d_row_scales / the quantizer's per-row output).
+static bool vector_scales(const Fp8Weight& q) { return q.per_channel || q.act == Fp8Act::kDynamicToken; }
+
 bool CudaOps::quantize_input(const void* x, int64_t ldx, int64_t n, int64_t cols, const Fp8Weight& q) {
   KILN_CHECK_MSG(n <= caps_.tokens && cols <= fp8_cols_, "FP8 input larger than the reserved quantization buffer");
-  // Vector scales whenever either side has them: per-token activations, or per-channel weights
-  // (the per-tensor side is then repeated: d_row_scales / the quantizer's per-row output).
-  const bool vec = q.per_channel || q.act == Fp8Act::kDynamicToken;
+  const bool vec = vector_scales(q);
   const bool have = xq_holds_.x == x && xq_holds_.ldx == ldx && xq_holds_.n == n && xq_holds_.cols == cols &&
                     q.act == Fp8Act::kStatic && xq_holds_.scale == q.d_input_scale && xq_holds_.per_row == vec;
   xq_holds_ = {};
@@ -301,7 +303,7 @@ bool CudaOps::matmul_into_residual(const Pending& pd, float* residual) {
   auto f = fp8_.find(pd.w);
   if (f == fp8_.end() || pd.n <= gemm_->gemv_max_m() || pd.n > caps_.tokens || pd.cols > fp8_cols_) return false;
   const Fp8Weight& q = f->second;
-  const bool vec = q.per_channel || q.act == Fp8Act::kDynamicToken;
+  const bool vec = vector_scales(q);
   if (!gemm_->fp8_accumulate_ok(pd.n, pd.cols, pd.rows, pd.cols, pd.rows, vec, vec)) return false;
   ProfScope prof(this, "linear fp8 + residual", pd.rows, pd.cols);
   quantize_input(pd.x, pd.ldx, pd.n, pd.cols, q);

@@ -140,9 +140,9 @@ class CudaOps final : public Ops {
   // Prefill add_rms_norm is deferred the same way: fused with the quantization of the next
   // linear's input (q|k|v or gate|up) when that is a static-scale FP8 GEMM. The bf16 output is then
   // not written either (norm_lazy_; 67 MB at 8192 tokens of 8B, a sixth of the pass's bytes): an op
-  // that reads it computes it first from the residual (touch: rms_norm, same function, not the same
-  // kernel), an op about to change the residual does the same, and a rewrite of the output by the
-  // next add_rms_norm / rms_norm ends the record. KILN_FP8_FUSE_NORM=0: separate kernels; =2: the
+  // that reads it computes it first from the residual (touch: add_rms_norm's loops with no delta,
+  // the same bytes), an op about to change the residual does the same, and a rewrite of the output
+  // by the next add_rms_norm / rms_norm ends the record. KILN_FP8_FUSE_NORM=0: separate kernels; =2: the
   // fused kernel also writes the bf16 output. H100, 8192 tokens: norm 187 us + quantize -> 210 us,
   // ~20 us a projection saved (s3-fuseq-run2).
   struct NormRec {

@@ -390,41 +390,29 @@ const Gemm::Plan& Gemm::plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, i
   return *p;
 }
 
-Gemm::Plan* Gemm::plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec) {
+Gemm::Plan* Gemm::plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec,
+                           bool f32_acc) {
+  auto& plans = f32_acc ? plans_fp8_acc_ : plans_fp8_;
   auto key = std::make_tuple(n, ldx, N, K, ldy, outer_vec);
-  auto it = plans_fp8_.find(key);
-  if (it != plans_fp8_.end()) return it->second;
+  auto it = plans.find(key);
+  if (it != plans.end()) return it->second;
   const GemmKey gk{GemmKind::kFp8, n, N, K, outer_vec};
-  Plan* p = make_plan(gk, ldx, ldy);
-  choose(p, gk);
-  plans_fp8_[key] = p;
-  return p;
-}
-
-Gemm::Plan* Gemm::plan_fp8_acc(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec) {
-  auto key = std::make_tuple(n, ldx, N, K, ldy, outer_vec);
-  auto it = plans_fp8_acc_.find(key);
-  if (it != plans_fp8_acc_.end()) return it->second;
-  const GemmKey gk{GemmKind::kFp8, n, N, K, outer_vec};
-  Plan* p = make_plan(gk, ldx, ldy, true);
-  choose(p, gk, false);
-  plans_fp8_acc_[key] = p;
+  Plan* p = make_plan(gk, ldx, ldy, f32_acc);
+  choose(p, gk, !f32_acc);  // the table's entries are for bf16 output
+  plans[key] = p;
   return p;
 }
 
 bool Gemm::fp8_accumulate_ok(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool x_per_row,
                              bool w_per_row) {
-  if (n == 0 || x_per_row != w_per_row) return false;
-  ensure_one();
-  return plan_fp8_acc(n, ldx, N, K, ldy, x_per_row)->found;
+  return n > 0 && x_per_row == w_per_row && plan_fp8(n, ldx, N, K, ldy, x_per_row, true)->found;
 }
 
 void Gemm::linear_fp8_accumulate(const void* xq, int64_t n, int64_t ldx, const float* x_scales, bool x_per_row,
                                  const void* wq, int64_t N, int64_t K, const float* w_scales, bool w_per_row,
                                  float* y, int64_t ldy, cudaStream_t stream) {
-  KILN_CHECK_MSG(fp8_accumulate_ok(n, ldx, N, K, ldy, x_per_row, w_per_row),
-                 "linear_fp8_accumulate: no cuBLASLt algorithm (call fp8_accumulate_ok first)");
-  Plan* p = plan_fp8_acc(n, ldx, N, K, ldy, x_per_row);
+  Plan* p = n > 0 && x_per_row == w_per_row ? plan_fp8(n, ldx, N, K, ldy, x_per_row, true) : nullptr;
+  KILN_CHECK_MSG(p && p->found, "linear_fp8_accumulate: no cuBLASLt algorithm (call fp8_accumulate_ok first)");
   const LtApi& api = lt_api();
   api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales));
   api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales));

@@ -159,10 +159,10 @@ class Gemm {
   void choose(Plan* p, const GemmKey& key, bool use_table = true);
   const Plan& plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool y_f32);
   // FP8 plans by (n, ldx, N, K, ldy, vector scales); null algorithm = the library has none.
-  Plan* plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec);
+  // f32_acc: into f32 C = D (linear_fp8_accumulate; the heuristic's algorithm, never the table's).
+  Plan* plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec, bool f32_acc = false);
   void ensure_one();
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, Plan*> plans_fp8_, plans_fp8_acc_;
-  Plan* plan_fp8_acc(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec);
   float* d_one_ = nullptr;  // device 1.0f: the unit scale of the epilogue fallback
   bool fast_accum_ = true;
   void* handle_ = nullptr;
