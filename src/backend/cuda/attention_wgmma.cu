@@ -413,45 +413,60 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
 
     // Online softmax on this thread's 2 rows x 32 columns: s[4 j + e] is (row e / 2, column
     // kv0 + 8 j + 2 t + e % 2). The max is taken before scaling (qk_scale > 0), so each P element is
-    // one FFMA and one EX2.
-    const bool mask = kv0 + kBN - 1 > lim_min;
-    float mx[2] = {-INFINITY, -INFINITY};
+    // one FFMA and one EX2. This is the warpgroup's critical path between its products (one warp a
+    // scheduler runs it, nothing hides its latencies): the causal mask is a separate pass that only
+    // diagonal tiles take (warp-uniform branch), and the max and sum run as 4 independent chains a row.
+    if (__any_sync(0xffffffffu, kv0 + kBN - 1 > lim_min)) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+      for (int j = 0; j < 16; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (mask && kv0 + 8 * j + 2 * t + (e & 1) > lim[e >> 1]) s[4 * j + e] = -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[4 * j + e]);
-      }
+        for (int e = 0; e < 4; ++e)
+          if (kv0 + 8 * j + 2 * t + (e & 1) > lim[e >> 1]) s[4 * j + e] = -INFINITY;
+    }
+    float mx4[2][4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      mx4[0][c] = fmaxf(s[4 * c], s[4 * c + 1]);
+      mx4[1][c] = fmaxf(s[4 * c + 2], s[4 * c + 3]);
+    }
+#pragma unroll
+    for (int j = 4; j < 16; ++j) {
+      mx4[0][j & 3] = fmaxf(mx4[0][j & 3], fmaxf(s[4 * j], s[4 * j + 1]));
+      mx4[1][j & 3] = fmaxf(mx4[1][j & 3], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
     float al[2], mu[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      const float mn = fmaxf(mrow[i], mx[i] * qk_scale);
+      float mx = fmaxf(fmaxf(mx4[i][0], mx4[i][1]), fmaxf(mx4[i][2], mx4[i][3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(mrow[i], mx * qk_scale);
       mu[i] = mn == -INFINITY ? 0.0f : mn;  // nothing visible yet: exp2(-inf - 0) = 0, no NaN
       al[i] = fast_exp2(mrow[i] - mu[i]);
       mrow[i] = mn;
     }
     // P in the register-A layout: for tokens 16 kk .. 16 kk + 15, {row g, row g + 8} x {k 2t, k 8 + 2t}.
-    float sum[2] = {0.0f, 0.0f};
+    float sum4[2][4] = {};
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const float p0 = fast_exp2(fmaf(s[4 * j], qk_scale, -mu[0])), p1 = fast_exp2(fmaf(s[4 * j + 1], qk_scale, -mu[0]));
       const float p2 = fast_exp2(fmaf(s[4 * j + 2], qk_scale, -mu[1])), p3 = fast_exp2(fmaf(s[4 * j + 3], qk_scale, -mu[1]));
-      sum[0] += p0 + p1;
-      sum[1] += p2 + p3;
+      sum4[0][j & 3] += p0 + p1;
+      sum4[1][j & 3] += p2 + p3;
       pa[4 * (j >> 1) + 2 * (j & 1)] = pack2<kF16>(p0, p1);
       pa[4 * (j >> 1) + 2 * (j & 1) + 1] = pack2<kF16>(p2, p3);
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) lrow[i] = lrow[i] * al[i] + sum[i];
+    for (int i = 0; i < 2; ++i) lrow[i] = lrow[i] * al[i] + ((sum4[i][0] + sum4[i][1]) + (sum4[i][2] + sum4[i][3]));
+    // O's rescale, skipped by warps whose rows all kept their max (al = exp2(0) = 1 exactly)
+    if (__any_sync(0xffffffffu, al[0] != 1.0f || al[1] != 1.0f)) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      o[4 * j] *= al[0];
-      o[4 * j + 1] *= al[0];
-      o[4 * j + 2] *= al[1];
-      o[4 * j + 3] *= al[1];
+      for (int j = 0; j < 16; ++j) {
+        o[4 * j] *= al[0];
+        o[4 * j + 1] *= al[0];
+        o[4 * j + 2] *= al[1];
+        o[4 * j + 3] *= al[1];
+      }
     }
   }
 
