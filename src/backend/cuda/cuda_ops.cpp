@@ -28,6 +28,15 @@ CudaOps::CudaOps(const ModelConfig& c, Gemm* gemm, cudaStream_t stream) : c_(c),
   KILN_CHECK(cuda_ok(cudaMemset(norm_counter_, 0, sizeof(unsigned int)), "norm counter"));
 }
 
+// A mixed step's decode attention (memory-bound) runs on a side stream, launched after the prefill
+// attention (tensor-bound): its blocks take the SMs the prefill kernel's last waves leave free. H100 s9
+// run 6, 2048/128: +1.7-2.3 % (decode launched first: +1.1 %; the side stream at high priority: +0.6 %).
+// KILN_ATTN_OVERLAP=0: one after the other on the step's stream.
+static bool attn_overlap() {
+  static const bool on = env_int("KILN_ATTN_OVERLAP", 1) != 0;
+  return on;
+}
+
 // KILN_FP8_FUSE_RESIDUAL=0: prefill FP8 o_proj / down_proj write their bf16 output and the next
 // add_rms_norm adds it (before session 8); default: the GEMM accumulates into the f32 residual.
 static bool fuse_residual_enabled() {
@@ -322,6 +331,11 @@ CudaOps::~CudaOps() {
   cudaFree(gate_up_);
   cudaFree(inv_freq_);
   cudaFree(norm_counter_);
+  if (side_) {
+    cudaEventDestroy(fork_);
+    cudaEventDestroy(join_);
+    cudaStreamDestroy(side_);
+  }
   cudaFree(partials_);
   cudaFree(counters_);
   cudaFree(d_meta_);
@@ -701,15 +715,29 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
                     static_cast<bf16_t*>(kv_->k[size_t(layer)]), static_cast<bf16_t*>(kv_->v[size_t(layer)]),
                     c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
   AttnParams p = attn_params(layer, q, out, c);
-  if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
-  if (n_prefill_tiles_ > 0) {
-    p.num_fresh_tiles = n_fresh_tiles_;  // fresh prompts may attend to their own k, v rows
-    p.k_new = static_cast<const bf16_t*>(kv.ptr);
-    p.ldk = kv.ld;
-    p.v_new = static_cast<const bf16_t*>(vv.ptr);
-    p.ldv = vv.ld;
-    launch_prefill_attention(p, stream_);
+  AttnParams pp = p;
+  pp.num_fresh_tiles = n_fresh_tiles_;  // fresh prompts may attend to their own k, v rows
+  pp.k_new = static_cast<const bf16_t*>(kv.ptr);
+  pp.ldk = kv.ld;
+  pp.v_new = static_cast<const bf16_t*>(vv.ptr);
+  pp.ldv = vv.ld;
+  if (attn_overlap() && n_decode_seqs_ > 0 && n_prefill_tiles_ > 0) {
+    if (!side_) {
+      KILN_CHECK(cuda_ok(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "side stream"));
+      KILN_CHECK(cuda_ok(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "side stream"));
+      KILN_CHECK(cuda_ok(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming), "side stream"));
+    }
+    // fork after the KV write (a graph capture follows the events), join before the next op
+    KILN_CHECK(cuda_ok(cudaEventRecord(fork_, stream_), "attention fork"));
+    KILN_CHECK(cuda_ok(cudaStreamWaitEvent(side_, fork_, 0), "attention fork"));
+    launch_prefill_attention(pp, stream_);
+    launch_decode_attention(p, side_);
+    KILN_CHECK(cuda_ok(cudaEventRecord(join_, side_), "attention join"));
+    KILN_CHECK(cuda_ok(cudaStreamWaitEvent(stream_, join_, 0), "attention join"));
+    return;
   }
+  if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
+  if (n_prefill_tiles_ > 0) launch_prefill_attention(pp, stream_);
 }
 
 void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {

@@ -177,6 +177,9 @@ class CudaOps final : public Ops {
   const ModelConfig& c_;
   Gemm* gemm_;
   cudaStream_t stream_;
+  // a mixed step's decode attention runs here beside its prefill attention (made on first use)
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
   DeviceKv* kv_ = nullptr;
   StepCaps caps_;
   size_t reserved_bytes_ = 0;
