@@ -1742,16 +1742,19 @@ bool prefill_fresh_rows() {
 void launch_prefill_attention(const AttnParams& p, cudaStream_t s) {
   if (p.num_tiles == 0) return;
   if (p.kv_fp8 && p.num_fresh_tiles > 0 && p.k_new && p.v_new && !prefill_attn_v1() && prefill_fresh_rows()) {
-    AttnParams r = p;
+    AttnParams r = p;  // the fresh tiles come first (CudaOps::pack_step)
     r.prefill_kv_rows = 1;
     r.kv_fp8 = false;
     r.k_cache = p.k_new;
     r.v_cache = p.v_new;
     r.k_scale = r.v_scale = 1.0f;
+    r.num_tiles = p.num_fresh_tiles;
     prefill_launch_dim(r, s);
     if (p.num_fresh_tiles == p.num_tiles) return;
     AttnParams c = p;
     c.prefill_kv_rows = 2;
+    c.tiles = p.tiles + 2 * p.num_fresh_tiles;
+    c.num_tiles = p.num_tiles - p.num_fresh_tiles;
     return prefill_launch_dim(c, s);
   }
   prefill_launch_dim(p, s);

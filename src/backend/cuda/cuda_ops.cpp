@@ -456,20 +456,27 @@ void CudaOps::pack_step(const StepBatch& b) {
   n_fresh_tiles_ = 0;
   n_decode_seqs_ = 0;
   int64_t prefill_ctx = 0;
-  for (int32_t s = 0; s < S_; ++s) {
-    const int32_t q0 = b.query_start[size_t(s)], q1 = b.query_start[size_t(s) + 1];
-    seq[s] = SeqMeta{q0, q1 - q0, b.context_lens[size_t(s)], b.max_blocks_per_seq};
-    if (q1 - q0 == 1) {
-      ++n_decode_seqs_;
-    } else {
-      prefill_ctx += b.context_lens[size_t(s)];
+  // Prefill tiles: the fresh prompts' first (ctx_len == q_len), then the other prefill sequences', so
+  // each of the two launches of an FP8 cache's mixed prefill (launch_prefill_attention) covers a
+  // range of the tiles instead of a grid where the other launch's blocks exit at once.
+  for (int pass = 0; pass < 2; ++pass)
+    for (int32_t s = 0; s < S_; ++s) {
+      const int32_t q0 = b.query_start[size_t(s)], q1 = b.query_start[size_t(s) + 1];
+      if (q1 - q0 == 1 || (b.context_lens[size_t(s)] == q1 - q0) != (pass == 0)) continue;
       for (int32_t r = 0; r < q1 - q0; r += 64) {
         tiles[2 * n_prefill_tiles_] = s;
         tiles[2 * n_prefill_tiles_ + 1] = r;
         ++n_prefill_tiles_;
-        if (b.context_lens[size_t(s)] == q1 - q0) ++n_fresh_tiles_;
+        if (pass == 0) ++n_fresh_tiles_;
       }
     }
+  for (int32_t s = 0; s < S_; ++s) {
+    const int32_t q0 = b.query_start[size_t(s)], q1 = b.query_start[size_t(s) + 1];
+    seq[s] = SeqMeta{q0, q1 - q0, b.context_lens[size_t(s)], b.max_blocks_per_seq};
+    if (q1 - q0 == 1)
+      ++n_decode_seqs_;
+    else
+      prefill_ctx += b.context_lens[size_t(s)];
     const int32_t* table = b.block_table(s);
     for (int32_t t = q0; t < q1; ++t) {
       const int32_t pos = b.positions[size_t(t)];

@@ -47,8 +47,9 @@ struct AttnParams {
   int32_t num_tiles;
   // mean context (tokens) of the step's prefill sequences: short prompts stay on v2 (attention_wgmma.h)
   int32_t prefill_mean_ctx;
-  // tiles of sequences whose whole context is in this step (a fresh prompt: ctx_len == q_len). With an
-  // FP8 cache and k_new / v_new set, those attend to their own bf16 rows instead of the cache.
+  // tiles of sequences whose whole context is in this step (a fresh prompt: ctx_len == q_len), the
+  // first num_fresh_tiles of tiles. With an FP8 cache and k_new / v_new set, those attend to their own
+  // bf16 rows instead of the cache (one launch), the other tiles to the cache (a second launch).
   int32_t num_fresh_tiles;
   // set by the prefill launcher: 0 = K/V from the cache for every sequence; 1 = only fresh sequences,
   // K/V from the step's rows k_cache / v_cache ([T, ldk] / [T, ldv] bf16); 2 = only the others
