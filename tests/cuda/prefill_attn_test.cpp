@@ -61,11 +61,12 @@ struct PrefillCase {
   bool fp8;
   std::vector<int> prompt;  // tokens per sequence
   int chunk;                // tokens per sequence per step; 0 = the whole prompt in one step
+  bool stagger = false;     // sequence s joins at step s: a step holds fresh prompts after later chunks
 };
 
 void PrintTo(const PrefillCase& c, std::ostream* os) {
   *os << c.heads << "h/" << c.kv << "kv/d" << c.hd << "/bs" << c.block_size << (c.fp8 ? "/fp8/" : "/bf16/")
-      << c.prompt.size() << "seqs/chunk" << c.chunk;
+      << c.prompt.size() << "seqs/chunk" << c.chunk << (c.stagger ? "/staggered" : "");
 }
 
 class CudaPrefillLong : public ::testing::TestWithParam<PrefillCase> {};
@@ -79,8 +80,9 @@ TEST_P(CudaPrefillLong, MatchesCpu) {
   const int max_blocks = (max_len + bs - 1) / bs, num_blocks = nseq * max_blocks + 5;
   int total = 0;
   for (int x : pc.prompt) total += x;
-  std::printf("[prefill long] heads %d kv %d head_dim %d block %d %s, %d seqs, prompts up to %d (%d tokens), chunk %d\n",
-              pc.heads, pc.kv, pc.hd, bs, pc.fp8 ? "fp8" : "bf16", nseq, max_len, total, pc.chunk);
+  std::printf("[prefill long] heads %d kv %d head_dim %d block %d %s, %d seqs, prompts up to %d (%d tokens), chunk %d%s\n",
+              pc.heads, pc.kv, pc.hd, bs, pc.fp8 ? "fp8" : "bf16", nseq, max_len, total, pc.chunk,
+              pc.stagger ? ", staggered" : "");
   std::mt19937 rng(977 + pc.hd + nseq + pc.chunk);
   const float k_scale = 0.019f, v_scale = 0.027f;  // N(0, 1) values use most of E4M3's range
 
@@ -98,7 +100,7 @@ TEST_P(CudaPrefillLong, MatchesCpu) {
     b.max_blocks_per_seq = max_blocks;
     for (int s = 0; s < nseq; ++s) {
       const int left = pc.prompt[size_t(s)] - done[size_t(s)];
-      if (left == 0) continue;  // finished sequences leave the step
+      if (left == 0 || (pc.stagger && step < s)) continue;  // finished (or not yet arrived) sequences
       const int qlen = pc.chunk > 0 ? std::min(pc.chunk, left) : left;
       for (int i = 0; i < qlen; ++i) {
         b.token_ids.push_back(int32_t(rng() % 300));
@@ -111,7 +113,8 @@ TEST_P(CudaPrefillLong, MatchesCpu) {
       done[size_t(s)] += qlen;
     }
     const int64_t T = b.num_tokens();
-    if (T == 0) break;
+    if (T == 0 && step >= nseq) break;
+    if (T == 0) continue;
     cpu.begin_step(b);
     gpu.begin_step(b);
     auto q = random_vec(size_t(T * Q), rng, 1.0f), k = random_vec(size_t(T * KV), rng, 1.0f),
@@ -157,6 +160,11 @@ INSTANTIATE_TEST_SUITE_P(
         // GQA 8 (8 query rows a block), odd chunks (a sequence ends on a decode row: mixed steps)
         PrefillCase{16, 2, 64, 8, false, {1500, 95}, 0}, PrefillCase{16, 2, 64, 8, true, {1500, 95}, 0},
         PrefillCase{16, 2, 64, 8, true, {700, 95}, 97},
+        // staggered arrivals: fresh prompts after other sequences' later chunks in one step (FP8: the
+        // fresh tiles' launch and the cached tiles' launch each take their own range), decode rows too
+        PrefillCase{32, 8, 128, 16, true, {1100, 600, 257, 129}, 256, true},
+        PrefillCase{16, 2, 64, 8, true, {700, 300, 95}, 97, true},
+        PrefillCase{32, 8, 128, 16, false, {900, 400, 130}, 200, true},
         // GQA 1 (64 rows a block), block size 32
         PrefillCase{8, 8, 64, 32, false, {1000, 65, 64, 63}, 0}, PrefillCase{8, 8, 64, 32, true, {600, 200}, 129},
         // 7 query heads a KV head: one block per query head
