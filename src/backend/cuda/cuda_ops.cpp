@@ -721,30 +721,30 @@ void CudaOps::attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c
     launch_kv_write(static_cast<const bf16_t*>(kv.ptr), kv.ld, static_cast<const bf16_t*>(vv.ptr), vv.ld, d_tokens_, T_,
                     static_cast<bf16_t*>(kv_->k[size_t(layer)]), static_cast<bf16_t*>(kv_->v[size_t(layer)]),
                     c.num_kv_heads, c.head_dim, kv_->block_size, stream_);
-  AttnParams p = attn_params(layer, q, out, c);
-  AttnParams pp = p;
-  pp.num_fresh_tiles = n_fresh_tiles_;  // fresh prompts may attend to their own k, v rows
-  pp.k_new = static_cast<const bf16_t*>(kv.ptr);
-  pp.ldk = kv.ld;
-  pp.v_new = static_cast<const bf16_t*>(vv.ptr);
-  pp.ldv = vv.ld;
+  const AttnParams dec = attn_params(layer, q, out, c);
+  AttnParams pre = dec;
+  pre.num_fresh_tiles = n_fresh_tiles_;  // fresh prompts may attend to their own k, v rows
+  pre.k_new = static_cast<const bf16_t*>(kv.ptr);
+  pre.ldk = kv.ld;
+  pre.v_new = static_cast<const bf16_t*>(vv.ptr);
+  pre.ldv = vv.ld;
   if (attn_overlap() && n_decode_seqs_ > 0 && n_prefill_tiles_ > 0) {
     if (!side_) {
       KILN_CHECK(cuda_ok(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "side stream"));
       KILN_CHECK(cuda_ok(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "side stream"));
       KILN_CHECK(cuda_ok(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming), "side stream"));
     }
-    // fork after the KV write (a graph capture follows the events), join before the next op
+    // fork after the KV write, join before the next op (o_proj) reads the output
     KILN_CHECK(cuda_ok(cudaEventRecord(fork_, stream_), "attention fork"));
     KILN_CHECK(cuda_ok(cudaStreamWaitEvent(side_, fork_, 0), "attention fork"));
-    launch_prefill_attention(pp, stream_);
-    launch_decode_attention(p, side_);
+    launch_prefill_attention(pre, stream_);
+    launch_decode_attention(dec, side_);
     KILN_CHECK(cuda_ok(cudaEventRecord(join_, side_), "attention join"));
     KILN_CHECK(cuda_ok(cudaStreamWaitEvent(stream_, join_, 0), "attention join"));
     return;
   }
-  if (n_decode_seqs_ > 0) launch_decode_attention(p, stream_);
-  if (n_prefill_tiles_ > 0) launch_prefill_attention(pp, stream_);
+  if (n_decode_seqs_ > 0) launch_decode_attention(dec, stream_);
+  if (n_prefill_tiles_ > 0) launch_prefill_attention(pre, stream_);
 }
 
 void CudaOps::rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) {
