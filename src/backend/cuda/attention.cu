@@ -1297,7 +1297,7 @@ __global__ void __launch_bounds__(128, kMinBlocks) prefill_kernel_v2(AttnParams 
   const SeqMeta sm = p.seqs[seq];
   if (r0 >= sm.q_len) return;
   const bool rows_kv = p.prefill_kv_rows == 1;  // K/V from the step's rows: fresh sequences only
-  if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // the other launch's
+  if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // not this launch's kind (guard)
   const int rows = min(kR, sm.q_len - r0);
   const int head0 = blockIdx.y * G, kvh = head0 / (p.n_heads / p.n_kv);
   const int32_t* table = p.block_tables + int64_t(seq) * sm.table_stride;
@@ -1738,7 +1738,7 @@ bool prefill_fresh_rows() {
 // (written beside) serves later steps, as in vLLM. The FP8 kernel, which stages its tiles through
 // registers to convert them, is slower at 4 x 2,048 tokens despite half the bytes (s4: 697 vs 618 us).
 // Other sequences of the step (chunks after the first, cached prefixes) keep the cache, in a second
-// launch over the same tiles; each launch skips the other's blocks.
+// launch; CudaOps::pack_step puts the fresh tiles first, so each launch covers its own range.
 void launch_prefill_attention(const AttnParams& p, cudaStream_t s) {
   if (p.num_tiles == 0) return;
   if (p.kv_fp8 && p.num_fresh_tiles > 0 && p.k_new && p.v_new && !prefill_attn_v1() && prefill_fresh_rows()) {

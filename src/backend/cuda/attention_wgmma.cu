@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   const SeqMeta sm = p.seqs[seq];
   if (r0 >= sm.q_len) return;
   const bool rows_kv = p.prefill_kv_rows == 1;  // K/V from the step's rows: fresh sequences only
-  if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // the other launch's
+  if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // not this launch's kind (guard)
   const int rows = min(kP, sm.q_len - r0);
   const int head0 = blockIdx.y * G, kvh = head0 / (p.n_heads / p.n_kv);
   const int64_t qrow0 = int64_t(sm.q_start) + r0;
