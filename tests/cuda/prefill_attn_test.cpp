@@ -173,6 +173,29 @@ INSTANTIATE_TEST_SUITE_P(
         PrefillCase{8, 2, 32, 16, true, {999, 3}, 0}, PrefillCase{8, 2, 32, 16, false, {999, 40}, 333},
         PrefillCase{4, 2, 16, 16, false, {640, 31}, 0}, PrefillCase{4, 2, 16, 16, true, {640, 31}, 64}));
 
+// Median and minimum (ms) of 20 timed calls of once() on stream, after 3 untimed ones.
+template <typename F>
+std::pair<double, double> time_median_ms(cudaStream_t stream, F once) {
+  for (int i = 0; i < 3; ++i) once();
+  std::vector<float> ms;
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  for (int i = 0; i < 20; ++i) {
+    cudaEventRecord(e0, stream);
+    once();
+    cudaEventRecord(e1, stream);
+    cudaEventSynchronize(e1);
+    float x = 0;
+    cudaEventElapsedTime(&x, e0, e1);
+    ms.push_back(x);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms[0]};
+}
+
 // The Llama-3-8B prefill shapes of issue #6 timed alone (attention() = KV write + prefill kernel):
 // median of 20 launches with events. Runs with KILN_PREFILL_BENCH=1 (KILN_PREFILL_ATTN=v1 times the
 // old kernel); prints us and the causal attention TFLOP/s.
@@ -238,31 +261,106 @@ TEST(CudaPrefillTiming, LlamaShapes) {
       auto once = [&] {
         gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
       };
-      for (int i = 0; i < 3; ++i) once();
-      std::vector<float> ms;
-      cudaEvent_t e0, e1;
-      cudaEventCreate(&e0);
-      cudaEventCreate(&e1);
-      for (int i = 0; i < 20; ++i) {
-        cudaEventRecord(e0, stream);
-        once();
-        cudaEventRecord(e1, stream);
-        cudaEventSynchronize(e1);
-        float x = 0;
-        cudaEventElapsedTime(&x, e0, e1);
-        ms.push_back(x);
-      }
+      const auto [med, best] = time_median_ms(stream, once);
       ASSERT_EQ(cudaGetLastError(), cudaSuccess);
-      std::sort(ms.begin(), ms.end());
       const double flop = double(nseq) * c.num_heads * double(len) * (len + 1) / 2 * c.head_dim * 4;
       std::printf("[prefill timing] %s KV, %d x %d tokens: attention (KV write + kernel) %.1f us median (min %.1f) = %.0f TFLOP/s\n",
-                  fp8 ? "fp8" : "bf16", nseq, len, 1e3 * ms[ms.size() / 2], 1e3 * ms[0], flop / (1e-3 * ms[ms.size() / 2]) / 1e12);
-      cudaEventDestroy(e0);
-      cudaEventDestroy(e1);
+                  fp8 ? "fp8" : "bf16", nseq, len, 1e3 * med, 1e3 * best, flop / (1e-3 * med) / 1e12);
       cudaFree(kmem);
       cudaFree(vmem);
       cudaStreamDestroy(stream);
     }
+}
+
+// A mixed step of TensorRT-LLM's 2048/128 workload at max batch 512 (8,192-token budget, FP8 cache)
+// timed alone: 480 decode rows at 2,049-2,176 tokens of context beside 7,854 prefill rows (3 fresh
+// 2,048-token prompts, a fresh first chunk of 1,162, a later chunk of 548 ending at 2,048). Prints
+// attention() (KV write + prefill + decode attention) for the whole step, then for its decode rows
+// alone and its prefill rows alone, and the decode kernel's read rate. With KILN_PREFILL_BENCH=1;
+// KILN_ATTN_OVERLAP=0 runs the two attentions one after the other.
+TEST(CudaPrefillTiming, MixedStep) {
+  REQUIRE_GPU();
+  if (!std::getenv("KILN_PREFILL_BENCH")) GTEST_SKIP() << "set KILN_PREFILL_BENCH=1 to time";
+  ModelConfig c;
+  c.vocab_size = 300;
+  c.hidden_size = 4096;
+  c.intermediate_size = 64;
+  c.num_layers = 1;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.rope_theta = 500000.0f;
+  c.max_position_embeddings = 8192;
+  c.eos_token_ids = {2};
+  const int bs = 16, max_blocks = 2176 / bs;
+  struct Seq {
+    int q_len, ctx;
+  };
+  std::vector<Seq> decode, prefill = {{2048, 2048}, {2048, 2048}, {2048, 2048}, {1162, 1162}, {548, 2048}};
+  for (int i = 0; i < 480; ++i) decode.push_back({1, 2049 + (i * 37) % 128});
+  const int num_blocks = int(decode.size() + prefill.size()) * max_blocks;
+  cuda::Gemm gemm;
+  ASSERT_TRUE(gemm.init().is_ok());
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cuda::CudaOps gpu(c, &gemm, stream);
+  ASSERT_TRUE(gpu.reserve(cuda::StepCaps{8448, 512, 512, 512 * max_blocks}).is_ok());
+  cuda::DeviceKv dkv;
+  dkv.num_blocks = num_blocks;
+  dkv.block_size = bs;
+  dkv.fp8 = true;
+  dkv.k_scale = {0.02f};
+  dkv.v_scale = {0.02f};
+  const size_t cache_bytes = size_t(num_blocks) * bs * c.kv_dim() * dkv.elem_bytes();
+  void *kmem = nullptr, *vmem = nullptr;
+  ASSERT_EQ(cudaMalloc(&kmem, cache_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&vmem, cache_bytes), cudaSuccess);
+  ASSERT_EQ(cudaMemset(kmem, 0x38, cache_bytes), cudaSuccess);  // E4M3 1.0
+  ASSERT_EQ(cudaMemset(vmem, 0x38, cache_bytes), cudaSuccess);
+  dkv.k.push_back(kmem);
+  dkv.v.push_back(vmem);
+  gpu.set_kv(&dkv);
+  // one step of the given sequences (prefill first, as the scheduler orders a step's running ones)
+  auto time_step = [&](const std::vector<Seq>& pre, const std::vector<Seq>& dec) {
+    StepBatch b;
+    b.clear();
+    b.max_blocks_per_seq = max_blocks;
+    int s = 0;
+    for (const auto* group : {&pre, &dec})
+      for (const Seq& q : *group) {
+        for (int i = q.ctx - q.q_len; i < q.ctx; ++i) {
+          b.token_ids.push_back(1);
+          b.positions.push_back(i);
+        }
+        b.query_start.push_back(b.query_start.back() + q.q_len);
+        b.context_lens.push_back(q.ctx);
+        for (int j = 0; j < max_blocks; ++j) b.block_tables.push_back(s * max_blocks + j);
+        b.logits_rows.push_back(b.query_start.back() - 1);
+        ++s;
+      }
+    const int64_t T = b.num_tokens();
+    gpu.begin_step(b);
+    std::mt19937 rng(5);
+    gpu.write_buffer(Buf::kQ, random_vec(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
+    gpu.write_buffer(Buf::kK, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+    gpu.write_buffer(Buf::kV, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+    return time_median_ms(stream, [&] {
+      gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
+    });
+  };
+  const auto mixed = time_step(prefill, decode);
+  const auto dec_only = time_step({}, decode);
+  const auto pre_only = time_step(prefill, {});
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  double read = 0;
+  for (const Seq& q : decode) read += double(q.ctx) * c.kv_dim() * 2;  // FP8 K and V bytes
+  std::printf("[mixed timing] 480 decode rows + 7,854 prefill rows, FP8 KV: step %.1f us median (min %.1f); "
+              "decode alone %.1f us (%.0f GB/s), prefill alone %.1f us, sum %.1f us\n",
+              1e3 * mixed.first, 1e3 * mixed.second, 1e3 * dec_only.first, read / (1e-3 * dec_only.first) / 1e9,
+              1e3 * pre_only.first, 1e3 * (dec_only.first + pre_only.first));
+  cudaFree(kmem);
+  cudaFree(vmem);
+  cudaStreamDestroy(stream);
 }
 
 }  // namespace

@@ -173,11 +173,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   auto sraw = [&](int i, int kv) { return base + uint32_t(1 + 2 * kStages) * kTileB + uint32_t(2 * (i & 1) + kv) * kRawB; };
   __shared__ __align__(8) uint64_t bars[2 * kStages];  // full[s], then empty[s]
   const uint32_t full0 = smem_addr(&bars[0]), empty0 = smem_addr(&bars[kStages]);
-  __shared__ int s_maxpos;
   pdl_wait();
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int bx = int(gridDim.x) - 1 - int(blockIdx.x);  // the last rows of a sequence (longest) first
+  // Block order: the last rows of a sequence (the longest) first, all KV heads' before the next rows'
+  // (KV head after KV head: 1.5-3.5 % slower at 4 x 2,048 tokens, H100 s10 run 4).
+  const int n_y = p.n_heads / G, bx = p.num_tiles * kSubs - 1 - int(blockIdx.x) / n_y;
   const int tile = bx / kSubs, sub = bx % kSubs;
   const int seq = p.tiles[2 * tile], r0 = p.tiles[2 * tile + 1] + sub * kP;
   const SeqMeta sm = p.seqs[seq];
@@ -185,21 +186,22 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
   const bool rows_kv = p.prefill_kv_rows == 1;  // K/V from the step's rows: fresh sequences only
   if (p.prefill_kv_rows != 0 && (sm.ctx_len == sm.q_len) != rows_kv) return;  // not this launch's kind (guard)
   const int rows = min(kP, sm.q_len - r0);
-  const int head0 = blockIdx.y * G, kvh = head0 / (p.n_heads / p.n_kv);
+  const int head0 = (int(blockIdx.x) % n_y) * G, kvh = head0 / (p.n_heads / p.n_kv);
   const int64_t qrow0 = int64_t(sm.q_start) + r0;
 
   if (tid == 0) {
-    s_maxpos = -1;
     for (int i = 0; i < kStages; ++i) {
       mbar_init(full0 + 8 * i, 128);   // every loader thread, once its copies land
       mbar_init(empty0 + 8 * i, 256);  // every compute thread
     }
   }
-  __syncthreads();
-  if (tid < rows) atomicMax(&s_maxpos, p.tokens[qrow0 + tid].pos);
-  __syncthreads();
-  const int kv_len = min(s_maxpos + 1, sm.ctx_len);
+  // K/V extent: each warp reduces the block's positions itself (one block barrier, not three)
+  int maxpos = -1;
+  for (int r = lane; r < rows; r += 32) maxpos = max(maxpos, p.tokens[qrow0 + r].pos);
+  maxpos = __reduce_max_sync(0xffffffffu, maxpos);
+  const int kv_len = min(maxpos + 1, sm.ctx_len);
   const int n_tiles = kv_len > 0 ? (kv_len + kBN - 1) / kBN : 0;
+  __syncthreads();  // the barriers initialized
 
   if (wg == 0) {
     // Loader: tile it into stage it % kStages once both compute warpgroups released the tile
@@ -505,8 +507,8 @@ void launch(const AttnParams& p, cudaStream_t s) {
   static const bool configured = cudaFuncSetAttribute(prefill_wgmma_kernel<G, kF16>,
                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess;
   (void)configured;
-  // each 64-row tile of AttnParams.tiles becomes 64 / (128 / G) blocks
-  launch_pdl(prefill_wgmma_kernel<G, kF16>, dim3(p.num_tiles * (64 / (kBM / G)), p.n_heads / G), dim3(kThreads),
+  // each 64-row tile of AttnParams.tiles becomes 64 / (128 / G) blocks of each KV head's G heads
+  launch_pdl(prefill_wgmma_kernel<G, kF16>, dim3(p.num_tiles * (64 / (kBM / G)) * (p.n_heads / G)), dim3(kThreads),
              size_t(kSmem), s, p);
 }
 
