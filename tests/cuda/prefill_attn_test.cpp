@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 
@@ -173,27 +174,102 @@ INSTANTIATE_TEST_SUITE_P(
         PrefillCase{8, 2, 32, 16, true, {999, 3}, 0}, PrefillCase{8, 2, 32, 16, false, {999, 40}, 333},
         PrefillCase{4, 2, 16, 16, false, {640, 31}, 0}, PrefillCase{4, 2, 16, 16, true, {640, 31}, 64}));
 
-// Median and minimum (ms) of 20 timed calls of once() on stream, after 3 untimed ones.
-template <typename F>
-std::pair<double, double> time_median_ms(cudaStream_t stream, F once) {
-  for (int i = 0; i < 3; ++i) once();
-  std::vector<float> ms;
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  for (int i = 0; i < 20; ++i) {
-    cudaEventRecord(e0, stream);
-    once();
-    cudaEventRecord(e1, stream);
-    cudaEventSynchronize(e1);
-    float x = 0;
-    cudaEventElapsedTime(&x, e0, e1);
-    ms.push_back(x);
+// The timing tests' GPU side: Llama-3-8B attention (32 heads, 8 KV heads, head_dim 128, one layer),
+// a cache of num_blocks 16-token blocks, and attention() on a step timed with events.
+struct TimingRig {
+  static constexpr int kBlock = 16;
+  ModelConfig c;
+  cuda::Gemm gemm;
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<cuda::CudaOps> gpu;
+  cuda::DeviceKv dkv;
+
+  ::testing::AssertionResult init(bool fp8, int num_blocks, const cuda::StepCaps& caps) {
+    c = small_config(32, 8, 128, 4096, 64);
+    c.num_layers = 1;
+    c.max_position_embeddings = 8192;
+    if (!gemm.init().is_ok()) return ::testing::AssertionFailure() << "cuBLASLt init";
+    cudaStreamCreate(&stream);
+    gpu = std::make_unique<cuda::CudaOps>(c, &gemm, stream);
+    if (!gpu->reserve(caps).is_ok()) return ::testing::AssertionFailure() << "reserve";
+    dkv.num_blocks = num_blocks;
+    dkv.block_size = kBlock;
+    dkv.fp8 = fp8;
+    if (fp8) {
+      dkv.k_scale = {0.02f};
+      dkv.v_scale = {0.02f};
+    }
+    const size_t bytes = size_t(num_blocks) * kBlock * c.kv_dim() * dkv.elem_bytes();
+    void *k = nullptr, *v = nullptr;
+    if (cudaMalloc(&k, bytes) != cudaSuccess || cudaMalloc(&v, bytes) != cudaSuccess)
+      return ::testing::AssertionFailure() << "cudaMalloc of the KV cache";
+    cudaMemset(k, 0x38, bytes);  // E4M3 1.0 (bf16: a small finite value)
+    cudaMemset(v, 0x38, bytes);
+    dkv.k.push_back(k);
+    dkv.v.push_back(v);
+    gpu->set_kv(&dkv);
+    return ::testing::AssertionSuccess();
   }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  std::sort(ms.begin(), ms.end());
-  return {ms[ms.size() / 2], ms[0]};
+  ~TimingRig() {
+    for (void* p : dkv.k) cudaFree(p);
+    for (void* p : dkv.v) cudaFree(p);
+    gpu.reset();
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  // Random roped q, k, v for step b, then attention() (KV write + kernels): median and minimum (ms)
+  // of 20 timed calls after 3 untimed ones.
+  std::pair<double, double> time_attention(const StepBatch& b) {
+    const int64_t T = b.num_tokens();
+    gpu->begin_step(b);
+    std::mt19937 rng(5);
+    gpu->write_buffer(Buf::kQ, random_vec(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
+    gpu->write_buffer(Buf::kK, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+    gpu->write_buffer(Buf::kV, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
+    auto once = [&] {
+      gpu->attention(0, gpu->buffer(Buf::kQ), gpu->buffer(Buf::kK), gpu->buffer(Buf::kV), c, gpu->buffer(Buf::kAttn));
+    };
+    for (int i = 0; i < 3; ++i) once();
+    std::vector<float> ms;
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    for (int i = 0; i < 20; ++i) {
+      cudaEventRecord(e0, stream);
+      once();
+      cudaEventRecord(e1, stream);
+      cudaEventSynchronize(e1);
+      float x = 0;
+      cudaEventElapsedTime(&x, e0, e1);
+      ms.push_back(x);
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    std::sort(ms.begin(), ms.end());
+    return {ms[ms.size() / 2], ms[0]};
+  }
+};
+
+// A step of sequences with (tokens this step, context after it): sequence s owns blocks
+// s * max_blocks onward.
+struct SeqShape {
+  int q_len, ctx;
+};
+StepBatch timing_step(const std::vector<SeqShape>& seqs, int max_blocks) {
+  StepBatch b;
+  b.clear();
+  b.max_blocks_per_seq = max_blocks;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    for (int i = seqs[s].ctx - seqs[s].q_len; i < seqs[s].ctx; ++i) {
+      b.token_ids.push_back(1);
+      b.positions.push_back(i);
+    }
+    b.query_start.push_back(b.query_start.back() + seqs[s].q_len);
+    b.context_lens.push_back(seqs[s].ctx);
+    for (int j = 0; j < max_blocks; ++j) b.block_tables.push_back(int32_t(s) * max_blocks + j);
+    b.logits_rows.push_back(b.query_start.back() - 1);
+  }
+  return b;
 }
 
 // The Llama-3-8B prefill shapes of issue #6 timed alone (attention() = KV write + prefill kernel):
@@ -202,73 +278,17 @@ std::pair<double, double> time_median_ms(cudaStream_t stream, F once) {
 TEST(CudaPrefillTiming, LlamaShapes) {
   REQUIRE_GPU();
   if (!std::getenv("KILN_PREFILL_BENCH")) GTEST_SKIP() << "set KILN_PREFILL_BENCH=1 to time";
-  ModelConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = 4096;
-  c.intermediate_size = 64;
-  c.num_layers = 1;
-  c.num_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.rope_theta = 500000.0f;
-  c.max_position_embeddings = 8192;
-  c.eos_token_ids = {2};
-  const int bs = 16;
   for (const bool fp8 : {true, false})
     for (const auto& [nseq, len] :
          {std::pair{4, 2048}, std::pair{8, 1024}, std::pair{16, 512}, std::pair{32, 256}, std::pair{64, 128}}) {
-      const int max_blocks = len / bs, num_blocks = nseq * max_blocks;
-      cuda::Gemm gemm;
-      ASSERT_TRUE(gemm.init().is_ok());
-      cudaStream_t stream;
-      cudaStreamCreate(&stream);
-      cuda::CudaOps gpu(c, &gemm, stream);
-      ASSERT_TRUE(gpu.reserve(cuda::StepCaps{nseq * len, nseq, nseq, nseq * max_blocks}).is_ok());
-      cuda::DeviceKv dkv;
-      dkv.num_blocks = num_blocks;
-      dkv.block_size = bs;
-      dkv.fp8 = fp8;
-      if (fp8) {
-        dkv.k_scale = {0.02f};
-        dkv.v_scale = {0.02f};
-      }
-      const size_t cache_bytes = size_t(num_blocks) * bs * c.kv_dim() * dkv.elem_bytes();
-      void *kmem = nullptr, *vmem = nullptr;
-      ASSERT_EQ(cudaMalloc(&kmem, cache_bytes), cudaSuccess);
-      ASSERT_EQ(cudaMalloc(&vmem, cache_bytes), cudaSuccess);
-      dkv.k.push_back(kmem);
-      dkv.v.push_back(vmem);
-      gpu.set_kv(&dkv);
-      StepBatch b;
-      b.clear();
-      b.max_blocks_per_seq = max_blocks;
-      for (int s = 0; s < nseq; ++s) {
-        for (int i = 0; i < len; ++i) {
-          b.token_ids.push_back(1);
-          b.positions.push_back(i);
-        }
-        b.query_start.push_back(b.query_start.back() + len);
-        b.context_lens.push_back(len);
-        for (int j = 0; j < max_blocks; ++j) b.block_tables.push_back(s * max_blocks + j);
-        b.logits_rows.push_back(b.query_start.back() - 1);
-      }
-      const int64_t T = b.num_tokens();
-      gpu.begin_step(b);
-      std::mt19937 rng(5);
-      gpu.write_buffer(Buf::kQ, random_vec(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
-      gpu.write_buffer(Buf::kK, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
-      gpu.write_buffer(Buf::kV, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
-      auto once = [&] {
-        gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
-      };
-      const auto [med, best] = time_median_ms(stream, once);
+      const int max_blocks = len / TimingRig::kBlock;
+      TimingRig rig;
+      ASSERT_TRUE(rig.init(fp8, nseq * max_blocks, cuda::StepCaps{nseq * len, nseq, nseq, nseq * max_blocks}));
+      const auto [med, best] = rig.time_attention(timing_step(std::vector<SeqShape>(size_t(nseq), {len, len}), max_blocks));
       ASSERT_EQ(cudaGetLastError(), cudaSuccess);
-      const double flop = double(nseq) * c.num_heads * double(len) * (len + 1) / 2 * c.head_dim * 4;
+      const double flop = double(nseq) * rig.c.num_heads * double(len) * (len + 1) / 2 * rig.c.head_dim * 4;
       std::printf("[prefill timing] %s KV, %d x %d tokens: attention (KV write + kernel) %.1f us median (min %.1f) = %.0f TFLOP/s\n",
                   fp8 ? "fp8" : "bf16", nseq, len, 1e3 * med, 1e3 * best, flop / (1e-3 * med) / 1e12);
-      cudaFree(kmem);
-      cudaFree(vmem);
-      cudaStreamDestroy(stream);
     }
 }
 
@@ -281,86 +301,23 @@ TEST(CudaPrefillTiming, LlamaShapes) {
 TEST(CudaPrefillTiming, MixedStep) {
   REQUIRE_GPU();
   if (!std::getenv("KILN_PREFILL_BENCH")) GTEST_SKIP() << "set KILN_PREFILL_BENCH=1 to time";
-  ModelConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = 4096;
-  c.intermediate_size = 64;
-  c.num_layers = 1;
-  c.num_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.rope_theta = 500000.0f;
-  c.max_position_embeddings = 8192;
-  c.eos_token_ids = {2};
-  const int bs = 16, max_blocks = 2176 / bs;
-  struct Seq {
-    int q_len, ctx;
-  };
-  std::vector<Seq> decode, prefill = {{2048, 2048}, {2048, 2048}, {2048, 2048}, {1162, 1162}, {548, 2048}};
+  const int max_blocks = 2176 / TimingRig::kBlock;
+  const std::vector<SeqShape> prefill = {{2048, 2048}, {2048, 2048}, {2048, 2048}, {1162, 1162}, {548, 2048}};
+  std::vector<SeqShape> decode, both = prefill;
   for (int i = 0; i < 480; ++i) decode.push_back({1, 2049 + (i * 37) % 128});
-  const int num_blocks = int(decode.size() + prefill.size()) * max_blocks;
-  cuda::Gemm gemm;
-  ASSERT_TRUE(gemm.init().is_ok());
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  cuda::CudaOps gpu(c, &gemm, stream);
-  ASSERT_TRUE(gpu.reserve(cuda::StepCaps{8448, 512, 512, 512 * max_blocks}).is_ok());
-  cuda::DeviceKv dkv;
-  dkv.num_blocks = num_blocks;
-  dkv.block_size = bs;
-  dkv.fp8 = true;
-  dkv.k_scale = {0.02f};
-  dkv.v_scale = {0.02f};
-  const size_t cache_bytes = size_t(num_blocks) * bs * c.kv_dim() * dkv.elem_bytes();
-  void *kmem = nullptr, *vmem = nullptr;
-  ASSERT_EQ(cudaMalloc(&kmem, cache_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMalloc(&vmem, cache_bytes), cudaSuccess);
-  ASSERT_EQ(cudaMemset(kmem, 0x38, cache_bytes), cudaSuccess);  // E4M3 1.0
-  ASSERT_EQ(cudaMemset(vmem, 0x38, cache_bytes), cudaSuccess);
-  dkv.k.push_back(kmem);
-  dkv.v.push_back(vmem);
-  gpu.set_kv(&dkv);
-  // one step of the given sequences (prefill first, as the scheduler orders a step's running ones)
-  auto time_step = [&](const std::vector<Seq>& pre, const std::vector<Seq>& dec) {
-    StepBatch b;
-    b.clear();
-    b.max_blocks_per_seq = max_blocks;
-    int s = 0;
-    for (const auto* group : {&pre, &dec})
-      for (const Seq& q : *group) {
-        for (int i = q.ctx - q.q_len; i < q.ctx; ++i) {
-          b.token_ids.push_back(1);
-          b.positions.push_back(i);
-        }
-        b.query_start.push_back(b.query_start.back() + q.q_len);
-        b.context_lens.push_back(q.ctx);
-        for (int j = 0; j < max_blocks; ++j) b.block_tables.push_back(s * max_blocks + j);
-        b.logits_rows.push_back(b.query_start.back() - 1);
-        ++s;
-      }
-    const int64_t T = b.num_tokens();
-    gpu.begin_step(b);
-    std::mt19937 rng(5);
-    gpu.write_buffer(Buf::kQ, random_vec(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
-    gpu.write_buffer(Buf::kK, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
-    gpu.write_buffer(Buf::kV, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
-    return time_median_ms(stream, [&] {
-      gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
-    });
-  };
-  const auto mixed = time_step(prefill, decode);
-  const auto dec_only = time_step({}, decode);
-  const auto pre_only = time_step(prefill, {});
+  both.insert(both.end(), decode.begin(), decode.end());  // prefill first, as the scheduler orders a step
+  TimingRig rig;
+  ASSERT_TRUE(rig.init(true, int(both.size()) * max_blocks, cuda::StepCaps{8448, 512, 512, 512 * max_blocks}));
+  const auto mixed = rig.time_attention(timing_step(both, max_blocks));
+  const auto dec_only = rig.time_attention(timing_step(decode, max_blocks));
+  const auto pre_only = rig.time_attention(timing_step(prefill, max_blocks));
   ASSERT_EQ(cudaGetLastError(), cudaSuccess);
   double read = 0;
-  for (const Seq& q : decode) read += double(q.ctx) * c.kv_dim() * 2;  // FP8 K and V bytes
+  for (const SeqShape& q : decode) read += double(q.ctx) * rig.c.kv_dim() * 2;  // FP8 K and V bytes
   std::printf("[mixed timing] 480 decode rows + 7,854 prefill rows, FP8 KV: step %.1f us median (min %.1f); "
               "decode alone %.1f us (%.0f GB/s), prefill alone %.1f us, sum %.1f us\n",
               1e3 * mixed.first, 1e3 * mixed.second, 1e3 * dec_only.first, read / (1e-3 * dec_only.first) / 1e9,
               1e3 * pre_only.first, 1e3 * (dec_only.first + pre_only.first));
-  cudaFree(kmem);
-  cudaFree(vmem);
-  cudaStreamDestroy(stream);
 }
 
 }  // namespace
