@@ -181,28 +181,33 @@ inline std::vector<SeqRun> run_batch(ModelExecutor& ex, const std::function<Stat
 }
 
 
-// The CPU reference ops and their CUDA twin over a one-layer paged KV cache (bf16 or FP8 with the
-// given scales), for the attention tests. The device cache starts as NaN-ish garbage (0x7f bytes):
-// a kernel that reads a slot nothing wrote shows it. `perm` is a shuffled block order, so block
-// tables are scattered.
-struct AttnRig {
-  CpuKvCache ckv;
-  std::unique_ptr<CpuOps> cpu;
+// cuBLASLt, a stream and CudaOps over c with buffers reserved for caps (c must outlive the rig).
+struct OpsRig {
   cuda::Gemm gemm;
   cudaStream_t stream = nullptr;
   std::unique_ptr<cuda::CudaOps> gpu;
-  cuda::DeviceKv dkv;
-  std::vector<int32_t> perm;
 
-  ::testing::AssertionResult init(const ModelConfig& c, int num_blocks, int bs, bool fp8, float k_scale, float v_scale,
-                                  const cuda::StepCaps& caps, std::mt19937& rng) {
-    ckv.init(c, num_blocks, bs);
-    if (fp8) ckv.set_fp8({k_scale}, {v_scale});
-    cpu = std::make_unique<CpuOps>(c, &ckv);
+  ::testing::AssertionResult init(const ModelConfig& c, const cuda::StepCaps& caps) {
     if (!gemm.init().is_ok()) return ::testing::AssertionFailure() << "cuBLASLt init";
     cudaStreamCreate(&stream);
     gpu = std::make_unique<cuda::CudaOps>(c, &gemm, stream);
     if (!gpu->reserve(caps).is_ok()) return ::testing::AssertionFailure() << "reserve";
+    return ::testing::AssertionSuccess();
+  }
+  ~OpsRig() {
+    gpu.reset();
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+// OpsRig over a one-layer paged KV cache of num_blocks blocks of bs tokens (bf16, or FP8 with the
+// given scales), every byte `fill` to start.
+struct KvOpsRig : OpsRig {
+  cuda::DeviceKv dkv;
+
+  ::testing::AssertionResult init(const ModelConfig& c, int num_blocks, int bs, bool fp8, float k_scale, float v_scale,
+                                  const cuda::StepCaps& caps, unsigned char fill) {
+    if (auto r = OpsRig::init(c, caps); !r) return r;
     dkv.num_blocks = num_blocks;
     dkv.block_size = bs;
     dkv.fp8 = fp8;
@@ -214,22 +219,62 @@ struct AttnRig {
     void *k = nullptr, *v = nullptr;
     if (cudaMalloc(&k, cache_bytes) != cudaSuccess || cudaMalloc(&v, cache_bytes) != cudaSuccess)
       return ::testing::AssertionFailure() << "cudaMalloc of the KV cache";
-    cudaMemset(k, 0x7f, cache_bytes);
-    cudaMemset(v, 0x7f, cache_bytes);
+    cudaMemset(k, fill, cache_bytes);
+    cudaMemset(v, fill, cache_bytes);
     dkv.k.push_back(k);
     dkv.v.push_back(v);
     gpu->set_kv(&dkv);
+    return ::testing::AssertionSuccess();
+  }
+  ~KvOpsRig() {
+    gpu.reset();
+    for (void* p : dkv.k) cudaFree(p);
+    for (void* p : dkv.v) cudaFree(p);
+  }
+};
+
+// The CPU reference ops and their CUDA twin over a one-layer paged KV cache (bf16 or FP8 with the
+// given scales), for the attention tests. The device cache starts as NaN-ish garbage (0x7f bytes):
+// a kernel that reads a slot nothing wrote shows it. `perm` is a shuffled block order, so block
+// tables are scattered.
+struct AttnRig : KvOpsRig {
+  CpuKvCache ckv;
+  std::unique_ptr<CpuOps> cpu;
+  std::vector<int32_t> perm;
+
+  ::testing::AssertionResult init(const ModelConfig& c, int num_blocks, int bs, bool fp8, float k_scale, float v_scale,
+                                  const cuda::StepCaps& caps, std::mt19937& rng) {
+    ckv.init(c, num_blocks, bs);
+    if (fp8) ckv.set_fp8({k_scale}, {v_scale});
+    cpu = std::make_unique<CpuOps>(c, &ckv);
+    if (auto r = KvOpsRig::init(c, num_blocks, bs, fp8, k_scale, v_scale, caps, 0x7f); !r) return r;
     perm.resize(static_cast<size_t>(num_blocks));
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), rng);
     return ::testing::AssertionSuccess();
   }
-  ~AttnRig() {
-    gpu.reset();
-    for (void* p : dkv.k) cudaFree(p);
-    for (void* p : dkv.v) cudaFree(p);
-    if (stream) cudaStreamDestroy(stream);
-  }
 };
+
+// Times of reps calls of fn on stream (ms each, CUDA events), after `warmup` untimed calls.
+template <typename F>
+std::vector<float> event_times_ms(cudaStream_t stream, int warmup, int reps, F fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(e0, stream);
+    fn();
+    cudaEventRecord(e1, stream);
+    cudaEventSynchronize(e1);
+    float t = 0;
+    cudaEventElapsedTime(&t, e0, e1);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return ms;
+}
 
 }  // namespace kiln::cuda_test

@@ -43,9 +43,6 @@ TEST(CudaDecodeTiming, Bandwidth) {
   const char* variant = std::getenv("KILN_DECODE_ATTN");
   const ModelConfig c = attn_config(32, 8, 128, /*layers=*/1, /*max_pos=*/4096);
   const int bs = 16, reps = 20;
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
   for (const TimingShape s : {TimingShape{256, 1000, true}, TimingShape{256, 1000, false}, TimingShape{256, 2000, true},
                               TimingShape{64, 2000, true}, TimingShape{64, 2000, false}, TimingShape{1, 128, true},
                               TimingShape{1, 2048, true}, TimingShape{512, 1500, true}, TimingShape{1024, 192, true}}) {
@@ -116,17 +113,7 @@ TEST(CudaDecodeTiming, Bandwidth) {
       auto run = [&] {
         gpu.rope_attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
       };
-      for (int i = 0; i < 3; ++i) run();
-      std::vector<float> ms;
-      for (int i = 0; i < reps; ++i) {
-        cudaEventRecord(e0, stream);
-        run();
-        cudaEventRecord(e1, stream);
-        cudaEventSynchronize(e1);
-        float t = 0;
-        cudaEventElapsedTime(&t, e0, e1);
-        ms.push_back(t);
-      }
+      const std::vector<float> ms = event_times_ms(stream, 3, reps, run);
       ASSERT_EQ(cudaGetLastError(), cudaSuccess);
       const auto out = gpu.read_buffer(Buf::kAttn, T, Q);
       for (float x : out) ASSERT_TRUE(std::isfinite(x));
@@ -134,17 +121,10 @@ TEST(CudaDecodeTiming, Bandwidth) {
       // the ceiling: a streaming read of the K and V caches, the same bytes
       float* sink = nullptr;
       ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&sink), 16), cudaSuccess);
-      std::vector<float> rd;
-      for (int i = 0; i < 7; ++i) {
-        cudaEventRecord(e0, stream);
+      const std::vector<float> rd = event_times_ms(stream, 2, 5, [&] {
         cuda::launch_read_bandwidth(k, int64_t(cache_bytes), sink, stream);
         cuda::launch_read_bandwidth(v, int64_t(cache_bytes), sink, stream);
-        cudaEventRecord(e1, stream);
-        cudaEventSynchronize(e1);
-        float t = 0;
-        cudaEventElapsedTime(&t, e0, e1);
-        if (i >= 2) rd.push_back(t);
-      }
+      });
       const double kv_bytes = double(s.batch) * s.ctx * double(KV) * 2 * dkv.elem_bytes();
       const double us = 1e3 * median_ms(ms), gbs = kv_bytes / (us * 1e-6) / 1e9;
       const double read_gbs = 2.0 * double(cache_bytes) / (double(median_ms(rd)) * 1e-3) / 1e9;
@@ -160,8 +140,6 @@ TEST(CudaDecodeTiming, Bandwidth) {
     }
     cudaStreamDestroy(stream);
   }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
 }
 
 }  // namespace

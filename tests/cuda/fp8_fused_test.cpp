@@ -149,12 +149,11 @@ TEST(CudaFp8Fused, OpsSiluThenDownProjMatchesSeparate) {
   REQUIRE_GPU();
   const ModelConfig c = small_config(8, 2, 64, 256, 512);
   const int64_t H = c.hidden_size, I = c.intermediate_size;
-  cuda::Gemm gemm;
-  ASSERT_TRUE(gemm.init().is_ok());
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  cuda::CudaOps ops(c, &gemm, stream);
-  ASSERT_TRUE(ops.reserve(cuda::StepCaps{64, 4, 4, 16}).is_ok());
+  OpsRig rig;
+  ASSERT_TRUE(rig.init(c, cuda::StepCaps{64, 4, 4, 16}));
+  cuda::CudaOps& ops = *rig.gpu;
+  cuda::Gemm& gemm = rig.gemm;
+  const cudaStream_t stream = rig.stream;
   std::mt19937 rng(21);
   for (bool per_channel : {false, true}) {
     // FP8 w_down [H, I]: random codes (no NaN: 0x7f / 0xff excluded), scales per tensor or row.
@@ -224,7 +223,6 @@ TEST(CudaFp8Fused, OpsSiluThenDownProjMatchesSeparate) {
                     static_cast<void*>(d_y)})
       cudaFree(p);
   }
-  cudaStreamDestroy(stream);
 }
 
 // add_rms_norm fused with the quantization of its output against launch_add_rms_norm followed by
@@ -302,12 +300,11 @@ TEST(CudaFp8Fused, OpsNormMlpMatchesSeparate) {
   REQUIRE_GPU();
   const ModelConfig c = small_config(8, 2, 64, 256, 512);
   const int64_t H = c.hidden_size, I = c.intermediate_size;
-  cuda::Gemm gemm;
-  ASSERT_TRUE(gemm.init().is_ok());
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  cuda::CudaOps ops(c, &gemm, stream);
-  ASSERT_TRUE(ops.reserve(cuda::StepCaps{512, 4, 4, 64}).is_ok());
+  OpsRig rig;
+  ASSERT_TRUE(rig.init(c, cuda::StepCaps{512, 4, 4, 64}));
+  cuda::CudaOps& ops = *rig.gpu;
+  cuda::Gemm& gemm = rig.gemm;
+  const cudaStream_t stream = rig.stream;
   std::mt19937 rng(31);
   std::vector<void*> mem;
   auto dev = [&](const void* host, size_t bytes) {
@@ -411,7 +408,6 @@ TEST(CudaFp8Fused, OpsNormMlpMatchesSeparate) {
                   what.c_str(), (long long)T, (long long)H, amax);
     }
   for (void* p : mem) cudaFree(p);
-  cudaStreamDestroy(stream);
 }
 
 // CudaOps at prefill: linear(attn, w_o FP8 static -> kProj) then add_rms_norm(residual, kProj) puts
@@ -424,12 +420,11 @@ TEST(CudaFp8Fused, OpsProjectionIntoResidual) {
   REQUIRE_GPU();
   const ModelConfig c = small_config(8, 2, 64, 256, 512);
   const int64_t H = c.hidden_size, Q = c.q_dim(), I = c.intermediate_size;
-  cuda::Gemm gemm;
-  ASSERT_TRUE(gemm.init().is_ok());
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
-  cuda::CudaOps ops(c, &gemm, stream);
-  ASSERT_TRUE(ops.reserve(cuda::StepCaps{512, 4, 4, 64}).is_ok());
+  OpsRig rig;
+  ASSERT_TRUE(rig.init(c, cuda::StepCaps{512, 4, 4, 64}));
+  cuda::CudaOps& ops = *rig.gpu;
+  cuda::Gemm& gemm = rig.gemm;
+  const cudaStream_t stream = rig.stream;
   std::mt19937 rng(41);
   const float* lut = fp8_decode_table();
   std::vector<void*> mem;
@@ -533,5 +528,4 @@ TEST(CudaFp8Fused, OpsProjectionIntoResidual) {
                   what.c_str(), fused ? "in the GEMM" : "separate add", worst, bad ? "DIFFERS" : "identical");
     }
   for (void* p : mem) cudaFree(p);
-  cudaStreamDestroy(stream);
 }

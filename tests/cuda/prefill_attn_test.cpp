@@ -176,46 +176,18 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The timing tests' GPU side: Llama-3-8B attention (32 heads, 8 KV heads, head_dim 128, one layer),
 // a cache of num_blocks 16-token blocks, and attention() on a step timed with events.
-struct TimingRig {
+struct TimingRig : KvOpsRig {
   static constexpr int kBlock = 16;
   ModelConfig c;
-  cuda::Gemm gemm;
-  cudaStream_t stream = nullptr;
-  std::unique_ptr<cuda::CudaOps> gpu;
-  cuda::DeviceKv dkv;
 
   ::testing::AssertionResult init(bool fp8, int num_blocks, const cuda::StepCaps& caps) {
     c = small_config(32, 8, 128, 4096, 64);
     c.num_layers = 1;
     c.max_position_embeddings = 8192;
-    if (!gemm.init().is_ok()) return ::testing::AssertionFailure() << "cuBLASLt init";
-    cudaStreamCreate(&stream);
-    gpu = std::make_unique<cuda::CudaOps>(c, &gemm, stream);
-    if (!gpu->reserve(caps).is_ok()) return ::testing::AssertionFailure() << "reserve";
-    dkv.num_blocks = num_blocks;
-    dkv.block_size = kBlock;
-    dkv.fp8 = fp8;
-    if (fp8) {
-      dkv.k_scale = {0.02f};
-      dkv.v_scale = {0.02f};
-    }
-    const size_t bytes = size_t(num_blocks) * kBlock * c.kv_dim() * dkv.elem_bytes();
-    void *k = nullptr, *v = nullptr;
-    if (cudaMalloc(&k, bytes) != cudaSuccess || cudaMalloc(&v, bytes) != cudaSuccess)
-      return ::testing::AssertionFailure() << "cudaMalloc of the KV cache";
-    cudaMemset(k, 0x38, bytes);  // E4M3 1.0 (bf16: a small finite value)
-    cudaMemset(v, 0x38, bytes);
-    dkv.k.push_back(k);
-    dkv.v.push_back(v);
-    gpu->set_kv(&dkv);
-    return ::testing::AssertionSuccess();
+    // 0x38: E4M3 1.0 (bf16: a small finite value)
+    return KvOpsRig::init(c, num_blocks, kBlock, fp8, 0.02f, 0.02f, caps, 0x38);
   }
-  ~TimingRig() {
-    for (void* p : dkv.k) cudaFree(p);
-    for (void* p : dkv.v) cudaFree(p);
-    gpu.reset();
-    if (stream) cudaStreamDestroy(stream);
-  }
+  ~TimingRig() { gpu.reset(); }  // before c goes
 
   // Random roped q, k, v for step b, then attention() (KV write + kernels): median and minimum (ms)
   // of 20 timed calls after 3 untimed ones.
@@ -226,25 +198,9 @@ struct TimingRig {
     gpu->write_buffer(Buf::kQ, random_vec(size_t(T * c.q_dim()), rng, 1.0f).data(), T, c.q_dim());
     gpu->write_buffer(Buf::kK, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
     gpu->write_buffer(Buf::kV, random_vec(size_t(T * c.kv_dim()), rng, 1.0f).data(), T, c.kv_dim());
-    auto once = [&] {
+    std::vector<float> ms = event_times_ms(stream, 3, 20, [&] {
       gpu->attention(0, gpu->buffer(Buf::kQ), gpu->buffer(Buf::kK), gpu->buffer(Buf::kV), c, gpu->buffer(Buf::kAttn));
-    };
-    for (int i = 0; i < 3; ++i) once();
-    std::vector<float> ms;
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    for (int i = 0; i < 20; ++i) {
-      cudaEventRecord(e0, stream);
-      once();
-      cudaEventRecord(e1, stream);
-      cudaEventSynchronize(e1);
-      float x = 0;
-      cudaEventElapsedTime(&x, e0, e1);
-      ms.push_back(x);
-    }
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
+    });
     std::sort(ms.begin(), ms.end());
     return {ms[ms.size() / 2], ms[0]};
   }

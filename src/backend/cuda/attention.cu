@@ -31,6 +31,7 @@
 
 #include "backend/cuda/async_copy.cuh"
 #include "backend/cuda/attention_common.cuh"
+#include "backend/cuda/cuda_util.h"
 #include "backend/cuda/attention_wgmma.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/launch.cuh"
@@ -1642,10 +1643,7 @@ double decode_v5_min_waves() {
 // and 19.5 -> 20.7 us. There a block holds one stage, so the pipeline has nothing to overlap; where
 // the extra time goes is not established.
 int decode_v3_max_splits() {
-  static const int v = [] {
-    const char* e = std::getenv("KILN_DECODE_V3_MAX_SPLITS");
-    return e && *e ? std::atoi(e) : 4;
-  }();
+  static const int v = env_int("KILN_DECODE_V3_MAX_SPLITS", 4);
   return v;
 }
 

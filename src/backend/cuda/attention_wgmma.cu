@@ -31,6 +31,7 @@
 #include "backend/cuda/async_copy.cuh"
 #include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/attention_wgmma.h"
+#include "backend/cuda/cuda_util.h"
 #include "backend/cuda/launch.cuh"
 
 namespace kiln::cuda {
@@ -494,10 +495,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_wgmma_kernel(const AttnPa
 // Mean prefill context (tokens) from which the kernel pays, bf16 K/V (H100 s7 run 4, v2 -> wgmma,
 // KV write + kernel: 32 x 256 FP8-fresh 164 -> 170 us, 16 x 512 231 -> 211, 4 x 2,048 643 -> 467).
 int min_ctx() {
-  static const int v = [] {
-    const char* e = std::getenv("KILN_PREFILL_WGMMA_MIN_CTX");
-    return e && *e ? std::atoi(e) : 384;
-  }();
+  static const int v = env_int("KILN_PREFILL_WGMMA_MIN_CTX", 384);
   return v;
 }
 

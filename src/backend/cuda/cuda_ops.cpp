@@ -141,10 +141,7 @@ struct CudaOps::ProfScope {
 };
 
 static int fuse_quant_mode() {
-  static const int m = [] {
-    const char* e = std::getenv("KILN_FP8_FUSE_QUANT");
-    return e && *e ? std::atoi(e) : 1;
-  }();
+  static const int m = env_int("KILN_FP8_FUSE_QUANT", 1);
   return m;
 }
 
@@ -554,8 +551,9 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
   touch(out);
   View rv = view(residual, dim), dv = view(delta, dim), ov = view(out, dim);
   KILN_CHECK_MSG(rv.f32 && rv.ld == dim, "add_rms_norm: the residual is the dense f32 buffer");
-  if (pending_.on && pending_.y == dv.ptr && pending_.n == n && n <= gemm_->gemv_max_m() && pending_.rows == dim &&
-      !ov.f32 &&
+  // the recorded projection is this add's delta
+  const bool folds = pending_.on && pending_.y == dv.ptr && pending_.n == n && pending_.rows == dim && !ov.f32;
+  if (folds && n <= gemm_->gemv_max_m() &&
       launch_gemv_add_rms_norm(static_cast<const bf16_t*>(pending_.x), pending_.ldx, int32_t(n),
                                gemv_weight(pending_.w), int32_t(dim), int32_t(pending_.cols),
                                static_cast<bf16_t*>(pending_.y), pending_.ldy, static_cast<float*>(rv.ptr),
@@ -568,8 +566,7 @@ void CudaOps::add_rms_norm(Act residual, Act delta, const Weight& w, int64_t n, 
   // below has no delta to read and no residual to write (the projection's bf16 output is never made).
   const void* dptr = dv.ptr;
   int64_t ld_delta = dv.ld;
-  if (pending_.on && pending_.y == dv.ptr && pending_.n == n && pending_.rows == dim && !ov.f32 &&
-      matmul_into_residual(pending_, static_cast<float*>(rv.ptr))) {
+  if (folds && matmul_into_residual(pending_, static_cast<float*>(rv.ptr))) {
     pending_.on = false;
     dptr = nullptr;
     ld_delta = 0;

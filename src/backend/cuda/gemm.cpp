@@ -413,14 +413,19 @@ void Gemm::linear_fp8_accumulate(const void* xq, int64_t n, int64_t ldx, const f
                                  float* y, int64_t ldy, cudaStream_t stream) {
   Plan* p = n > 0 && x_per_row == w_per_row ? plan_fp8(n, ldx, N, K, ldy, x_per_row, true) : nullptr;
   KILN_CHECK_MSG(p && p->found, "linear_fp8_accumulate: no cuBLASLt algorithm (call fp8_accumulate_ok first)");
+  run_fp8(p, w_scales, x_scales, 1.0f, wq, xq, y, stream, "FP8, f32 accumulate");
+}
+
+void Gemm::run_fp8(Plan* p, const float* a_scale, const float* b_scale, float beta, const void* wq, const void* xq,
+                   void* y, cudaStream_t stream, const char* what) {
   const LtApi& api = lt_api();
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales));
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales));
-  const float alpha = 1.0f, beta = 1.0f;
+  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale));
+  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale));
+  const float alpha = 1.0f;
   const cublasStatus_t st = api.matmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, wq, p->a, xq, p->b,
                                        &beta, y, p->c, y, p->c, &p->algo, workspace_, workspace_bytes_, stream);
-  KILN_CHECK_MSG(st == CUBLAS_STATUS_SUCCESS, "cublasLtMatmul (FP8, f32 accumulate) failed: status " +
-                                                  std::to_string(int(st)));
+  KILN_CHECK_MSG(st == CUBLAS_STATUS_SUCCESS,
+                 std::string("cublasLtMatmul (") + what + ") failed: status " + std::to_string(int(st)));
 }
 
 std::vector<GemmAlgo> Gemm::heuristic_algorithms(const GemmKey& key, int max_count) {
@@ -638,7 +643,6 @@ void Gemm::linear_fp8(const void* xq, int64_t n, int64_t ldx, const float* x_sca
                       cudaStream_t stream) {
   if (n == 0) return;
   ensure_one();
-  const LtApi& api = lt_api();
   // cuBLASLt's outer-vector mode takes a vector on both sides ([N] weight, [n] token scales). A
   // per-tensor side next to a vector one, or no outer-vector algorithm for this shape: unit scales
   // in the GEMM and both scales in the epilogue.
@@ -648,14 +652,7 @@ void Gemm::linear_fp8(const void* xq, int64_t n, int64_t ldx, const float* x_sca
   if (epilogue && vec) p = plan_fp8(n, ldx, N, K, ldy, false);
   KILN_CHECK_MSG(p->found, "cuBLASLt has no FP8 E4M3 algorithm for n=" + std::to_string(n) + " N=" +
                                std::to_string(N) + " K=" + std::to_string(K) + " (needs sm_89 or newer)");
-  const float* a_scale = epilogue ? d_one_ : w_scales;
-  const float* b_scale = epilogue ? d_one_ : x_scales;
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale, sizeof(a_scale));
-  api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale, sizeof(b_scale));
-  const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t st = api.matmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, wq, p->a, xq, p->b,
-                                       &beta, y, p->c, y, p->c, &p->algo, workspace_, workspace_bytes_, stream);
-  KILN_CHECK_MSG(st == CUBLAS_STATUS_SUCCESS, "cublasLtMatmul (FP8) failed: status " + std::to_string(int(st)));
+  run_fp8(p, epilogue ? d_one_ : w_scales, epilogue ? d_one_ : x_scales, 0.0f, wq, xq, y, stream, "FP8");
   if (epilogue)
     launch_scale_outer(static_cast<bf16_t*>(y), ldy, int32_t(n), int32_t(N), x_scales, x_per_row, w_scales, w_per_row,
                        stream);

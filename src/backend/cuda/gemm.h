@@ -161,6 +161,10 @@ class Gemm {
   // FP8 plans by (n, ldx, N, K, ldy, vector scales); null algorithm = the library has none.
   // f32_acc: into f32 C = D (linear_fp8_accumulate; the heuristic's algorithm, never the table's).
   Plan* plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec, bool f32_acc = false);
+  // One FP8 cuBLASLt call on plan p: D = C = y, y = (A scale a_scale, B scale b_scale) product + beta y.
+  // A failure is fatal, naming `what`.
+  void run_fp8(Plan* p, const float* a_scale, const float* b_scale, float beta, const void* wq, const void* xq,
+               void* y, cudaStream_t stream, const char* what);
   void ensure_one();
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, Plan*> plans_fp8_, plans_fp8_acc_;
   float* d_one_ = nullptr;  // device 1.0f: the unit scale of the epilogue fallback
