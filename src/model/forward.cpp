@@ -16,8 +16,9 @@ void forward(const ModelConfig& c, const ModelWeights& w, Ops& ops, const StepBa
   Act up = ops.buffer(Buf::kUp);       // [T, I]
 
   ops.embed(w.embed, x);
-  ops.rms_norm(x, w.layers[0].attn_norm, T, H, c.rms_norm_eps, h);
-  for (int32_t i = 0; i < c.num_layers; ++i) {
+  const bool fused = ops.all_layers(c, w, x, h);
+  if (!fused) ops.rms_norm(x, w.layers[0].attn_norm, T, H, c.rms_norm_eps, h);
+  for (int32_t i = 0; i < c.num_layers && !fused; ++i) {
     const LayerWeights& l = w.layers[size_t(i)];
     ops.linear(h, T, l.wq, l.bq.empty() ? nullptr : &l.bq, q);
     ops.linear(h, T, l.wk, l.bk.empty() ? nullptr : &l.bk, k);

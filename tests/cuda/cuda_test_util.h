@@ -21,6 +21,8 @@
 #include "core/dtype.h"
 #include "model/config.h"
 #include "model/executor.h"
+#include "model/fp8.h"
+#include "model/weights.h"
 
 #define REQUIRE_GPU()                                                   \
   do {                                                                  \
@@ -180,6 +182,36 @@ inline std::vector<SeqRun> run_batch(ModelExecutor& ex, const std::function<Stat
   return runs;
 }
 
+
+// The model with every decoder linear quantized to FP8 (embedding and lm_head stay BF16, as
+// kiln convert --use_fp8 leaves them), activations in `act`.
+inline std::shared_ptr<Model> quantize_model(const Model& src, ActQuant act, bool per_channel) {
+  auto m = std::make_shared<Model>(src);
+  auto quantize = [&](Weight& w) {
+    auto buf = std::make_shared<std::vector<uint8_t>>(size_t(w.rows * w.cols));
+    std::vector<float> f(static_cast<size_t>(w.rows * w.cols));
+    for (int64_t r = 0; r < w.rows; ++r) weight_row_to_f32(w, r, f.data() + r * w.cols);
+    std::shared_ptr<float[]> rs;
+    if (per_channel) rs.reset(new float[size_t(w.rows)]);
+    const float t = fp8_scale_for_amax(fp8_amax(f.data(), w.rows * w.cols));
+    for (int64_t r = 0; r < w.rows; ++r) {
+      const float s = per_channel ? fp8_scale_for_amax(fp8_amax(f.data() + r * w.cols, w.cols)) : t;
+      if (per_channel) rs[size_t(r)] = s;
+      fp8_quantize(f.data() + r * w.cols, w.cols, s, buf->data() + r * w.cols);
+    }
+    w.format = WeightFormat::kF8E4M3;
+    w.row_bytes = size_t(w.cols);
+    w.data = buf->data();
+    w.owner = buf;
+    w.scale = t;
+    w.row_scales = per_channel ? std::shared_ptr<const float>(rs, rs.get()) : nullptr;
+    w.act_quant = act;
+    w.input_scale = 0.05f;
+  };
+  for (LayerWeights& l : m->weights.layers)
+    for (Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) quantize(*w);
+  return m;
+}
 
 // cuBLASLt, a stream and CudaOps over c with buffers reserved for caps (c must outlive the rig).
 struct OpsRig {

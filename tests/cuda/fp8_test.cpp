@@ -136,39 +136,6 @@ TEST(CudaFp8, QuantizeAndGemmMatchEmulation) {
   }
 }
 
-namespace {
-
-// The model with every decoder linear quantized to FP8 (embedding and lm_head stay BF16, as
-// kiln convert --use_fp8 leaves them), activations in `act`.
-std::shared_ptr<Model> quantize_model(const Model& src, ActQuant act, bool per_channel) {
-  auto m = std::make_shared<Model>(src);
-  auto quantize = [&](Weight& w) {
-    auto buf = std::make_shared<std::vector<uint8_t>>(size_t(w.rows * w.cols));
-    std::vector<float> f(static_cast<size_t>(w.rows * w.cols));
-    for (int64_t r = 0; r < w.rows; ++r) weight_row_to_f32(w, r, f.data() + r * w.cols);
-    std::shared_ptr<float[]> rs;
-    if (per_channel) rs.reset(new float[size_t(w.rows)]);
-    const float t = fp8_scale_for_amax(fp8_amax(f.data(), w.rows * w.cols));
-    for (int64_t r = 0; r < w.rows; ++r) {
-      const float s = per_channel ? fp8_scale_for_amax(fp8_amax(f.data() + r * w.cols, w.cols)) : t;
-      if (per_channel) rs[size_t(r)] = s;
-      fp8_quantize(f.data() + r * w.cols, w.cols, s, buf->data() + r * w.cols);
-    }
-    w.format = WeightFormat::kF8E4M3;
-    w.row_bytes = size_t(w.cols);
-    w.data = buf->data();
-    w.owner = buf;
-    w.scale = t;
-    w.row_scales = per_channel ? std::shared_ptr<const float>(rs, rs.get()) : nullptr;
-    w.act_quant = act;
-    w.input_scale = 0.05f;
-  };
-  for (LayerWeights& l : m->weights.layers)
-    for (Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) quantize(*w);
-  return m;
-}
-
-}  // namespace
 
 // The executor on an FP8 model: the GPU (FP8 GEMM for prompts, weight-only FP8 GEMV for decode)
 // against the CPU executor's FP8 emulation of the same checkpoint.

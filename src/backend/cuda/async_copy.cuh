@@ -1,5 +1,5 @@
 // cp.async (global -> shared, 16 bytes, bypassing L1) and its group fences, shared by the attention
-// kernels (attention.cu, attention_wgmma.cu).
+// kernels (attention.cu, attention_wgmma.cu); the mbarrier calls (attention_wgmma.cu, fused_decode.cu).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -18,6 +18,26 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// mbarriers in shared memory (CTA scope; try_wait needs sm_90): init with an arrival count, arrive,
+// and wait for the phase of the given parity to complete.
+__device__ __forceinline__ void mbar_init(uint32_t a, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+#endif
 }
 
 }  // namespace kiln::cuda

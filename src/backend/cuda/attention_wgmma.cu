@@ -122,26 +122,10 @@ __device__ __forceinline__ void wgmma_rs_tb(float (&d)[64], const uint32_t* a, u
 #undef KILN_WG_D
 #undef KILN_WG_ACC
 
-// mbarriers (shared memory, CTA scope): K/V stage full (the loaders' cp.async landed) and empty
-// (both compute warpgroups are done with it).
-__device__ __forceinline__ void mbar_init(uint32_t a, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t a) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a) : "memory");
-}
-// Arrives once this thread's earlier cp.async have landed.
+// mbarriers (async_copy.cuh): K/V stage full (the loaders' cp.async landed) and empty (both compute
+// warpgroups are done with it). This one arrives once this thread's earlier cp.async have landed.
 __device__ __forceinline__ void mbar_arrive_cp_async(uint32_t a) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(a), "r"(parity)
-        : "memory");
 }
 // Named barriers 1 and 2: the compute warpgroups' turns at the tensor cores (256 threads: one
 // warpgroup syncs, the other arrives); 3 and 4: one warpgroup alone.

@@ -23,11 +23,6 @@ namespace {
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
-Status cuda_status(cudaError_t e, const std::string& what) {
-  if (e == cudaSuccess) return Status::ok();
-  return Status::error("CUDA error in " + what + ": " + cudaGetErrorString(e));
-}
-
 // Decode batch sizes that get a graph; a batch runs in the smallest bucket that holds it.
 // Past 256 the steps are long (>= 7 ms for an 8B model), so coarser buckets waste little.
 constexpr int32_t kBuckets[] = {1,   2,   4,   8,   12,  16,  24,  32,  48,  64,  80,  96,  128, 160,
@@ -832,6 +827,8 @@ Result<double> CudaExecutor::bench_gemm_seconds(int64_t M, int64_t N, int64_t K,
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
 }
+
+uint64_t CudaExecutor::fused_decode_calls() const { return ops_ ? ops_->fused_decode_calls() : 0; }
 
 bool CudaExecutor::weights_fp8() const { return !fp8_regs_.empty(); }
 

@@ -68,6 +68,8 @@ class CudaExecutor final : public ModelExecutor {
                                                   bool fp8 = false);
   // Whether any linear runs in FP8 on this GPU.
   bool weights_fp8() const;
+  // Steps whose layers ran as one kernel (CudaOps::all_layers; a replayed graph counts at capture).
+  uint64_t fused_decode_calls() const;
   // The last replayed decode graph launched `reps` times back to back with nothing from the host in
   // between (it rewrites the last step's KV slots and outputs): seconds of GPU time per step. Set
   // against the measured step, the difference is the time each step's GPU waits on the host

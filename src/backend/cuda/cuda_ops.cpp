@@ -24,6 +24,7 @@ CudaOps::CudaOps(const ModelConfig& c, Gemm* gemm, cudaStream_t stream) : c_(c),
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   target_blocks_ = 4 * sms;
+  fused_decode_on_ = env_int("KILN_FUSED_DECODE", 0) != 0;
   KILN_CHECK(cuda_ok(cudaMalloc(reinterpret_cast<void**>(&norm_counter_), sizeof(unsigned int)), "norm counter"));
   KILN_CHECK(cuda_ok(cudaMemset(norm_counter_, 0, sizeof(unsigned int)), "norm counter"));
 }
@@ -518,6 +519,108 @@ CudaOps::View CudaOps::view(Act p, int64_t dense_ld) const {
   if (p == bufs_[size_t(Buf::kGate)] || p == bufs_[size_t(Buf::kUp)]) return {p, gu, false};
   if (p == bufs_[size_t(Buf::kResidual)] || p == bufs_[size_t(Buf::kLogits)]) return {p, dense_ld, true};
   return {p, dense_ld, false};
+}
+
+Status CudaOps::build_fused_decode(const ModelWeights& w) {
+  const ModelConfig& c = c_;
+  if (c.qk_norm) return Status::error("q/k norms");
+  if (!gemv_fp8_mma_enabled()) return Status::error("the FP8 decode GEMV is off (KILN_FP8_GEMV=cvt) or not on this GPU");
+  if (!kv_ || !kv_->fp8) return Status::error("the KV cache is not FP8");
+  FusedDecodeShape sh;
+  sh.num_layers = c.num_layers;
+  sh.H = int32_t(c.hidden_size);
+  sh.I = int32_t(c.intermediate_size);
+  sh.n_heads = c.num_heads;
+  sh.n_kv = c.num_kv_heads;
+  sh.head_dim = c.head_dim;
+  const std::string why = fused_decode_unsupported(sh);
+  if (!why.empty()) return Status::error(why);
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  std::vector<FusedLayer> layers;
+  Fp8Act act = Fp8Act::kStatic;
+  for (int32_t i = 0; i < c.num_layers; ++i) {
+    const LayerWeights& l = w.layers[size_t(i)];
+    if (!l.bq.empty() || !l.bk.empty() || !l.bv.empty()) return Status::error("q/k/v biases");
+    auto b = [](const Weight& x) { return static_cast<const uint8_t*>(x.data); };
+    // q|k|v and gate|up must sit back to back (the executor uploads them so: register_fused)
+    if (b(l.wk) != b(l.wq) + c.q_dim() * H || b(l.wv) != b(l.wk) + c.kv_dim() * H || b(l.w_up) != b(l.w_gate) + I * H)
+      return Status::error("layer " + std::to_string(i) + ": q|k|v or gate|up not contiguous");
+    const Fp8Weight* f[4];
+    const void* mats[4] = {l.wq.data, l.wo.data, l.w_gate.data, l.w_down.data};
+    for (int m = 0; m < 4; ++m) {
+      auto it = fp8_.find(mats[m]);
+      if (it == fp8_.end() || !it->second.d_row_scales || !it->second.d_input_scale)
+        return Status::error("layer " + std::to_string(i) + ": a projection is not FP8");
+      f[m] = &it->second;
+      const bool dyn = f[m]->act != Fp8Act::kStatic;
+      if (i == 0 && m == 0) act = f[m]->act;
+      if (dyn != (act != Fp8Act::kStatic)) return Status::error("static and dynamic activation scales mixed");
+    }
+    FusedLayer fl{};
+    fl.qkv = b(l.wq);
+    fl.qkv_rs = f[0]->d_row_scales;
+    fl.qkv_in = f[0]->d_input_scale;
+    fl.o = b(l.wo);
+    fl.o_rs = f[1]->d_row_scales;
+    fl.o_in = f[1]->d_input_scale;
+    fl.gu = b(l.w_gate);
+    fl.gu_rs = f[2]->d_row_scales;
+    fl.gu_in = f[2]->d_input_scale;
+    fl.down = b(l.w_down);
+    fl.down_rs = f[3]->d_row_scales;
+    fl.down_in = f[3]->d_input_scale;
+    fl.attn_norm = static_cast<const float*>(l.attn_norm.data);
+    fl.ffn_norm = static_cast<const float*>(l.ffn_norm.data);
+    fl.k_cache = kv_->k[size_t(i)];
+    fl.v_cache = kv_->v[size_t(i)];
+    fl.k_scale = kv_->k_scale[size_t(i)];
+    fl.v_scale = kv_->v_scale[size_t(i)];
+    layers.push_back(fl);
+  }
+  dynamic_act_ = act != Fp8Act::kStatic;
+  auto fd = std::make_unique<FusedDecode>();
+  KILN_RETURN_IF_ERROR(fd->init(sh, layers));
+  fused_decode_ = std::move(fd);
+  return Status::ok();
+}
+
+bool CudaOps::all_layers(const ModelConfig& c, const ModelWeights& w, Act x, Act h) {
+  if (!fused_decode_on_ || T_ != 1 || S_ != 1 || L_ != 1 || n_prefill_tiles_ != 0 || !fused_decode_why_not_.empty()) return false;
+  if (!fused_decode_) {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(stream_, &cs);
+    if (cs != cudaStreamCaptureStatusNone) return false;  // built at an eager step
+    Status st = build_fused_decode(w);
+    if (!st) {
+      fused_decode_why_not_ = st.message();
+      log_info("cuda: one-token decode steps run op by op (the one-kernel path: " + st.message() + ")");
+      return false;
+    }
+    log_info("cuda: one-token decode steps run every layer in one kernel (KILN_FUSED_DECODE=1)");
+  }
+  ProfScope prof(this, "all_layers");
+  flush_pending();
+  touch(x);
+  touch(h);
+  norm_out_rewritten(h, 1);
+  last_fused_ = {};
+  View xv = view(x, c.hidden_size), hv = view(h, c.hidden_size);
+  FusedDecodeStep st;
+  st.eps = c.rms_norm_eps;
+  st.scale = 1.0f / std::sqrt(float(c.head_dim));
+  st.rope = c.rope_style == RopeStyle::kInterleaved ? 2 : 1;
+  st.inv_freq = inv_freq_;
+  st.dynamic = dynamic_act_;
+  st.tokens = d_tokens_;
+  st.seqs = d_seqs_;
+  st.tables = d_tables_;
+  st.block_size = kv_->block_size;
+  st.residual = static_cast<float*>(xv.ptr);
+  st.final_norm = static_cast<const float*>(w.final_norm.data);
+  st.out = static_cast<bf16_t*>(hv.ptr);
+  fused_decode_->launch(st, stream_);
+  ++fused_decode_calls_;
+  return true;
 }
 
 void CudaOps::embed(const Weight& table, Act out) {

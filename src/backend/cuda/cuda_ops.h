@@ -12,7 +12,10 @@
 #include <unordered_map>
 #include <vector>
 
+#include <memory>
+
 #include "backend/cuda/fp8.h"
+#include "backend/cuda/fused_decode.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
 #include "model/ops.h"
@@ -87,6 +90,12 @@ class CudaOps final : public Ops {
   void rope_attention(int32_t layer, Act q, Act k, Act v, const ModelConfig& c, Act out) override;
   void silu_mul(Act gate, Act up, int64_t n, int64_t dim, Act out) override;
   void gather_logit_rows(Act x, int64_t dim, Act out) override;
+  // With KILN_FUSED_DECODE=1, a one-token step of an FP8 model with an FP8 KV cache runs every
+  // layer in one persistent kernel (fused_decode.h) where the device and shapes allow it. Off by
+  // default: on the H100 it is still slower than op by op (docs/PERF_fp8_gpu.md, session 11).
+  bool all_layers(const ModelConfig& c, const ModelWeights& w, Act x, Act h) override;
+  // Host calls that took the one-kernel path (a graph replay counts once, at its capture).
+  uint64_t fused_decode_calls() const { return fused_decode_calls_; }
 
   const float* logits() const { return static_cast<const float*>(bufs_[size_t(Buf::kLogits)]); }  // device [L, V]
   cudaStream_t stream() const { return stream_; }
@@ -230,6 +239,14 @@ class CudaOps final : public Ops {
   // (nothing launched) where that path does not apply.
   bool matmul_into_residual(const Pending& pd, float* residual);
   unsigned int* norm_counter_ = nullptr;  // device word of the fused-norm GEMV (kept at 0)
+  // The one-kernel decode: built at the first eligible step (not while capturing); why_not_ says
+  // why it never will be (logged once).
+  Status build_fused_decode(const ModelWeights& w);
+  std::unique_ptr<FusedDecode> fused_decode_;
+  std::string fused_decode_why_not_;
+  uint64_t fused_decode_calls_ = 0;
+  bool fused_decode_on_ = false;  // KILN_FUSED_DECODE, read when the ops are made
+  bool dynamic_act_ = false;     // the FP8 activations' scales: amax / 448 (else static)
   struct {
     const void* head = nullptr;
     const void* x = nullptr;

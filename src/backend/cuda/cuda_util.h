@@ -16,6 +16,11 @@ inline bool cuda_ok(cudaError_t e, const char* what) {
   return false;
 }
 
+inline Status cuda_status(cudaError_t e, const std::string& what) {
+  if (e == cudaSuccess) return Status::ok();
+  return Status::error("CUDA error in " + what + ": " + cudaGetErrorString(e));
+}
+
 // An integer tuning knob from the environment (unset or empty: dflt). Callers cache it in a static.
 inline int env_int(const char* name, int dflt) {
   const char* e = std::getenv(name);

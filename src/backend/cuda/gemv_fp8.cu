@@ -26,6 +26,7 @@
 #include <string>
 
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/fp8_mma.cuh"
 #include "backend/cuda/fold_tail.cuh"
 #include "backend/cuda/gemv_fp8.h"
 #include "backend/cuda/launch.cuh"
@@ -60,15 +61,6 @@ struct Params {
   GemvFold fold;
 };
 
-__device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
 // 8 bf16 -> 8 E4M3 codes: fp8(x / s), as fp8.cu's quantize_row (division, not a reciprocal).
 __device__ __forceinline__ uint2 quantize8(const uint4 u, float s) {
   const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
@@ -82,11 +74,6 @@ __device__ __forceinline__ uint2 quantize8(const uint4 u, float s) {
     o[i / 2] |= q << (16 * (i % 2));
   }
   return make_uint2(o[0], o[1]);
-}
-
-// As model/fp8.h fp8_scale_for_amax: 1 for zero or non-finite.
-__device__ __forceinline__ float scale_for_amax(float amax) {
-  return (amax > 0.0f && amax < 3.0e38f) ? amax / 448.0f : 1.0f;
 }
 
 __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
