@@ -27,6 +27,7 @@
 #include "backend/cpu/cpu_ops.h"
 #include "backend/cuda/cuda_executor.h"
 #include "backend/cuda/cuda_ops.h"
+#include "common/env_var.h"
 #include "core/dtype.h"
 #include "cuda_test_util.h"
 
@@ -140,7 +141,7 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
       const std::string saved = env ? env : "";
       for (const char* other : {"v3", "v2old", "v5"}) {
         if (saved == other) continue;
-        setenv("KILN_DECODE_ATTN", other, 1);
+        kiln::testing::EnvVar forced("KILN_DECODE_ATTN", other);
         set_inputs(q_roped, k_roped);
         gpu.attention(0, gpu.buffer(Buf::kQ), gpu.buffer(Buf::kK), gpu.buffer(Buf::kV), c, gpu.buffer(Buf::kAttn));
         rel = rel_l2(gpu.read_buffer(Buf::kAttn, T, Q), cpu_out, &max_abs);
@@ -153,8 +154,6 @@ TEST_P(CudaDecodeLong, MatchesCpu) {
         std::printf("  decode  rope_attention (%s) rel %.2e max|d| %.3g\n", other, rel, max_abs);
         EXPECT_LE(rel, 1.5e-2) << "rope_attention, " << other;
       }
-      if (env) setenv("KILN_DECODE_ATTN", saved.c_str(), 1);
-      else unsetenv("KILN_DECODE_ATTN");
     }
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
   }

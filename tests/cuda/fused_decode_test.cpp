@@ -7,10 +7,9 @@
 // replays. Without a GPU (or on one that cannot take the kernel) the test skips with the reason.
 #include <gtest/gtest.h>
 
-#include <cstdlib>
-
 #include "backend/cpu/cpu_executor.h"
 #include "backend/cuda/fused_decode.h"
+#include "common/env_var.h"
 #include "cuda_test_util.h"
 
 using namespace kiln;
@@ -23,11 +22,6 @@ struct Case {
   int heads, kv, hidden, inter, prompt;
   const char* splits;  // KILN_FUSED_DECODE_SPLITS ("" = the default)
 };
-
-void set_env(const char* k, const char* v) {
-  if (v && *v) setenv(k, v, 1);
-  else unsetenv(k);
-}
 
 }  // namespace
 
@@ -81,11 +75,12 @@ TEST(CudaFusedDecode, MatchesCpuEmulationAndOpByOp) {
           },
           prompt, forced, steps, max_blocks);
       auto run_gpu = [&](bool fused, uint64_t* calls) {
-        set_env("KILN_FUSED_DECODE", fused ? "1" : "0");
-        set_env("KILN_FUSED_DECODE_SPLITS", k.splits);
-        auto gx = cuda::CudaExecutor::create(model, opts);
-        set_env("KILN_FUSED_DECODE", nullptr);
-        set_env("KILN_FUSED_DECODE_SPLITS", nullptr);
+        // both read when the executor is made
+        auto gx = [&] {
+          kiln::testing::EnvVar on("KILN_FUSED_DECODE", fused ? "1" : "0");
+          kiln::testing::EnvVar splits("KILN_FUSED_DECODE_SPLITS", *k.splits ? k.splits : nullptr);
+          return cuda::CudaExecutor::create(model, opts);
+        }();
         EXPECT_TRUE(gx.is_ok()) << gx.message();
         if (!gx.is_ok()) return std::vector<SeqRun>(1);
         cuda::CudaExecutor& gpu = **gx;

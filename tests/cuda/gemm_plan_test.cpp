@@ -21,6 +21,7 @@
 #include "backend/cuda/fp8.h"
 #include "backend/cuda/gemm_plan.h"
 #include "backend/cuda/kernels.h"
+#include "common/env_var.h"
 #include "cuda_test_util.h"
 
 using namespace kiln;
@@ -391,13 +392,12 @@ TEST(GemmPlan, Fp8M256FastAccumAndScaleModes) {
   GemmBench fast;
   ASSERT_TRUE(fast.init(0).is_ok());
   // Gemm reads KILN_FP8_FAST_ACCUM at init: a second bench with promoted (slow) accumulation.
-  const char* had = std::getenv("KILN_FP8_FAST_ACCUM");
-  const std::string saved = had ? had : "";
-  setenv("KILN_FP8_FAST_ACCUM", "0", 1);
   GemmBench slow;
-  const Status st = slow.init(0);
-  if (had) setenv("KILN_FP8_FAST_ACCUM", saved.c_str(), 1);
-  else unsetenv("KILN_FP8_FAST_ACCUM");
+  Status st = Status::ok();
+  {
+    kiln::testing::EnvVar promoted("KILN_FP8_FAST_ACCUM", "0");
+    st = slow.init(0);
+  }
   ASSERT_TRUE(st.is_ok()) << st.message();
   std::printf("\n[fp8 m256] heuristic's first algorithm, us (best of 3 medians of 30); plan_* = plan_gemm (split-K + "
               "wider search), fast accumulation\n");

@@ -13,6 +13,7 @@
 
 #include "backend/cpu/cpu_executor.h"
 #include "backend/cpu/cpu_ops.h"
+#include "common/env_var.h"
 #include "common/greedy_run.h"
 #include "common/tiny_config.h"
 #include "core/dtype.h"
@@ -20,6 +21,7 @@
 #include "model/fp8.h"
 
 using namespace kiln;
+using kiln::testing::EnvVar;
 
 namespace {
 
@@ -42,23 +44,6 @@ StepBatch prompt_step(const std::vector<int32_t>& prompt, int32_t blocks) {
   for (int32_t i = 0; i < blocks; ++i) b.block_tables.push_back(i);
   return b;
 }
-
-// Scoped environment variable (restored on exit).
-struct EnvVar {
-  std::string name, old;
-  bool had;
-  EnvVar(const char* n, const char* v) : name(n) {
-    const char* o = std::getenv(n);
-    had = o != nullptr;
-    if (had) old = o;
-    if (v) setenv(n, v, 1);
-    else unsetenv(n);
-  }
-  ~EnvVar() {
-    if (had) setenv(name.c_str(), old.c_str(), 1);
-    else unsetenv(name.c_str());
-  }
-};
 
 }  // namespace
 
