@@ -16,24 +16,25 @@ void forward(const ModelConfig& c, const ModelWeights& w, Ops& ops, const StepBa
   Act up = ops.buffer(Buf::kUp);       // [T, I]
 
   ops.embed(w.embed, x);
-  const bool fused = ops.all_layers(c, w, x, h);
-  if (!fused) ops.rms_norm(x, w.layers[0].attn_norm, T, H, c.rms_norm_eps, h);
-  for (int32_t i = 0; i < c.num_layers && !fused; ++i) {
-    const LayerWeights& l = w.layers[size_t(i)];
-    ops.linear(h, T, l.wq, l.bq.empty() ? nullptr : &l.bq, q);
-    ops.linear(h, T, l.wk, l.bk.empty() ? nullptr : &l.bk, k);
-    ops.linear(h, T, l.wv, l.bv.empty() ? nullptr : &l.bv, v);
-    if (c.qk_norm) {
-      ops.head_rms_norm(q, T, c.num_heads, c.head_dim, l.q_norm, c.rms_norm_eps);
-      ops.head_rms_norm(k, T, c.num_kv_heads, c.head_dim, l.k_norm, c.rms_norm_eps);
+  if (!ops.all_layers(c, w, x, h)) {
+    ops.rms_norm(x, w.layers[0].attn_norm, T, H, c.rms_norm_eps, h);
+    for (int32_t i = 0; i < c.num_layers; ++i) {
+      const LayerWeights& l = w.layers[size_t(i)];
+      ops.linear(h, T, l.wq, l.bq.empty() ? nullptr : &l.bq, q);
+      ops.linear(h, T, l.wk, l.bk.empty() ? nullptr : &l.bk, k);
+      ops.linear(h, T, l.wv, l.bv.empty() ? nullptr : &l.bv, v);
+      if (c.qk_norm) {
+        ops.head_rms_norm(q, T, c.num_heads, c.head_dim, l.q_norm, c.rms_norm_eps);
+        ops.head_rms_norm(k, T, c.num_kv_heads, c.head_dim, l.k_norm, c.rms_norm_eps);
+      }
+      ops.rope_attention(i, q, k, v, c, attn);
+      ops.linear(attn, T, l.wo, nullptr, proj);
+      ops.add_rms_norm(x, proj, l.ffn_norm, T, H, c.rms_norm_eps, h);
+      ops.linear_gate_up_silu(h, T, l, gate, up);
+      ops.linear(gate, T, l.w_down, nullptr, proj);
+      const Weight& next_norm = i + 1 < c.num_layers ? w.layers[size_t(i) + 1].attn_norm : w.final_norm;
+      ops.add_rms_norm(x, proj, next_norm, T, H, c.rms_norm_eps, h);
     }
-    ops.rope_attention(i, q, k, v, c, attn);
-    ops.linear(attn, T, l.wo, nullptr, proj);
-    ops.add_rms_norm(x, proj, l.ffn_norm, T, H, c.rms_norm_eps, h);
-    ops.linear_gate_up_silu(h, T, l, gate, up);
-    ops.linear(gate, T, l.w_down, nullptr, proj);
-    const Weight& next_norm = i + 1 < c.num_layers ? w.layers[size_t(i) + 1].attn_norm : w.final_norm;
-    ops.add_rms_norm(x, proj, next_norm, T, H, c.rms_norm_eps, h);
   }
   const int64_t L = int64_t(batch.logits_rows.size());
   if (L == 0) return;

@@ -57,10 +57,7 @@ class Ops {
   // Every layer of the step at once, where the backend has such a path for this step (CUDA: a
   // one-token FP8 decode step in one kernel). x holds the embeddings; on true, h holds
   // rms_norm(x after the last layer) * final_norm, as the layer loop leaves it. false: nothing done.
-  virtual bool all_layers(const ModelConfig& c, const ModelWeights& w, Act x, Act h) {
-    (void)c, (void)w, (void)x, (void)h;
-    return false;
-  }
+  virtual bool all_layers(const ModelConfig&, const ModelWeights&, Act /*x*/, Act /*h*/) { return false; }
 };
 
 // The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3. On return

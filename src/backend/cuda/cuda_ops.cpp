@@ -533,42 +533,28 @@ Status CudaOps::build_fused_decode(const ModelWeights& w) {
   sh.n_heads = c.num_heads;
   sh.n_kv = c.num_kv_heads;
   sh.head_dim = c.head_dim;
-  const std::string why = fused_decode_unsupported(sh);
-  if (!why.empty()) return Status::error(why);
   const int64_t H = c.hidden_size, I = c.intermediate_size;
+  auto b = [](const Weight& x) { return static_cast<const uint8_t*>(x.data); };
   std::vector<FusedLayer> layers;
-  Fp8Act act = Fp8Act::kStatic;
+  int dynamic = -1;  // the first projection's activation mode; every other must match
   for (int32_t i = 0; i < c.num_layers; ++i) {
     const LayerWeights& l = w.layers[size_t(i)];
     if (!l.bq.empty() || !l.bk.empty() || !l.bv.empty()) return Status::error("q/k/v biases");
-    auto b = [](const Weight& x) { return static_cast<const uint8_t*>(x.data); };
     // q|k|v and gate|up must sit back to back (the executor uploads them so: register_fused)
     if (b(l.wk) != b(l.wq) + c.q_dim() * H || b(l.wv) != b(l.wk) + c.kv_dim() * H || b(l.w_up) != b(l.w_gate) + I * H)
       return Status::error("layer " + std::to_string(i) + ": q|k|v or gate|up not contiguous");
-    const Fp8Weight* f[4];
-    const void* mats[4] = {l.wq.data, l.wo.data, l.w_gate.data, l.w_down.data};
+    FusedLayer fl{};
+    const Weight* mats[4] = {&l.wq, &l.wo, &l.w_gate, &l.w_down};  // FusedLayer::mat's order
     for (int m = 0; m < 4; ++m) {
-      auto it = fp8_.find(mats[m]);
+      auto it = fp8_.find(mats[m]->data);
       if (it == fp8_.end() || !it->second.d_row_scales || !it->second.d_input_scale)
         return Status::error("layer " + std::to_string(i) + ": a projection is not FP8");
-      f[m] = &it->second;
-      const bool dyn = f[m]->act != Fp8Act::kStatic;
-      if (i == 0 && m == 0) act = f[m]->act;
-      if (dyn != (act != Fp8Act::kStatic)) return Status::error("static and dynamic activation scales mixed");
+      const Fp8Weight& f = it->second;
+      const int dyn = f.act != Fp8Act::kStatic;
+      if (dynamic < 0) dynamic = dyn;
+      if (dyn != dynamic) return Status::error("static and dynamic activation scales mixed");
+      fl.mat[m] = {b(*mats[m]), f.d_row_scales, f.d_input_scale};
     }
-    FusedLayer fl{};
-    fl.qkv = b(l.wq);
-    fl.qkv_rs = f[0]->d_row_scales;
-    fl.qkv_in = f[0]->d_input_scale;
-    fl.o = b(l.wo);
-    fl.o_rs = f[1]->d_row_scales;
-    fl.o_in = f[1]->d_input_scale;
-    fl.gu = b(l.w_gate);
-    fl.gu_rs = f[2]->d_row_scales;
-    fl.gu_in = f[2]->d_input_scale;
-    fl.down = b(l.w_down);
-    fl.down_rs = f[3]->d_row_scales;
-    fl.down_in = f[3]->d_input_scale;
     fl.attn_norm = static_cast<const float*>(l.attn_norm.data);
     fl.ffn_norm = static_cast<const float*>(l.ffn_norm.data);
     fl.k_cache = kv_->k[size_t(i)];
@@ -577,7 +563,7 @@ Status CudaOps::build_fused_decode(const ModelWeights& w) {
     fl.v_scale = kv_->v_scale[size_t(i)];
     layers.push_back(fl);
   }
-  dynamic_act_ = act != Fp8Act::kStatic;
+  dynamic_act_ = dynamic == 1;
   auto fd = std::make_unique<FusedDecode>();
   KILN_RETURN_IF_ERROR(fd->init(sh, layers));
   fused_decode_ = std::move(fd);
@@ -600,9 +586,9 @@ bool CudaOps::all_layers(const ModelConfig& c, const ModelWeights& w, Act x, Act
   }
   ProfScope prof(this, "all_layers");
   flush_pending();
+  norm_out_rewritten(h, 1);  // as rms_norm: the skipped output is dead, then the inputs are computed
   touch(x);
   touch(h);
-  norm_out_rewritten(h, 1);
   last_fused_ = {};
   View xv = view(x, c.hidden_size), hv = view(h, c.hidden_size);
   FusedDecodeStep st;

@@ -1,6 +1,9 @@
-// Device pieces of the FP8 tensor-core GEMVs (gemv_fp8.cu, fused_decode.cu): the e4m3 mma and the
-// dynamic activation scale, so both quantize and multiply alike.
+// Device pieces of the FP8 tensor-core GEMVs (gemv_fp8.cu, fused_decode.cu): the e4m3 mma, the
+// activation quantizers and the dynamic activation scale, so both quantize and multiply alike.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
 #include <cstdint>
 
 namespace kiln::cuda {
@@ -13,6 +16,24 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
+}
+
+// Two floats -> two E4M3 codes (low 16 bits): fp8(x / s), as fp8.cu's quantize_row (IEEE division,
+// not a reciprocal; saturating).
+__device__ __forceinline__ uint32_t fp8x2(float a, float b, float s) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
+}
+
+// 8 bf16 -> 8 E4M3 codes, the same.
+__device__ __forceinline__ uint2 quantize8(const uint4 u, float s) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+  uint32_t o[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float2 f0 = __bfloat1622float2(p[2 * i]), f1 = __bfloat1622float2(p[2 * i + 1]);
+    o[i] = fp8x2(f0.x, f0.y, s) | (fp8x2(f1.x, f1.y, s) << 16);
+  }
+  return make_uint2(o[0], o[1]);
 }
 
 // As model/fp8.h fp8_scale_for_amax: 1 for zero or non-finite.

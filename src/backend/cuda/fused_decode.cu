@@ -160,9 +160,6 @@ __device__ __forceinline__ float creduce(float v, float* red) {
 
 __device__ __forceinline__ float bf16r(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
-__device__ __forceinline__ uint32_t fp8x2(float a, float b, float s) {
-  return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
-}
 __device__ __forceinline__ uint8_t fp8_of(float a, float s) {
   return __nv_cvt_float_to_fp8(__fdiv_rn(a, s), __NV_SATFINITE, __NV_E4M3);
 }
@@ -171,7 +168,7 @@ __device__ __forceinline__ float2 fp8x2_to_f2(uint32_t x) {
   return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 
-// The weight matrices of a layer, in the order the producer streams them.
+// The weight matrices of a layer (FusedLayer::mat), in the order the producer streams them.
 enum Mat { kQkv = 0, kO = 1, kGu = 2, kDown = 3 };
 
 struct Tiling {
@@ -198,13 +195,14 @@ struct Tiling {
 
 // Row r (0..15) of tile t of matrix m, at the stage's K offset.
 __device__ __forceinline__ const uint8_t* tile_row(const Params& p, const FusedLayer& L, int m, int t, int r, int ks) {
+  const uint8_t* w = L.mat[m].w + ks * kKc;
   switch (m) {
-    case kQkv: return L.qkv + int64_t(16 * t + r) * p.H + ks * kKc;
-    case kO: return L.o + int64_t(16 * t + r) * p.q_dim + ks * kKc;
-    case kGu: return L.gu + (int64_t(8 * t + (r & 7)) + (r < 8 ? 0 : p.I)) * p.H + ks * kKc;
+    case kQkv: return w + int64_t(16 * t + r) * p.H;
+    case kO: return w + int64_t(16 * t + r) * p.q_dim;
+    case kGu: return w + (int64_t(8 * t + (r & 7)) + (r < 8 ? 0 : p.I)) * p.H;
     default: {
       const int rt = t % (p.H / 16), kp = t / (p.H / 16);
-      return L.down + int64_t(16 * rt + r) * p.I + int64_t(kp) * (p.I / p.down_split) + ks * kKc;
+      return w + int64_t(16 * rt + r) * p.I + int64_t(kp) * (p.I / p.down_split);
     }
   }
 }
@@ -291,17 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_kernel(const Params 
     } else {
       sx = in_s;
     }
-    for (int i = tid; i < n / 8; i += kCT) {
-      const uint4 v = __ldcg(s4 + i);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-      uint32_t q[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float2 f0 = __bfloat1622float2(h[2 * e]), f1 = __bfloat1622float2(h[2 * e + 1]);
-        q[e] = fp8x2(f0.x, f0.y, sx) | (fp8x2(f1.x, f1.y, sx) << 16);
-      }
-      *reinterpret_cast<uint2*>(u + 8 * i) = make_uint2(q[0], q[1]);
-    }
+    for (int i = tid; i < n / 8; i += kCT) *reinterpret_cast<uint2*>(u + 8 * i) = quantize8(__ldcg(s4 + i), sx);
     cbar();
   };
 
@@ -379,7 +367,8 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_kernel(const Params 
   // The block's tiles of matrix m of layer l against x_q; epi(t, r, per-warp sums, rs) by threads
   // r < 16, rs: the row's dequantization scale (for gate/up rows r < 8: gate's and up's), loaded
   // when the tile starts.
-  auto consume = [&](int l, int m, const float* row_scales, auto&& epi) {
+  auto consume = [&](int l, int m, auto&& epi) {
+    const float* row_scales = p.layers[l].mat[m].rs;
     const int kb_step = m == kDown ? p.I / p.down_split : 0;
     for (int t = tl.first(l, m); t < tl.tiles[m]; t += G) {
       float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -439,12 +428,12 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_kernel(const Params 
     const FusedLayer& L = p.layers[l];
     // ---- A: qkv ----
     load_norm(L.attn_norm);
-    float in_s = load_scale(L.qkv_in);
+    float in_s = load_scale(L.mat[kQkv].in);
     if (l > 0) grid_sync(p.bar);
     stamp(l, 0, 0);
     prep_norm(l > 0, in_s, nullptr, false);
     stamp(l, 0, 1);
-    consume(l, kQkv, L.qkv_rs, [&](int t, int r, const float* rt, float2 rs) {
+    consume(l, kQkv, [&](int t, int r, const float* rt, float2 rs) {
       p.qkv[16 * t + r] = __float2bfloat16(row_sum(rt, r) * (sx * rs.x));
     });
     stamp(l, 0, 2);
@@ -625,14 +614,14 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_kernel(const Params 
       }
     }
     stamp(l, 1, 2);
-    in_s = load_scale(L.o_in);
+    in_s = load_scale(L.mat[kO].in);
     grid_sync(p.bar);
 
     // ---- C: o_proj + residual ----
     stamp(l, 2, 0);
     prep_bf16(p.attn, p.q_dim, in_s);
     stamp(l, 2, 1);
-    consume(l, kO, L.o_rs, [&](int t, int r, const float* rt, float2 rs) {
+    consume(l, kO, [&](int t, int r, const float* rt, float2 rs) {
       const int row = 16 * t + r;
       float x = __ldcg(p.st.residual + row);
       if (l > 0) {
@@ -644,27 +633,27 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_kernel(const Params 
     });
     stamp(l, 2, 2);
     load_norm(L.ffn_norm);
-    in_s = load_scale(L.gu_in);
+    in_s = load_scale(L.mat[kGu].in);
     grid_sync(p.bar);
 
     // ---- D: gate/up + silu ----
     stamp(l, 3, 0);
     prep_norm(false, in_s, nullptr, false);
     stamp(l, 3, 1);
-    consume(l, kGu, L.gu_rs, [&](int t, int r, const float* rt, float2 rs) {
+    consume(l, kGu, [&](int t, int r, const float* rt, float2 rs) {
       if (r >= 8) return;
       const float gt = row_sum(rt, r) * (sx * rs.x), up = row_sum(rt, r + 8) * (sx * rs.y);
       p.act[8 * t + r] = __float2bfloat16(gt / (1.0f + __expf(-gt)) * up);
     });
     stamp(l, 3, 2);
-    in_s = load_scale(L.down_in);
+    in_s = load_scale(L.mat[kDown].in);
     grid_sync(p.bar);
 
     // ---- E: down_proj (K halves) ----
     stamp(l, 4, 0);
     prep_bf16(p.act, p.I, in_s);
     stamp(l, 4, 1);
-    consume(l, kDown, L.down_rs, [&](int t, int r, const float* rt, float2 rs) {
+    consume(l, kDown, [&](int t, int r, const float* rt, float2 rs) {
       const int kp = t / (H / 16), row = 16 * (t % (H / 16)) + r;
       p.down[int64_t(kp) * H + row] = row_sum(rt, r) * (sx * rs.x);
     });
@@ -851,7 +840,6 @@ void FusedDecode::launch(const FusedDecodeStep& step, cudaStream_t s) const {
   p.max_splits = max_splits_;
   p.stages = stages_;
   p.inflight = std::min(inflight_, stages_);
-
   p.weights_evict_first = evict_first_;
   p.st = step;
   carve(static_cast<uint8_t*>(scratch_), &p);

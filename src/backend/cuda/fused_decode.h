@@ -21,17 +21,18 @@
 
 namespace kiln::cuda {
 
-// One layer's device pointers. Matrices are FP8 E4M3, row-major [rows, K], real = fp8 * rs[row];
-// *_in: the static activation scale (device [1]), read only without dynamic activations.
+// One FP8 E4M3 matrix, row-major [rows, K], real = fp8 * rs[row]; in: the static activation scale
+// (device [1]), read only without dynamic activations.
+struct FusedMat {
+  const uint8_t* w;
+  const float *rs, *in;
+};
+
+// One layer's device pointers.
 struct FusedLayer {
-  const uint8_t* qkv;  // [q_dim + 2 kv_dim, H]: q rows, k rows, v rows
-  const float *qkv_rs, *qkv_in;
-  const uint8_t* o;  // [H, q_dim]
-  const float *o_rs, *o_in;
-  const uint8_t* gu;  // [2 I, H]: gate rows, then up rows
-  const float *gu_rs, *gu_in;
-  const uint8_t* down;  // [H, I]
-  const float *down_rs, *down_in;
+  // in the order the kernel streams them: qkv [q_dim + 2 kv_dim, H] (q rows, k rows, v rows),
+  // o [H, q_dim], gate|up [2 I, H] (gate rows, then up rows), down [H, I]
+  FusedMat mat[4];
   const float *attn_norm, *ffn_norm;  // [H]
   void *k_cache, *v_cache;            // FP8 [num_blocks, n_kv, block_size, 128]
   float k_scale, v_scale;

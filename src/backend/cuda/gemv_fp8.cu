@@ -61,21 +61,6 @@ struct Params {
   GemvFold fold;
 };
 
-// 8 bf16 -> 8 E4M3 codes: fp8(x / s), as fp8.cu's quantize_row (division, not a reciprocal).
-__device__ __forceinline__ uint2 quantize8(const uint4 u, float s) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
-  uint32_t o[2] = {0u, 0u};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 f = __bfloat1622float2(p[i]);
-    f.x = __fdiv_rn(f.x, s);
-    f.y = __fdiv_rn(f.y, s);
-    const uint32_t q = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-    o[i / 2] |= q << (16 * (i % 2));
-  }
-  return make_uint2(o[0], o[1]);
-}
-
 __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
   for (int o = 16; o > 0; o >>= 1) {
     const float u = __shfl_xor_sync(0xffffffffu, v, o);
