@@ -6,6 +6,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
 #include "backend/cpu/cpu_executor.h"
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/fp8.h"
@@ -197,4 +202,49 @@ TEST(CudaFp8, ExecutorMatchesCpuEmulation) {
     EXPECT_LE(worst_prefill, 3e-2);
     EXPECT_LE(worst_decode, 6e-2);
   }
+}
+
+// The quantizers divide by the scale through a reciprocal made once (fp8_mma.cuh's ScaleDiv,
+// Markstein's correction) instead of an IEEE division per element: the same quotient, so the same
+// E4M3 codes as the CPU emulation. Checked against __fdiv_rn over random bit patterns (every
+// exponent, denormals, infinities, NaNs), bf16 activations and specials, for log-uniform scales,
+// amax / 448 scales, powers of two and the edges of the reciprocal's range.
+TEST(CudaFp8, ScaleDivIsTheIeeeQuotient) {
+  REQUIRE_GPU();
+  std::mt19937 rng(23);
+  std::vector<float> x;
+  for (int i = 0; i < (1 << 20); ++i) {
+    const uint32_t b = rng();
+    float f;
+    std::memcpy(&f, &b, 4);
+    x.push_back(f);
+  }
+  std::normal_distribution<float> act(0.0f, 3.0f);
+  for (int i = 0; i < (1 << 18); ++i) x.push_back(bf16_round(act(rng) * std::exp2(float(int(rng() % 40)) - 20.0f)));
+  for (float f : {0.0f, -0.0f, 1.0f, -1.0f, 448.0f, 464.0f, 480.0f, 0x1p-9f, 0x1p-10f, 0x1.000002p-10f, FLT_MIN,
+                  -FLT_MIN, std::numeric_limits<float>::denorm_min(), FLT_MAX, -FLT_MAX,
+                  std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                  std::numeric_limits<float>::quiet_NaN()})
+    x.push_back(f);
+  std::vector<float> scales;
+  std::uniform_real_distribution<float> u01(0.0f, 1.0f);
+  for (int i = 0; i < 1024; ++i) scales.push_back(std::exp2(60.0f * u01(rng) - 30.0f));
+  for (int i = 0; i < 512; ++i) scales.push_back(std::exp2(20.0f * u01(rng) - 10.0f) / 448.0f);  // amax / 448
+  for (int e = -100; e <= 100; e += 5) scales.push_back(std::exp2(float(e)));
+  for (float s : {0x1p-90f, 0x1p90f, std::nextafter(0x1p-90f, 0.0f), std::nextafter(0x1p90f, FLT_MAX), 1e-40f, 1e38f,
+                  FLT_MIN, 3.0e38f / 448.0f})
+    scales.push_back(s);
+  float* d_x = to_device(x);
+  float* d_s = to_device(scales);
+  std::vector<unsigned long long> zero(1, 0ull);
+  unsigned long long* d_bad = to_device(zero);
+  float* d_first = to_device(std::vector<float>(4, 0.0f));
+  cuda::launch_scale_div_check(d_x, int64_t(x.size()), d_s, int32_t(scales.size()), d_bad, d_first, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const unsigned long long bad = to_host(d_bad, 1)[0];
+  const std::vector<float> first = to_host(d_first, 4);
+  std::printf("[scale div] %zu x %zu quotients: %llu differ from the IEEE division\n", x.size(), scales.size(), bad);
+  EXPECT_EQ(bad, 0ull) << "first: " << first[0] << " / " << first[1] << " gave " << first[2] << ", IEEE " << first[3];
+  for (void* p : {static_cast<void*>(d_x), static_cast<void*>(d_s), static_cast<void*>(d_bad), static_cast<void*>(d_first)})
+    cudaFree(p);
 }

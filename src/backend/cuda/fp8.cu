@@ -1,13 +1,16 @@
 // FP8 E4M3 activation quantization, scale epilogue and dummy-weight fill (fp8.h). The conversions
 // use cuda_fp8.h's saturating round-to-nearest-even, the same rounding as torch's float8_e4m3fn
-// cast and kiln's CPU emulation (model/fp8.cpp): x is divided by the scale, not multiplied by 1/s.
+// cast and kiln's CPU emulation (model/fp8.cpp): x is divided by the scale (ScaleDiv: the IEEE quotient
+// from a reciprocal made once), never multiplied by an inexact 1/s.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
 #include <cstdint>
 #include <cstdlib>
 
+#include "backend/cuda/activation.cuh"
 #include "backend/cuda/fp8.h"
+#include "backend/cuda/fp8_mma.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/norm.cuh"
 
@@ -15,7 +18,6 @@ namespace kiln::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-constexpr float kFp8Max = 448.0f;
 
 __device__ __forceinline__ uint8_t to_fp8(float v) {
   return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
@@ -24,11 +26,6 @@ __device__ __forceinline__ uint8_t to_fp8(float v) {
 __device__ __forceinline__ float from_fp8(uint8_t b) {
   const __half_raw h = __nv_cvt_fp8_to_halfraw(b, __NV_E4M3);
   return __half2float(__half(h));
-}
-
-// Scale for an amax, as model/fp8.h fp8_scale_for_amax: 1 for zero or non-finite.
-__device__ __forceinline__ float scale_for_amax(float amax) {
-  return (amax > 0.0f && amax < 3.0e38f) ? amax / kFp8Max : 1.0f;
 }
 
 __device__ __forceinline__ float block_max(float v, float* red) {
@@ -62,23 +59,39 @@ __device__ float row_amax(const bf16* x, int32_t K, float* red) {
   return block_max(m, red);
 }
 
-__device__ void quantize_row(const bf16* x, int32_t K, float s, uint8_t* q) {
+// Loads before stores: q may alias x as far as the compiler knows, so a loop that loads, converts
+// and stores one vector at a time keeps one load a thread in flight; kRowLoads are issued together.
+constexpr int kRowLoads = 4;
+
+__device__ void quantize_row(const bf16* x, int32_t K, float scale, uint8_t* q) {
+  const ScaleDiv div(scale);
   if ((K & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (reinterpret_cast<uintptr_t>(q) & 7) == 0) {
     const uint4* xv = reinterpret_cast<const uint4*>(x);
-    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
-      const uint4 u = xv[i];
-      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
-      uint8_t o[8];
+    const int nv = K / 8;
+    for (int i0 = threadIdx.x; i0 < nv; i0 += kRowLoads * blockDim.x) {
+      uint4 u[kRowLoads];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const float2 f = __bfloat1622float2(p[t]);
-        o[2 * t] = to_fp8(f.x / s);
-        o[2 * t + 1] = to_fp8(f.y / s);
+      for (int j = 0; j < kRowLoads; ++j) {
+        const int i = i0 + j * int(blockDim.x);
+        if (i < nv) u[j] = xv[i];
       }
-      *reinterpret_cast<uint2*>(q + 8 * int64_t(i)) = *reinterpret_cast<const uint2*>(o);
+#pragma unroll
+      for (int j = 0; j < kRowLoads; ++j) {
+        const int i = i0 + j * int(blockDim.x);
+        if (i >= nv) continue;
+        const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u[j]);
+        uint8_t o[8];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          const float2 f = __bfloat1622float2(p[t]);
+          o[2 * t] = to_fp8(div(f.x));
+          o[2 * t + 1] = to_fp8(div(f.y));
+        }
+        *reinterpret_cast<uint2*>(q + 8 * int64_t(i)) = *reinterpret_cast<const uint2*>(o);
+      }
     }
   } else {
-    for (int i = threadIdx.x; i < K; i += blockDim.x) q[i] = to_fp8(__bfloat162float(x[i]) / s);
+    for (int i = threadIdx.x; i < K; i += blockDim.x) q[i] = to_fp8(div(__bfloat162float(x[i])));
   }
 }
 
@@ -130,7 +143,7 @@ __global__ void scale_outer_kernel(bf16* y, int64_t ldy, int32_t n, int32_t N, c
 // the same order, so the same bits; FusedSiluQuant tests hold the two together).
 __device__ __forceinline__ float silu_mul_bf16(bf16 g, bf16 u, bf16* o) {
   const float gv = __bfloat162float(g);
-  *o = __float2bfloat16(gv / (1.0f + __expf(-gv)) * __bfloat162float(u));
+  *o = __float2bfloat16(silu(gv) * __bfloat162float(u));
   return __bfloat162float(*o);
 }
 
@@ -143,28 +156,47 @@ __global__ void silu_mul_quantize_kernel(const bf16* gate, int64_t ldg, const bf
   pdl_trigger();
   pdl_wait();  // gate / up are the previous kernel's output
   const float s = *scale;
+  const ScaleDiv div(s);
   const int32_t cols = kVec ? dim / 8 : dim;
   for (int64_t r = blockIdx.y; r < n; r += gridDim.y) {
     if (blockIdx.x == 0 && threadIdx.x == 0 && (per_row || r == 0)) scales_out[per_row ? r : 0] = s;
     const bf16* gr = gate + r * ldg;
     const bf16* ur = up + r * ldu;
     uint8_t* qr = xq + r * int64_t(dim);
-    for (int32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
-      if constexpr (kVec) {
-        const uint4 gv = reinterpret_cast<const uint4*>(gr)[c];
-        const uint4 uv = reinterpret_cast<const uint4*>(ur)[c];
-        const bf16* g = reinterpret_cast<const bf16*>(&gv);
-        const bf16* u = reinterpret_cast<const bf16*>(&uv);
-        uint4 ov;
-        bf16* o = reinterpret_cast<bf16*>(&ov);
-        uint8_t q[8];
+    if constexpr (kVec) {
+      // kRowLoads vectors of gate and of up a thread, all loaded before the first store (see
+      // quantize_row); streaming loads: gate / up are read again only if a skipped bf16 product
+      // is ever asked for (CudaOps::touch).
+      const int32_t step = int32_t(gridDim.x * blockDim.x);
+      for (int32_t c0 = int32_t(blockIdx.x * blockDim.x + threadIdx.x); c0 < cols; c0 += kRowLoads * step) {
+        uint4 gv[kRowLoads], uv[kRowLoads];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) q[j] = to_fp8(silu_mul_bf16(g[j], u[j], &o[j]) / s);
-        *reinterpret_cast<uint2*>(qr + 8 * int64_t(c)) = *reinterpret_cast<const uint2*>(q);
-        if (kOut) reinterpret_cast<uint4*>(out + r * ldo)[c] = ov;
-      } else {
+        for (int j = 0; j < kRowLoads; ++j) {
+          const int32_t c = c0 + j * step;
+          if (c < cols) {
+            gv[j] = __ldcs(reinterpret_cast<const uint4*>(gr) + c);
+            uv[j] = __ldcs(reinterpret_cast<const uint4*>(ur) + c);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kRowLoads; ++j) {
+          const int32_t c = c0 + j * step;
+          if (c >= cols) continue;
+          const bf16* g = reinterpret_cast<const bf16*>(&gv[j]);
+          const bf16* u = reinterpret_cast<const bf16*>(&uv[j]);
+          uint4 ov;
+          bf16* o = reinterpret_cast<bf16*>(&ov);
+          uint8_t q[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) q[e] = to_fp8(div(silu_mul_bf16(g[e], u[e], &o[e])));
+          *reinterpret_cast<uint2*>(qr + 8 * int64_t(c)) = *reinterpret_cast<const uint2*>(q);
+          if (kOut) reinterpret_cast<uint4*>(out + r * ldo)[c] = ov;
+        }
+      }
+    } else {
+      for (int32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
         bf16 o;
-        qr[c] = to_fp8(silu_mul_bf16(gr[c], ur[c], &o) / s);
+        qr[c] = to_fp8(div(silu_mul_bf16(gr[c], ur[c], &o)));
         if (kOut) out[r * ldo + c] = o;
       }
     }
@@ -182,13 +214,14 @@ __global__ void add_rms_norm_quantize_kernel(float* residual, const bf16* delta,
   float* r = residual + int64_t(blockIdx.x) * dim;
   const float inv = add_rms_row(r, delta ? delta + int64_t(blockIdx.x) * ld_delta : nullptr, dim, eps, red);
   const float s = *scale;
+  const ScaleDiv div(s);
   if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) scales_out[per_row ? blockIdx.x : 0] = s;
   bf16* o = out ? out + int64_t(blockIdx.x) * ldo : nullptr;
   uint8_t* q = xq + int64_t(blockIdx.x) * dim;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     const bf16 b = __float2bfloat16(w[i] * (r[i] * inv));
     if (o) o[i] = b;
-    q[i] = to_fp8(__bfloat162float(b) / s);
+    q[i] = to_fp8(div(__bfloat162float(b)));
   }
 }
 
@@ -202,6 +235,7 @@ __global__ void __launch_bounds__(kNormThreads)
   pdl_wait();
   __shared__ float red[32];
   const float s = *scale;
+  const ScaleDiv div(s);
   if (threadIdx.x == 0 && (per_row || blockIdx.x == 0)) scales_out[per_row ? blockIdx.x : 0] = s;
   uint2* o = out ? reinterpret_cast<uint2*>(out + int64_t(blockIdx.x) * ldo) : nullptr;
   uint32_t* q = reinterpret_cast<uint32_t*>(xq + int64_t(blockIdx.x) * dim);
@@ -212,8 +246,8 @@ __global__ void __launch_bounds__(kNormThreads)
                         if (o) o[idx] = b;
                         const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b.x));
                         const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b.y));
-                        q[idx] = uint32_t(to_fp8(lo.x / s)) | uint32_t(to_fp8(lo.y / s)) << 8 |
-                                 uint32_t(to_fp8(hi.x / s)) << 16 | uint32_t(to_fp8(hi.y / s)) << 24;
+                        q[idx] = uint32_t(to_fp8(div(lo.x))) | uint32_t(to_fp8(div(lo.y))) << 8 |
+                                 uint32_t(to_fp8(div(hi.x))) << 16 | uint32_t(to_fp8(div(hi.y))) << 24;
                       });
 }
 
@@ -234,6 +268,28 @@ __global__ void fill_uniform_fp8_kernel(uint8_t* p, int64_t n, uint64_t seed, fl
 __global__ void fp8_to_bf16_kernel(const uint8_t* in, bf16* out, int64_t n, float scale) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = __float2bfloat16(from_fp8(in[i]) * scale);
+}
+
+// launch_scale_div_check: grid.y walks the scales.
+__global__ void scale_div_check_kernel(const float* x, int64_t n, const float* scales, unsigned long long* mismatches,
+                                       float* first) {
+  const float s = scales[blockIdx.y];
+  const ScaleDiv div(s);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float got = div(x[i]), want = __fdiv_rn(x[i], s);
+    // The E4M3 code always; the quotient itself wherever that code could depend on its last bit
+    // (and nothing under- or overflows): 2^-10 <= |x / s| <= 2^100.
+    const bool same_code = to_fp8(got) == to_fp8(want);
+    const bool in_range = fabsf(want) >= 0x1p-10f && fabsf(want) <= 0x1p100f;
+    const bool same = __float_as_uint(got) == __float_as_uint(want) || (isnan(got) && isnan(want));
+    if (same_code && (same || !in_range)) continue;
+    if (atomicAdd(mismatches, 1ull) == 0ull) {
+      first[0] = x[i];
+      first[1] = s;
+      first[2] = got;
+      first[3] = want;
+    }
+  }
 }
 
 int grid_for(int64_t n, int block) {
@@ -275,7 +331,8 @@ void launch_silu_mul_quantize_fp8(const bf16_t* gate, int64_t ldg, const bf16_t*
   const bool vec = (dim & 7) == 0 && a16(gate, ldg) && a16(up, ldu) && (reinterpret_cast<uintptr_t>(xq) & 7) == 0 &&
                    (!out || a16(out, ldo));
   const int32_t cols = vec ? dim / 8 : dim;
-  const dim3 grid((cols + 255) / 256, n < 65535 ? n : 65535);
+  const int32_t per_block = vec ? 256 * kRowLoads : 256;
+  const dim3 grid((cols + per_block - 1) / per_block, n < 65535 ? n : 65535);
   const bf16* g = reinterpret_cast<const bf16*>(gate);
   const bf16* u = reinterpret_cast<const bf16*>(up);
   bf16* o = reinterpret_cast<bf16*>(out);
@@ -327,6 +384,13 @@ void launch_fill_uniform_fp8(uint8_t* p, int64_t n, uint64_t seed, float a, floa
 
 void launch_fp8_to_bf16(const uint8_t* in, bf16_t* out, int64_t n, float scale, cudaStream_t s) {
   fp8_to_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(in, reinterpret_cast<bf16*>(out), n, scale);
+}
+
+void launch_scale_div_check(const float* x, int64_t n, const float* scales, int32_t n_scales,
+                            unsigned long long* mismatches, float* first, cudaStream_t s) {
+  if (n <= 0 || n_scales <= 0) return;
+  scale_div_check_kernel<<<dim3(grid_for(n, 256) < 1024 ? grid_for(n, 256) : 1024, n_scales), 256, 0, s>>>(
+      x, n, scales, mismatches, first);
 }
 
 }  // namespace kiln::cuda

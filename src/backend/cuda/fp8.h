@@ -45,5 +45,11 @@ void launch_scale_outer(bf16_t* y, int64_t ldy, int32_t n, int32_t N, const floa
 void launch_fill_uniform_fp8(uint8_t* p, int64_t n, uint64_t seed, float a, float scale, cudaStream_t s);
 // out[i] = bf16(fp8(in[i]) * scale) (tests and the sm_80 fallback)
 void launch_fp8_to_bf16(const uint8_t* in, bf16_t* out, int64_t n, float scale, cudaStream_t s);
+// For tests: every quotient x[i] / scales[j] the quantizers compute (fp8_mma.cuh's ScaleDiv) against
+// the IEEE division: the same E4M3 code always, the same quotient bit for bit where
+// 2^-10 <= |x / s| <= 2^100 (NaN against NaN counts as equal). Adds the mismatches to *mismatches;
+// the first one found leaves (x, scale, got, want) in first[0..3].
+void launch_scale_div_check(const float* x, int64_t n, const float* scales, int32_t n_scales,
+                            unsigned long long* mismatches, float* first, cudaStream_t s);
 
 }  // namespace kiln::cuda

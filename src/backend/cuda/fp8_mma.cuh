@@ -1,5 +1,6 @@
-// Device pieces of the FP8 tensor-core GEMVs (gemv_fp8.cu, fused_decode.cu): the e4m3 mma, the
-// activation quantizers and the dynamic activation scale, so both quantize and multiply alike.
+// Device pieces of FP8 on the GPU (fp8.cu's quantizers, the tensor-core GEMVs gemv_fp8.cu and
+// fused_decode.cu): the e4m3 mma, the activation quantizers and the dynamic activation scale, so all
+// quantize and multiply alike.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -17,6 +18,30 @@ __device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
 }
+
+// x / s rounded exactly as the IEEE division (the quantizers' contract: model/fp8.h divides), from a
+// reciprocal made once per scale. Markstein's theorem: with y = RN(1/s) and q = RN(x y) (within an
+// ulp of x / s), r = x - s q is exact in an FMA and RN(q + r y) = RN(x / s), barring overflow and
+// underflow. __fdiv_rn spends ~10 instructions, a branch and a reciprocal of s on every element,
+// which left the prefill quantizers issue-bound; this is 3 FMA-pipe instructions and a select.
+// Scales outside [2^-90, 2^90] keep __fdiv_rn (then nothing underflows where an E4M3 code could
+// change: a quotient of 2^-10 or more needs x >= 2^-100); an overflowing product stays infinite
+// (the quotient's E4M3 code saturates to 448 all the same); a zero keeps its sign (E4M3 has -0).
+struct ScaleDiv {
+  float s, y;
+  bool exact;
+  __device__ __forceinline__ explicit ScaleDiv(float scale) {
+    s = scale;
+    y = __frcp_rn(scale);
+    exact = scale >= 0x1p-90f && scale <= 0x1p90f;
+  }
+  __device__ __forceinline__ float operator()(float x) const {
+    if (!exact) return __fdiv_rn(x, s);
+    const float q = __fmul_rn(x, y);
+    const float q1 = __fmaf_rn(__fmaf_rn(-s, q, x), y, q);
+    return isinf(q) || q == 0.0f ? q : q1;  // q keeps a zero's sign (-0 + 0 would give +0)
+  }
+};
 
 // Two floats -> two E4M3 codes (low 16 bits): fp8(x / s), as fp8.cu's quantize_row (IEEE division,
 // not a reciprocal; saturating).

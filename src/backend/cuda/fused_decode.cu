@@ -41,6 +41,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "backend/cuda/activation.cuh"
 #include "backend/cuda/async_copy.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/fp8_mma.cuh"
@@ -643,7 +644,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_kernel(const Params 
     consume(l, kGu, [&](int t, int r, const float* rt, float2 rs) {
       if (r >= 8) return;
       const float gt = row_sum(rt, r) * (sx * rs.x), up = row_sum(rt, r + 8) * (sx * rs.y);
-      p.act[8 * t + r] = __float2bfloat16(gt / (1.0f + __expf(-gt)) * up);
+      p.act[8 * t + r] = __float2bfloat16(silu(gt) * up);
     });
     stamp(l, 3, 2);
     in_s = load_scale(L.mat[kDown].in);

@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/activation.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/fp8_mma.cuh"
 #include "backend/cuda/fold_tail.cuh"
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
       v[r] = a * (s * rs[r]);
     }
     float out = v[0];
-    if constexpr (kSilu) out = out / (1.0f + __expf(-out)) * v[kR - 1];
+    if constexpr (kSilu) out = silu(out) * v[kR - 1];
     if (p.y_f32) {
       static_cast<float*>(p.y)[em * p.ldy + erow] = out;
     } else {

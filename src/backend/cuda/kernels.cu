@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/activation.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/fold_tail.cuh"
 #include "backend/cuda/gemv_fp8.h"
@@ -194,7 +195,7 @@ __global__ void silu_mul_kernel(const bf16* gate, int64_t ldg, const bf16* up, i
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const float gv = __bfloat162float(g[j]);
-      o[j] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * __bfloat162float(u[j]));
+      o[j] = __float2bfloat16(silu(gv) * __bfloat162float(u[j]));
     }
     reinterpret_cast<uint4*>(out + r * ldo)[c] = orr;
   }
@@ -546,7 +547,7 @@ __global__ void __launch_bounds__(256, kMinBlocks)
         if (kSilu) {
           float u = acc[kR - 1][m];
           if constexpr (kFp8) u *= rs[kR - 1];
-          v = v / (1.0f + __expf(-v)) * u;
+          v = silu(v) * u;
         }
         if (y_f32) {
           static_cast<float*>(y)[m * ldy + cur_row] = v;
