@@ -44,15 +44,7 @@ __device__ float row_amax(const bf16* x, int32_t K, float* red) {
   float m = 0.0f;
   if ((K & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
     const uint4* xv = reinterpret_cast<const uint4*>(x);
-    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) {
-      const uint4 u = xv[i];
-      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const float2 f = __bfloat1622float2(p[t]);
-        m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
-      }
-    }
+    for (int i = threadIdx.x; i < K / 8; i += blockDim.x) m = amax8(xv[i], m);
   } else {
     for (int i = threadIdx.x; i < K; i += blockDim.x) m = fmaxf(m, fabsf(__bfloat162float(x[i])));
   }

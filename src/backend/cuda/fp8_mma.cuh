@@ -43,8 +43,9 @@ struct ScaleDiv {
   }
 };
 
-// Two floats -> two E4M3 codes (low 16 bits): fp8(x / s), as fp8.cu's quantize_row (IEEE division,
-// not a reciprocal; saturating).
+// Two floats -> two E4M3 codes (low 16 bits): fp8(x / s), the quotient ScaleDiv gives (saturating).
+// The decode GEMVs keep __fdiv_rn here: ScaleDiv in their in-kernel quantization made batch-1 decode
+// ~1 % slower (it costs the 80-register variants spills; docs/PERF_fp8_gpu.md, session 12).
 __device__ __forceinline__ uint32_t fp8x2(float a, float b, float s) {
   return __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(a, s), __fdiv_rn(b, s)), __NV_SATFINITE, __NV_E4M3);
 }
@@ -59,6 +60,17 @@ __device__ __forceinline__ uint2 quantize8(const uint4 u, float s) {
     o[i] = fp8x2(f0.x, f0.y, s) | (fp8x2(f1.x, f1.y, s) << 16);
   }
   return make_uint2(o[0], o[1]);
+}
+
+// max(a, |v|) over the 8 bf16 of u (a dynamic activation scale's amax, 16 bytes at a time).
+__device__ __forceinline__ float amax8(const uint4 u, float a) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 f = __bfloat1622float2(h[e]);
+    a = fmaxf(a, fmaxf(fabsf(f.x), fabsf(f.y)));
+  }
+  return a;
 }
 
 // As model/fp8.h fp8_scale_for_amax: 1 for zero or non-finite.

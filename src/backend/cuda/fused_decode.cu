@@ -277,15 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_decode_kernel(const Params 
     const uint4* s4 = reinterpret_cast<const uint4*>(src);
     if (p.st.dynamic) {
       float a = 0.0f;
-      for (int i = tid; i < n / 8; i += kCT) {
-        const uint4 v = __ldcg(s4 + i);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = __bfloat1622float2(h[e]);
-          a = fmaxf(a, fmaxf(fabsf(f.x), fabsf(f.y)));
-        }
-      }
+      for (int i = tid; i < n / 8; i += kCT) a = amax8(__ldcg(s4 + i), a);
       sx = scale_for_amax(creduce<true>(a, red_s));
     } else {
       sx = in_s;

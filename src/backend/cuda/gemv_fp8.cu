@@ -151,15 +151,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
     for (int m = 0; m < n; ++m) {
       const uint4* xr = reinterpret_cast<const uint4*>(p.x + m * p.ldx);
       float a = 0.0f;
-      for (int i = threadIdx.x; i < K / 8; i += kThreads) {
-        const uint4 u = __ldg(xr + i);
-        const __nv_bfloat162* q = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = __bfloat1622float2(q[e]);
-          a = fmaxf(a, fmaxf(fabsf(f.x), fabsf(f.y)));
-        }
-      }
+      for (int i = threadIdx.x; i < K / 8; i += kThreads) a = amax8(__ldg(xr + i), a);
       a = block_reduce(a, red_s, true);
       if (threadIdx.x == 0) sx[m] = a;
     }
