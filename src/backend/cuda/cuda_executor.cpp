@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -77,6 +78,23 @@ bool device_available(std::string* why) {
 
 CudaExecutor::~CudaExecutor() {
   if (stream_) cudaStreamSynchronize(as_stream(stream_));
+  for (int g = 0; g < 3 && step_timing_; ++g) {
+    const StepTiming& t = timing_[g];
+    if (t.steps == 0) continue;
+    const char* kind[] = {"eager", "graph-replayed", "graph-capturing (eager + capture + instantiate)"};
+    std::fprintf(stderr,
+                 "step timing (KILN_STEP_TIMING=1): %lld %s steps, host enqueue %.3f ms, wall %.3f ms a step "
+                 "(enqueue %.1f %% of wall)\n",
+                 (long long)t.steps, kind[g], 1e3 * t.enqueue_s / double(t.steps),
+                 1e3 * t.wall_s / double(t.steps), 100.0 * t.enqueue_s / std::max(t.wall_s, 1e-12));
+  }
+  if (step_timing_ && gemm_) {
+    const Gemm::Stats& g = gemm_->stats();
+    std::fprintf(stderr,
+                 "step timing (KILN_STEP_TIMING=1): GEMM shapes planned by the table %lld, nearest table entry %lld, "
+                 "heuristic %lld (%.1f ms in cublasLtMatmulAlgoGetHeuristic)\n",
+                 (long long)g.table, (long long)g.nearest, (long long)g.heuristic, 1e3 * g.heuristic_s);
+  }
   clear_graphs();
   ops_.reset();
   gemm_.reset();
@@ -108,6 +126,7 @@ static void copy_kv_cache_scales(const ModelWeights& host, ModelWeights* dw) {
 }
 
 Status CudaExecutor::init_common(const LoadOptions& opts) {
+  step_timing_ = env_int("KILN_STEP_TIMING", 0) != 0;
   std::string why;
   if (!device_available(&why)) return Status::error("no CUDA device: " + why);
   KILN_RETURN_IF_ERROR(parse_device(opts.device, &device_));
@@ -543,6 +562,7 @@ Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
   for (int32_t i = 0; decode && i < S; ++i)
     decode = b.query_start[size_t(i) + 1] - b.query_start[size_t(i)] == 1 && b.logits_rows[size_t(i)] == i;
   *graphed = false;
+  captured_step_ = false;
   const uint64_t before = ops_->generation();
   if (!decode) {
     StepCaps want{T, S, L, int32_t(b.block_tables.size())};
@@ -591,6 +611,7 @@ Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
   cudaGraphDestroy(graph);
   KILN_RETURN_IF_ERROR(cuda_status(e, "graph instantiate"));
   graphs_[B] = exec;
+  captured_step_ = true;
   return Status::ok();
 }
 
@@ -624,6 +645,7 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
   for (int32_t r : batch.logits_rows)
     if (r < 0 || r >= T) return Status::error("internal: logits row out of range");
 
+  const auto t_in = std::chrono::steady_clock::now();
   KILN_RETURN_IF_ERROR(reserve_ids(L));
   bool graphed = false;
   KILN_RETURN_IF_ERROR(run_forward(batch, &graphed));
@@ -670,8 +692,15 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
     if (needs_host_sampling(sampling[size_t(i)]))
       cudaMemcpyAsync(h_logits_ + (k++) * size_t(V), ops_->logits() + size_t(i) * V, size_t(V) * 4,
                       cudaMemcpyDeviceToHost, s);
+  const auto t_enqueued = std::chrono::steady_clock::now();
   KILN_RETURN_IF_ERROR(cuda_status(cudaStreamSynchronize(s), "step"));
   KILN_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "step kernels"));
+  if (step_timing_) {
+    StepTiming& t = timing_[captured_step_ ? 2 : graphed ? 1 : 0];
+    ++t.steps;
+    t.enqueue_s += std::chrono::duration<double>(t_enqueued - t_in).count();
+    t.wall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_in).count();
+  }
   out->resize(size_t(L));
   k = 0;
   for (int32_t i = 0; i < L; ++i) {

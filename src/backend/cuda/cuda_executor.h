@@ -110,6 +110,17 @@ class CudaExecutor final : public ModelExecutor {
   float* h_logits_ = nullptr;
   size_t h_logits_rows_ = 0;
   int32_t last_rows_ = 0;
+  // KILN_STEP_TIMING=1: per kind of step (eager, graph replay, a decode bucket's first step: eager,
+  // then captured and instantiated), the host's time to enqueue a step (execute() up to the wait for
+  // its tokens) against the step's wall time, printed when the executor goes away. A step whose
+  // enqueue takes most of its wall time is paced by the host.
+  struct StepTiming {
+    int64_t steps = 0;
+    double enqueue_s = 0, wall_s = 0;
+  };
+  bool step_timing_ = false;
+  StepTiming timing_[3];
+  bool captured_step_ = false;  // run_forward captured a graph this step
 };
 
 }  // namespace cuda

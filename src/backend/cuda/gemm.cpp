@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -28,6 +29,7 @@ struct LtApi {
   decltype(&cublasLtMatrixLayoutCreate) layout_create = nullptr;
   decltype(&cublasLtMatmulPreferenceCreate) pref_create = nullptr;
   decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set = nullptr;
+  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy = nullptr;
   decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic = nullptr;
   decltype(&cublasLtMatmul) matmul = nullptr;
   decltype(&cublasLtMatmulAlgoCheck) algo_check = nullptr;
@@ -81,6 +83,7 @@ const LtApi& lt_api() {
     sym(a.layout_create, "cublasLtMatrixLayoutCreate");
     sym(a.pref_create, "cublasLtMatmulPreferenceCreate");
     sym(a.pref_set, "cublasLtMatmulPreferenceSetAttribute");
+    sym(a.pref_destroy, "cublasLtMatmulPreferenceDestroy");
     sym(a.heuristic, "cublasLtMatmulAlgoGetHeuristic");
     sym(a.matmul, "cublasLtMatmul");
     sym(a.algo_check, "cublasLtMatmulAlgoCheck");
@@ -370,8 +373,11 @@ void Gemm::choose(Plan* p, const GemmKey& key, bool use_table) {
   api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
+  const auto t0 = std::chrono::steady_clock::now();
   const cublasStatus_t st = api.heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c,
                                           pref, 1, &res, &found);
+  api.pref_destroy(pref);
+  stats_.heuristic_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   p->found = st == CUBLAS_STATUS_SUCCESS && found > 0;
   p->algo = res.algo;
   ++stats_.heuristic;
@@ -441,6 +447,7 @@ std::vector<GemmAlgo> Gemm::heuristic_algorithms(const GemmKey& key, int max_cou
   int found = 0;
   const cublasStatus_t st = api.heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c,
                                           pref, max_count, res.data(), &found);
+  api.pref_destroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS) return out;
   for (int i = 0; i < found; ++i) {
     if (res[size_t(i)].state != CUBLAS_STATUS_SUCCESS) continue;

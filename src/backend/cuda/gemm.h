@@ -120,6 +120,7 @@ class Gemm {
     int64_t nearest = 0;    // the table's entry for the nearest planned n of the same weight shape
     int64_t heuristic = 0;  // no entry (or none accepted): the heuristic's first
     int64_t rejected = 0;   // table entries refused by cublasLtMatmulAlgoCheck (then heuristic)
+    double heuristic_s = 0;  // host time in cublasLtMatmulAlgoGetHeuristic for those
   };
   const Stats& stats() const { return stats_; }
 
