@@ -81,7 +81,7 @@ CudaExecutor::~CudaExecutor() {
   for (int g = 0; g < 3 && step_timing_; ++g) {
     const StepTiming& t = timing_[g];
     if (t.steps == 0) continue;
-    const char* kind[] = {"eager", "graph-replayed", "graph-capturing (eager + capture + instantiate)"};
+    const char* kind[] = {"eager", "graph-replayed", "graph-capturing (eager + capture + instantiate)"};  // StepPath
     std::fprintf(stderr,
                  "step timing (KILN_STEP_TIMING=1): %lld %s steps, host enqueue %.3f ms, wall %.3f ms a step "
                  "(enqueue %.1f %% of wall)\n",
@@ -555,14 +555,13 @@ Status CudaExecutor::reserve_ids(int32_t rows) {
 }
 
 // One forward pass over b: replayed from a graph for decode batches, else eager.
-Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
+Status CudaExecutor::run_forward(const StepBatch& b, StepPath* path) {
   cudaStream_t s = as_stream(stream_);
   const int32_t T = b.num_tokens(), S = b.num_seqs(), L = int32_t(b.logits_rows.size());
   bool decode = use_graphs_ && T == S && L == S && bucket_for(S) > 0;
   for (int32_t i = 0; decode && i < S; ++i)
     decode = b.query_start[size_t(i) + 1] - b.query_start[size_t(i)] == 1 && b.logits_rows[size_t(i)] == i;
-  *graphed = false;
-  captured_step_ = false;
+  *path = StepPath::kEager;
   const uint64_t before = ops_->generation();
   if (!decode) {
     StepCaps want{T, S, L, int32_t(b.block_tables.size())};
@@ -590,7 +589,7 @@ Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
   if (it != graphs_.end()) {
     ops_->pack_step(pad_);
     ops_->upload_step();
-    *graphed = true;
+    *path = StepPath::kGraphReplay;
     last_bucket_ = B;
     return cuda_status(cudaGraphLaunch(static_cast<cudaGraphExec_t>(it->second), s), "cudaGraphLaunch");
   }
@@ -611,7 +610,7 @@ Status CudaExecutor::run_forward(const StepBatch& b, bool* graphed) {
   cudaGraphDestroy(graph);
   KILN_RETURN_IF_ERROR(cuda_status(e, "graph instantiate"));
   graphs_[B] = exec;
-  captured_step_ = true;
+  *path = StepPath::kGraphCapture;
   return Status::ok();
 }
 
@@ -647,8 +646,8 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
 
   const auto t_in = std::chrono::steady_clock::now();
   KILN_RETURN_IF_ERROR(reserve_ids(L));
-  bool graphed = false;
-  KILN_RETURN_IF_ERROR(run_forward(batch, &graphed));
+  StepPath path = StepPath::kEager;
+  KILN_RETURN_IF_ERROR(run_forward(batch, &path));
   cudaStream_t s = as_stream(stream_);
   last_rows_ = int32_t(batch.logits_rows.size());
   const int32_t V = config_.vocab_size;
@@ -696,7 +695,7 @@ Status CudaExecutor::execute(const StepBatch& batch, const std::vector<SeqSampli
   KILN_RETURN_IF_ERROR(cuda_status(cudaStreamSynchronize(s), "step"));
   KILN_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "step kernels"));
   if (step_timing_) {
-    StepTiming& t = timing_[captured_step_ ? 2 : graphed ? 1 : 0];
+    StepTiming& t = timing_[int(path)];
     ++t.steps;
     t.enqueue_s += std::chrono::duration<double>(t_enqueued - t_in).count();
     t.wall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_in).count();

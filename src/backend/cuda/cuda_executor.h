@@ -81,7 +81,10 @@ class CudaExecutor final : public ModelExecutor {
   Status init_common(const LoadOptions& opts);
   Status build_weights(const ModelWeights* host, uint64_t seed, const LoadOptions& opts);
   Status finish_init(const LoadOptions& opts);
-  Status run_forward(const StepBatch& b, bool* graphed);
+  // How run_forward ran a step: eager, replayed from a decode bucket's graph, or (a bucket's first
+  // step) eager, then captured and instantiated.
+  enum class StepPath { kEager = 0, kGraphReplay = 1, kGraphCapture = 2 };
+  Status run_forward(const StepBatch& b, StepPath* path);
   Status reserve_ids(int32_t rows);
   void clear_graphs();
 
@@ -119,8 +122,7 @@ class CudaExecutor final : public ModelExecutor {
     double enqueue_s = 0, wall_s = 0;
   };
   bool step_timing_ = false;
-  StepTiming timing_[3];
-  bool captured_step_ = false;  // run_forward captured a graph this step
+  StepTiming timing_[3];  // [StepPath]
 };
 
 }  // namespace cuda

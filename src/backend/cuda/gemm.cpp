@@ -98,6 +98,20 @@ const LtApi& lt_api() {
   return api;
 }
 
+// cuBLASLt's first `count` candidates for these descriptors within `ws` bytes of workspace; the
+// preference object lives only for the query.
+cublasStatus_t lt_heuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
+                            cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, uint64_t ws, int count,
+                            cublasLtMatmulHeuristicResult_t* res, int* found) {
+  const LtApi& api = lt_api();
+  cublasLtMatmulPreference_t pref = nullptr;
+  api.pref_create(&pref);
+  api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  const cublasStatus_t st = api.heuristic(h, desc, a, b, c, c, pref, count, res, found);
+  api.pref_destroy(pref);
+  return st;
+}
+
 }  // namespace
 
 static_assert(sizeof(cublasLtMatmulAlgo_t) == sizeof(GemmAlgo), "cublasLtMatmulAlgo_t is 64 bytes");
@@ -258,7 +272,8 @@ struct Gemm::Plan {
 
 Gemm::~Gemm() {
   // Descriptors and the handle live as long as the process's executors; the driver frees them at
-  // exit. (Destroy entry points are not resolved to keep the table small.)
+  // exit. (Their destroy entry points are not resolved to keep the table small; the preference's is,
+  // since lt_heuristic makes one per query.)
   if (workspace_) cudaFree(workspace_);
   if (d_one_) cudaFree(d_one_);
   for (auto& [k, p] : plans_) delete p;
@@ -366,17 +381,11 @@ void Gemm::choose(Plan* p, const GemmKey& key, bool use_table) {
       if (best) log_debug("gemm: the nearest planned algorithm does not fit " + gemm_key_string(key));
     }
   }
-  const LtApi& api = lt_api();
-  cublasLtMatmulPreference_t pref = nullptr;
-  api.pref_create(&pref);
-  uint64_t ws = workspace_bytes_;
-  api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
   const auto t0 = std::chrono::steady_clock::now();
-  const cublasStatus_t st = api.heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c,
-                                          pref, 1, &res, &found);
-  api.pref_destroy(pref);
+  const cublasStatus_t st = lt_heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c,
+                                         workspace_bytes_, 1, &res, &found);
   stats_.heuristic_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   p->found = st == CUBLAS_STATUS_SUCCESS && found > 0;
   p->algo = res.algo;
@@ -438,16 +447,10 @@ std::vector<GemmAlgo> Gemm::heuristic_algorithms(const GemmKey& key, int max_cou
   std::vector<GemmAlgo> out;
   if (max_count < 1) return out;
   std::unique_ptr<Plan> p(make_plan(key, key.K, key.N));
-  const LtApi& api = lt_api();
-  cublasLtMatmulPreference_t pref = nullptr;
-  api.pref_create(&pref);
-  uint64_t ws = workspace_bytes_;
-  api.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   std::vector<cublasLtMatmulHeuristicResult_t> res(static_cast<size_t>(max_count));
   int found = 0;
-  const cublasStatus_t st = api.heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c, p->c,
-                                          pref, max_count, res.data(), &found);
-  api.pref_destroy(pref);
+  const cublasStatus_t st = lt_heuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b, p->c,
+                                         workspace_bytes_, max_count, res.data(), &found);
   if (st != CUBLAS_STATUS_SUCCESS) return out;
   for (int i = 0; i < found; ++i) {
     if (res[size_t(i)].state != CUBLAS_STATUS_SUCCESS) continue;
