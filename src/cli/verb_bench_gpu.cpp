@@ -25,6 +25,8 @@
 #include "runtime/engine.h"
 #ifdef KILN_HAVE_CUDA
 #include "backend/cuda/cuda_executor.h"
+#include "backend/cuda/gemm_plan.h"
+#include "build/build.h"
 #endif
 
 namespace kiln::cli {
@@ -34,7 +36,7 @@ using clock_type = std::chrono::steady_clock;
 
 struct BenchArgs {
   std::string model, device = "cuda", output = "text", kv_cache_dtype = "auto", quantization = "auto";
-  bool dummy_weights = false;
+  bool dummy_weights = false, plan_gemms = false;
   int32_t batch_size = 1, input_len = 128, output_len = 128, reps = 5, num_requests = 256;
   int32_t max_batch_size = 256, max_num_tokens = 8192, kv_cache_blocks = 0;
   double kv_cache_memory_fraction = 0.9;
@@ -60,16 +62,54 @@ Result<ModelConfig> bench_config(const BenchArgs& a) {
   return c;
 }
 
+#ifdef KILN_HAVE_CUDA
+// --plan_gemms with --dummy_weights: what `kiln build` does for an engine (cuBLASLt's candidates
+// timed per weight shape and M bucket on this GPU, gemm_plan.h), for the run's own limits, handed
+// to the executor as the process table. Prints the planner's summary and the largest M's choices.
+Status plan_dummy_gemms(const BenchArgs& a, const ModelConfig& cfg, int32_t max_batch, int32_t max_tokens) {
+  if (auto name = plan_device_name(a.device); !name) return Status::error(name.message());
+  const int idx = a.device.size() > 5 ? std::atoi(a.device.c_str() + 5) : 0;
+  KilnDirInfo info;
+  info.config = cfg;
+  info.lm_head = cfg.tie_word_embeddings ? LmHeadMode::kTied : LmHeadMode::kReplicated;
+  info.quant.fp8_weights = a.quantization == "fp8";
+  info.quant.activations = info.quant.fp8_weights ? cuda::dummy_fp8_activations() : ActQuant::kNone;
+  EnginePlan plan;
+  plan.limits.max_batch_size = max_batch;
+  plan.limits.max_num_tokens = max_tokens;
+  plan.cuda_graph_batch_sizes = graph_batch_buckets(max_batch);
+  cuda::GemmPlanOptions o;
+  o.device = idx;
+  KILN_RETURN_IF_ERROR(cuda::plan_gemm_algorithms(info, &plan, o));
+  KILN_ASSIGN_OR_RETURN(auto table, cuda::usable_gemm_table(plan.gemm_algorithms, idx));
+  int64_t top = 0;
+  for (const auto& e : plan.gemm_algorithms["entries"]) top = std::max(top, e["M"].get<int64_t>());
+  for (const auto& e : plan.gemm_algorithms["entries"])
+    if (e["M"].get<int64_t>() == top)
+      std::printf("gemm plan     %-8s M=%lld: %.1f us (heuristic's first %s us, rank %d)\n",
+                  e["shape"].get<std::string>().c_str(), (long long)top, e["us"].get<double>(),
+                  e["heuristic_us"].is_null() ? "-" : std::to_string(e["heuristic_us"].get<double>()).c_str(),
+                  e["heuristic_rank"].get<int>());
+  cuda::set_process_gemm_table(std::move(table));
+  return Status::ok();
+}
+#endif
+
 // The executor: dummy or loaded, on a.device. `cuda_ex` is set when it is a CUDA executor.
+// max_batch / max_tokens: the run's limits, for --plan_gemms.
 Result<std::unique_ptr<ModelExecutor>> make_executor(const BenchArgs& a, const LoadOptions& opts, ModelConfig* cfg,
-                                                     void** cuda_ex) {
+                                                     void** cuda_ex, int32_t max_batch, int32_t max_tokens) {
   *cuda_ex = nullptr;
   KILN_RETURN_IF_ERROR(check_device(a.device));  // same accepted values and messages as run/serve
   const bool cuda = a.device.rfind("cuda", 0) == 0;
+  if (a.plan_gemms && (!a.dummy_weights || !cuda))
+    return Status::error("--plan_gemms needs --dummy_weights and a cuda device (an engine carries its own plan: "
+                         "kiln build)");
   if (a.dummy_weights) {
     KILN_ASSIGN_OR_RETURN(*cfg, bench_config(a));
     if (cuda) {
 #ifdef KILN_HAVE_CUDA
+      if (a.plan_gemms) KILN_RETURN_IF_ERROR(plan_dummy_gemms(a, *cfg, max_batch, max_tokens));
       KILN_ASSIGN_OR_RETURN(auto ex, cuda::CudaExecutor::create_dummy(*cfg, opts, uint64_t(a.seed)));
       *cuda_ex = ex.get();
       std::unique_ptr<ModelExecutor> base = std::move(ex);
@@ -128,7 +168,7 @@ int latency(const BenchArgs& a) {
   ModelConfig c;
   void* cuda_ex = nullptr;
   auto t_load = clock_type::now();
-  auto ex = make_executor(a, opts, &c, &cuda_ex);
+  auto ex = make_executor(a, opts, &c, &cuda_ex, a.batch_size, a.batch_size * a.input_len);
   if (!ex) return fail("bench latency", ex.message());
   const double load_s = seconds_since(t_load);
   nlohmann::json j;
@@ -303,7 +343,7 @@ int throughput(const BenchArgs& a) {
   opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
   ModelConfig c;
   void* cuda_ex = nullptr;
-  auto ex = make_executor(a, opts, &c, &cuda_ex);
+  auto ex = make_executor(a, opts, &c, &cuda_ex, a.max_batch_size, a.max_num_tokens);
   if (!ex) return fail("bench throughput", ex.message());
   const std::string device = (*ex)->info().device;
   const int32_t kv_blocks = (*ex)->info().num_kv_blocks;
@@ -391,6 +431,8 @@ int throughput(const BenchArgs& a) {
 void common_flags(CLI::App* cmd, BenchArgs& a) {
   cmd->add_option("MODEL", a.model, "HF dir / .gguf, or with --dummy_weights a config.json (or its dir)")->required();
   add_switch(*cmd, "dummy_weights", a.dummy_weights, "random weights from MODEL's config (no download)");
+  add_switch(*cmd, "plan_gemms", a.plan_gemms,
+             "with --dummy_weights on a GPU: time cuBLASLt's GEMM candidates first, as kiln build does for an engine");
   add_flag(*cmd, "device", a.device, "cuda (default), cuda:N or cpu");
   add_flag(*cmd, "input_len", a.input_len, "prompt tokens per request");
   add_flag(*cmd, "output_len", a.output_len, "generated tokens per request");

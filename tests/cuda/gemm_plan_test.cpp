@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "backend/cuda/cuda_executor.h"
@@ -500,4 +501,41 @@ TEST(GemmPlan, Fp8ExhaustiveSearchAtDecodeSizes) {
     EXPECT_EQ(d.bad, 0u) << gemm_key_string(key) << ": best vs heuristic outputs differ at " << d.worst;
   }
   EXPECT_GT(searched, 0) << "cuBLASLt listed no algorithm that passes its check for any shape";
+}
+
+// Diagnostic (KILN_GEMM_SUSTAIN_BENCH=1): does a GEMM algorithm's rank change when the GPU runs at
+// its power cap? A 2048/128 run holds the H100 at 700 W with the SM clock ~23 % under its maximum
+// (docs/PERF_fp8_gpu.md, session 13), so there a GEMM's energy sets its time; the planner times
+// candidates in short bursts. Per 8B prefill shape (M = 8,192, FP8, static scales) every heuristic
+// candidate is timed briefly (after a pause) and sustained (median over ~1 s after ~1.5 s of the
+// same GEMM back to back).
+TEST(GemmSustained, Fp8PrefillShapesShortVsSustained) {
+  if (!std::getenv("KILN_GEMM_SUSTAIN_BENCH")) GTEST_SKIP() << "timing diagnostic: set KILN_GEMM_SUSTAIN_BENCH=1";
+  REQUIRE_GPU();
+  if (!gpu_has_fp8(0)) GTEST_SKIP() << "no FP8 tensor cores (sm_89+) on this GPU";
+  GemmBench bench;
+  ASSERT_TRUE(bench.init(0).is_ok());
+  const int64_t M = 8192;
+  std::printf("\n[gemm sustain] M = %lld, FP8 static scales; short = median of 10 after 3 (1 s pause before); "
+              "sustained = median over ~1 s after ~1.5 s back to back\n", (long long)M);
+  for (const Linear8b& l : kLinears8b) {
+    const GemmKey key{GemmKind::kFp8, M, l.N, l.K, false};
+    const auto algos = bench.gemm().heuristic_algorithms(key, 8);
+    ASSERT_FALSE(algos.empty()) << gemm_key_string(key);
+    const double flop = 2.0 * double(M) * double(l.N) * double(l.K);
+    for (size_t i = 0; i < algos.size(); ++i) {
+      if (!bench.gemm().algorithm_ok(key, algos[i])) continue;
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+      auto s = bench.time_us(key, algos[i], 3, 10);
+      ASSERT_TRUE(s.is_ok()) << s.message();
+      const int warm = int(std::clamp(1.5e6 / *s, 10.0, 20000.0));
+      const int reps = int(std::clamp(1.0e6 / *s, 10.0, 20000.0));
+      auto u = bench.time_us(key, algos[i], warm, reps);
+      ASSERT_TRUE(u.is_ok()) << u.message();
+      std::printf("[gemm sustain] %-8s cand %2zu  short %8.1f us (%6.0f TFLOP/s)  sustained %8.1f us (%6.0f TFLOP/s)  "
+                  "x%.3f  %s\n", l.name, i, *s, flop / *s * 1e-6, *u, flop / *u * 1e-6, *u / *s,
+                  gemm_algo_config_string(gemm_algo_config(algos[i])).c_str());
+      std::fflush(stdout);
+    }
+  }
 }

@@ -113,3 +113,14 @@ def test_corrupt_config_json(kiln_bin, tmp_path):
 def test_prompt_id_outside_vocabulary(kiln_bin):
     rc, out = run(kiln_bin, "run", str(GOLDEN), "--prompt_ids", "1,99999", "--max_tokens", "1")
     assert_clean_failure(rc, out, "99999", "outside the vocabulary")
+
+
+@pytest.mark.parametrize("verb", ["latency", "throughput"])
+def test_bench_plan_gemms_needs_dummy_weights_on_a_gpu(kiln_bin, verb):
+    # --plan_gemms times cuBLASLt candidates for dummy weights; on the CPU, or for a real model
+    # (whose engine carries its plan), it is refused with the reason, never ignored.
+    rc, out = run(kiln_bin, "bench", verb, str(GOLDEN), "--plan_gemms", "--device", "cpu", "--output_len", "1")
+    assert_clean_failure(rc, out, "--plan_gemms needs --dummy_weights and a cuda device")
+    rc, out = run(kiln_bin, "bench", verb, str(GOLDEN / "config.json"), "--dummy_weights", "--plan_gemms",
+                  "--device", "cpu", "--output_len", "1")
+    assert_clean_failure(rc, out, "--plan_gemms needs --dummy_weights and a cuda device")

@@ -209,6 +209,14 @@ Status upload_vector(const Weight& hw, void* dst) {
 
 }  // namespace
 
+ActQuant dummy_fp8_activations() {
+  const char* e = std::getenv("KILN_FP8_ACT");
+  const std::string v = e ? e : "static";
+  if (v == "dynamic_per_token") return ActQuant::kDynamicToken;
+  if (v == "dynamic_per_tensor") return ActQuant::kDynamicTensor;
+  return ActQuant::kStaticTensor;
+}
+
 namespace {
 
 Fp8Act fp8_act_of(ActQuant a) {
@@ -221,15 +229,7 @@ Fp8Act fp8_act_of(ActQuant a) {
   return Fp8Act::kDynamicToken;
 }
 
-// Dummy FP8 weights' activation quantization (KILN_FP8_ACT: static | dynamic_per_tensor |
-// dynamic_per_token). Static by default, as NVIDIA's calibrated FP8 checkpoints are.
-Fp8Act dummy_fp8_act() {
-  const char* e = std::getenv("KILN_FP8_ACT");
-  const std::string v = e ? e : "static";
-  if (v == "dynamic_per_token") return Fp8Act::kDynamicToken;
-  if (v == "dynamic_per_tensor") return Fp8Act::kDynamicTensor;
-  return Fp8Act::kStatic;
-}
+Fp8Act dummy_fp8_act() { return fp8_act_of(dummy_fp8_activations()); }
 
 // Uploads (or generates) the model's weights. Fused groups (q|k|v, gate|up) are one allocation so
 // one GEMM/GEMV covers them; an FP8 group stays FP8 (1 byte per weight, scales per row when its

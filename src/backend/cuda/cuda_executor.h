@@ -36,6 +36,10 @@ class Gemm;
 struct DeviceKv;
 struct Fp8Weight;
 
+// Dummy FP8 weights' activation quantization (KILN_FP8_ACT: static | dynamic_per_tensor |
+// dynamic_per_token). Static by default, as NVIDIA's calibrated FP8 checkpoints are.
+ActQuant dummy_fp8_activations();
+
 class CudaExecutor final : public ModelExecutor {
  public:
   ~CudaExecutor() override;
