@@ -90,8 +90,8 @@ OutputDiff diff_outputs(const std::vector<float>& got, const std::vector<float>&
   return d;
 }
 
-size_t elem_bytes(GemmKind k) { return k == GemmKind::kFp8 ? 1 : 2; }
-size_t out_bytes(GemmKind k) { return k == GemmKind::kBf16F32Out ? 4 : 2; }
+size_t elem_bytes(GemmKind k) { return gemm_kind_fp8(k) ? 1 : 2; }
+size_t out_bytes(GemmKind k) { return gemm_kind_f32_out(k) ? 4 : 2; }
 
 // Random x and W for `key` on the device, unit scales; freed with the struct.
 struct GemmBuffers {
@@ -107,15 +107,20 @@ struct GemmBuffers {
     EXPECT_EQ(cudaMalloc(&y2, y_bytes), cudaSuccess);
     EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&ones), sizeof(float) * size_t(std::max(key.n, key.N))), cudaSuccess);
     launch_fill_f32(ones, std::max(key.n, key.N), 1.0f, nullptr);
-    if (key.kind == GemmKind::kFp8) {
+    if (gemm_kind_fp8(key.kind)) {
       launch_fill_uniform_fp8(static_cast<uint8_t*>(x), key.n * key.K, seed, 1.0f, 1.0f, nullptr);
       launch_fill_uniform_fp8(static_cast<uint8_t*>(w), key.N * key.K, seed + 1, 1.0f, 1.0f, nullptr);
     } else {
       launch_fill_uniform_bf16(static_cast<bf16_t*>(x), key.n * key.K, seed, 1.0f, nullptr);
       launch_fill_uniform_bf16(static_cast<bf16_t*>(w), key.N * key.K, seed + 1, 1.0f, nullptr);
     }
-    cudaMemset(y1, 0xff, y_bytes);  // NaN-poisoned: an unwritten output cannot match
-    cudaMemset(y2, 0x7f, y_bytes);
+    if (key.kind == GemmKind::kFp8Acc) {  // both add into the same residual
+      launch_fill_f32(static_cast<float*>(y1), int64_t(key.n * key.N), 0.5f, nullptr);
+      launch_fill_f32(static_cast<float*>(y2), int64_t(key.n * key.N), 0.5f, nullptr);
+    } else {
+      cudaMemset(y1, 0xff, y_bytes);  // NaN-poisoned: an unwritten output cannot match
+      cudaMemset(y2, 0x7f, y_bytes);
+    }
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   ~GemmBuffers() {
@@ -137,6 +142,9 @@ void expect_table_path_identical(const std::shared_ptr<const GemmAlgoTable>& tab
   if (key.kind == GemmKind::kFp8) {
     planned.linear_fp8(b.x, key.n, key.K, b.ones, key.outer_vec, b.w, key.N, key.K, b.ones, key.outer_vec, b.y1, key.N,
                        nullptr);
+  } else if (key.kind == GemmKind::kFp8Acc) {
+    planned.linear_fp8_accumulate(b.x, key.n, key.K, b.ones, key.outer_vec, b.w, key.N, key.K, b.ones, key.outer_vec,
+                                  static_cast<float*>(b.y1), key.N, nullptr);
   } else {
     planned.linear(b.x, key.n, key.K, b.w, key.N, key.K, b.y1, key.N, key.kind == GemmKind::kBf16F32Out, nullptr);
   }
@@ -169,8 +177,9 @@ void expect_plan_matches_heuristic(bool fp8) {
               entries.size(), secs);
   // Target ~20 s with the split-K candidates (brief F); 30 s leaves room for a slower host.
   EXPECT_LT(secs, 30.0) << "planning an 8B model must take < 30 s";
-  // qkv, o, gate_up, down at decode buckets 8..256 and prefill 512/2048/8192 (9 M); lm_head at 8..256 (6).
-  EXPECT_EQ(entries.size(), size_t(4 * 9 + 6)) << plan.gemm_algorithms.dump(1);
+  // qkv, o, gate_up, down (FP8: and o_acc, down_acc) at decode buckets 8..256 and prefill 512/2048/8192
+  // (9 M); lm_head at 8..256 (6).
+  EXPECT_EQ(entries.size(), size_t((fp8 ? 6 : 4) * 9 + 6)) << plan.gemm_algorithms.dump(1);
   EXPECT_EQ(plan.gemm_algorithms["device_name"], name);
 
   GemmBench bench;
@@ -212,7 +221,7 @@ void expect_plan_matches_heuristic(bool fp8) {
       ASSERT_TRUE(bench.run_to_host(key, heur, &y_heur).is_ok());
       // FP8 runs with fast accumulation (Hopper's reduced-precision FP8 accumulator, what TensorRT-LLM
       // uses): two tilings of K differ by more than f32 order error, so its absolute term is wider.
-      const bool fast_acc = key.kind == GemmKind::kFp8;
+      const bool fast_acc = gemm_kind_fp8(key.kind);
       const OutputDiff d = diff_outputs(y_chosen, y_heur, fast_acc ? 2e-2 : 2e-3);
       char buf[96];
       std::snprintf(buf, sizeof(buf), "rel %.1e, %zu outside", d.rel_l2, d.bad);

@@ -121,12 +121,13 @@ std::string_view gemm_kind_name(GemmKind k) {
     case GemmKind::kBf16: return "bf16";
     case GemmKind::kBf16F32Out: return "bf16_f32out";
     case GemmKind::kFp8: return "fp8";
+    case GemmKind::kFp8Acc: return "fp8_acc";
   }
   return "?";
 }
 
 std::optional<GemmKind> gemm_kind_from_name(std::string_view s) {
-  for (GemmKind k : {GemmKind::kBf16, GemmKind::kBf16F32Out, GemmKind::kFp8})
+  for (GemmKind k : {GemmKind::kBf16, GemmKind::kBf16F32Out, GemmKind::kFp8, GemmKind::kFp8Acc})
     if (gemm_kind_name(k) == s) return k;
   return std::nullopt;
 }
@@ -213,7 +214,7 @@ Result<GemmAlgoTable> gemm_table_from_json(const nlohmann::json& j) {
     auto kind = e.find("kind");
     if (kind == e.end() || !kind->is_string()) return Status::error(at + ": kind must be a string");
     auto k = gemm_kind_from_name(kind->get<std::string>());
-    if (!k) return Status::error(at + ": kind '" + kind->get<std::string>() + "' is not bf16, bf16_f32out or fp8");
+    if (!k) return Status::error(at + ": kind '" + kind->get<std::string>() + "' is not bf16, bf16_f32out, fp8 or fp8_acc");
     key.kind = *k;
     for (auto [name, dst] : {std::pair<const char*, int64_t*>{"M", &key.n}, {"N", &key.N}, {"K", &key.K}}) {
       auto f = e.find(name);
@@ -308,10 +309,10 @@ void Gemm::ensure_one() {
 }
 
 // Descriptors and layouts of one GEMM; the algorithm is chosen by choose().
-Gemm::Plan* Gemm::make_plan(const GemmKey& key, int64_t ldx, int64_t ldy, bool f32_acc) {
+Gemm::Plan* Gemm::make_plan(const GemmKey& key, int64_t ldx, int64_t ldy) {
   const LtApi& api = lt_api();
   auto* p = new Plan;
-  const bool fp8 = key.kind == GemmKind::kFp8;
+  const bool fp8 = gemm_kind_fp8(key.kind);
   // Column-major view: Y^T[N, n] = W[K, N]^T (op T) * X^T[K, n] (TN: the only layout Hopper's FP8
   // GEMMs take).
   KILN_CHECK(api.desc_create(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
@@ -333,7 +334,7 @@ Gemm::Plan* Gemm::make_plan(const GemmKey& key, int64_t ldx, int64_t ldy, bool f
     api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &d_one_, sizeof(d_one_));
   }
   const cudaDataType_t in = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
-  const cudaDataType_t out = key.kind == GemmKind::kBf16F32Out || f32_acc ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t out = gemm_kind_f32_out(key.kind) ? CUDA_R_32F : CUDA_R_16BF;
   KILN_CHECK(api.layout_create(&p->a, in, uint64_t(key.K), uint64_t(key.N), key.K) == CUBLAS_STATUS_SUCCESS);
   KILN_CHECK(api.layout_create(&p->b, in, uint64_t(key.K), uint64_t(key.n), ldx) == CUBLAS_STATUS_SUCCESS);
   KILN_CHECK(api.layout_create(&p->c, out, uint64_t(key.N), uint64_t(key.n), ldy) == CUBLAS_STATUS_SUCCESS);
@@ -411,9 +412,9 @@ Gemm::Plan* Gemm::plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t
   auto key = std::make_tuple(n, ldx, N, K, ldy, outer_vec);
   auto it = plans.find(key);
   if (it != plans.end()) return it->second;
-  const GemmKey gk{GemmKind::kFp8, n, N, K, outer_vec};
-  Plan* p = make_plan(gk, ldx, ldy, f32_acc);
-  choose(p, gk, !f32_acc);  // the table's entries are for bf16 output
+  const GemmKey gk{f32_acc ? GemmKind::kFp8Acc : GemmKind::kFp8, n, N, K, outer_vec};
+  Plan* p = make_plan(gk, ldx, ldy);
+  choose(p, gk);
   plans[key] = p;
   return p;
 }
@@ -489,7 +490,7 @@ std::vector<GemmAlgo> Gemm::split_k_variants(const GemmKey& key, const GemmAlgo&
   // per split), taken only where the output is f32 anyway.
   uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
   if (mask & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE) scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
-  else if (key.kind == GemmKind::kBf16F32Out && (mask & CUBLASLT_REDUCTION_SCHEME_INPLACE))
+  else if (gemm_kind_f32_out(key.kind) && (mask & CUBLASLT_REDUCTION_SCHEME_INPLACE))
     scheme = CUBLASLT_REDUCTION_SCHEME_INPLACE;
   if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE)
     return say("reduction schemes 0x" + std::to_string(mask) + " offer no f32 partial sums");
@@ -523,8 +524,8 @@ std::vector<GemmAlgo> Gemm::enumerated_algorithms(const GemmKey& key, int max_co
   std::vector<GemmAlgo> out;
   const LtApi& api = lt_api();
   auto h = static_cast<cublasLtHandle_t>(handle_);
-  const cudaDataType_t in = key.kind == GemmKind::kFp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
-  const cudaDataType_t o = key.kind == GemmKind::kBf16F32Out ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t in = gemm_kind_fp8(key.kind) ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  const cudaDataType_t o = gemm_kind_f32_out(key.kind) ? CUDA_R_32F : CUDA_R_16BF;
   std::vector<int> ids(512);
   int n_ids = 0, n_init = 0, n_checked = 0;
   std::map<int, int> refusals;  // cublasStatus_t -> count
@@ -619,19 +620,20 @@ Status Gemm::run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void*
                            const void* w, const float* w_scales, void* y, cudaStream_t stream) {
   // Cached per key: the planner runs each candidate a dozen times.
   Plan* p = nullptr;
-  if (key.kind == GemmKind::kFp8) {
-    p = plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec);
+  const bool fp8 = gemm_kind_fp8(key.kind);
+  if (fp8) {
+    p = plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec, key.kind == GemmKind::kFp8Acc);
   } else {
     p = const_cast<Plan*>(&plan_for(key.n, key.K, key.N, key.K, key.N, key.kind == GemmKind::kBf16F32Out));
   }
   const LtApi& api = lt_api();
-  if (key.kind == GemmKind::kFp8) {
+  if (fp8) {
     api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales));
     api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales));
   }
   cublasLtMatmulAlgo_t a;
   std::memcpy(&a, algo.data.data(), sizeof(a));
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f, beta = key.kind == GemmKind::kFp8Acc ? 1.0f : 0.0f;
   const cublasStatus_t st = api.matmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w, p->a, x, p->b,
                                        &beta, y, p->c, y, p->c, &a, workspace_, workspace_bytes_, stream);
   if (st != CUBLAS_STATUS_SUCCESS)
@@ -640,8 +642,8 @@ Status Gemm::run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void*
 }
 
 GemmAlgo Gemm::chosen_algorithm(const GemmKey& key) {
-  const Plan* p = key.kind == GemmKind::kFp8
-                      ? plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec)
+  const Plan* p = gemm_kind_fp8(key.kind)
+                      ? plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec, key.kind == GemmKind::kFp8Acc)
                       : &plan_for(key.n, key.K, key.N, key.K, key.N, key.kind == GemmKind::kBf16F32Out);
   GemmAlgo a;
   std::memcpy(a.data.data(), &p->algo, sizeof(a));

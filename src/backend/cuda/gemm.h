@@ -23,9 +23,13 @@
 
 namespace kiln::cuda {
 
-// Which cuBLASLt matmul: bf16 x bf16 -> bf16, bf16 x bf16 -> f32 (lm_head), FP8 E4M3 -> bf16.
-enum class GemmKind : uint8_t { kBf16, kBf16F32Out, kFp8 };
-std::string_view gemm_kind_name(GemmKind k);  // "bf16" | "bf16_f32out" | "fp8"
+// Which cuBLASLt matmul: bf16 x bf16 -> bf16, bf16 x bf16 -> f32 (lm_head), FP8 E4M3 -> bf16, FP8
+// E4M3 added into f32 (C = D = y, beta = 1: linear_fp8_accumulate, o_proj / down_proj into the
+// residual).
+enum class GemmKind : uint8_t { kBf16, kBf16F32Out, kFp8, kFp8Acc };
+std::string_view gemm_kind_name(GemmKind k);  // "bf16" | "bf16_f32out" | "fp8" | "fp8_acc"
+inline bool gemm_kind_fp8(GemmKind k) { return k == GemmKind::kFp8 || k == GemmKind::kFp8Acc; }
+inline bool gemm_kind_f32_out(GemmKind k) { return k == GemmKind::kBf16F32Out || k == GemmKind::kFp8Acc; }
 std::optional<GemmKind> gemm_kind_from_name(std::string_view s);
 
 // One GEMM as the table knows it: y[n, N] = x[n, K] @ W[N, K]^T; outer_vec: FP8 with per-row
@@ -99,7 +103,7 @@ class Gemm {
   // FP8 E4M3 accumulated into f32: y[n, N] (f32, row stride ldy) += (xq[n, K] . wq[N, K]^T) * x_scale
   // * w_scale, through cuBLASLt's C = D = y and beta = 1 (the prefill residual add of o_proj and
   // down_proj in the GEMM's epilogue). Scales both per tensor or both vectors (outer-vector mode);
-  // the heuristic's algorithm (plan.json does not cover it). fp8_accumulate_ok() first: false where
+  // the table's algorithm for kind fp8_acc, else the heuristic's. fp8_accumulate_ok() first: false where
   // the library has no algorithm for the shape or the scales are mixed (then call nothing).
   bool fp8_accumulate_ok(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool x_per_row, bool w_per_row);
   void linear_fp8_accumulate(const void* xq, int64_t n, int64_t ldx, const float* x_scales, bool x_per_row,
@@ -145,7 +149,7 @@ class Gemm {
   // The algorithms of `algos` that cublasLtMatmulAlgoCheck accepts for `key` within the workspace.
   std::vector<GemmAlgo> accepted_algorithms(const GemmKey& key, const std::vector<GemmAlgo>& algos);
   // One GEMM with `algo` (not checked: call algorithm_ok first). FP8 scales: x_scales [n] and
-  // w_scales [N] when key.outer_vec, else [1] each. Enqueues only.
+  // w_scales [N] when key.outer_vec, else [1] each. fp8_acc adds into y (f32). Enqueues only.
   [[nodiscard]] Status run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void* x, const float* x_scales,
                                      const void* w, const float* w_scales, void* y, cudaStream_t stream);
   // The algorithm a call of this shape would use (contiguous x and y), after table and checks.
@@ -153,14 +157,13 @@ class Gemm {
 
  private:
   struct Plan;
-  // f32_acc: FP8 into f32 C = D (linear_fp8_accumulate).
-  Plan* make_plan(const GemmKey& key, int64_t ldx, int64_t ldy, bool f32_acc = false);
+  Plan* make_plan(const GemmKey& key, int64_t ldx, int64_t ldy);
   bool check(Plan* p, const GemmAlgo& algo);
   // use_table false: the heuristic's first, whatever the table says.
   void choose(Plan* p, const GemmKey& key, bool use_table = true);
   const Plan& plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool y_f32);
   // FP8 plans by (n, ldx, N, K, ldy, vector scales); null algorithm = the library has none.
-  // f32_acc: into f32 C = D (linear_fp8_accumulate; the heuristic's algorithm, never the table's).
+  // f32_acc: into f32 C = D (linear_fp8_accumulate: kind fp8_acc).
   Plan* plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec, bool f32_acc = false);
   // One FP8 cuBLASLt call on plan p: D = C = y, y = (A scale a_scale, B scale b_scale) product + beta y.
   // A failure is fatal, naming `what`.

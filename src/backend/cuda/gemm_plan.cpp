@@ -19,8 +19,8 @@ Status cuda_ok(cudaError_t e, const char* what) {
   return Status::error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
-size_t elem_bytes(GemmKind k) { return k == GemmKind::kFp8 ? 1 : 2; }
-size_t out_bytes(GemmKind k) { return k == GemmKind::kBf16F32Out ? 4 : 2; }
+size_t elem_bytes(GemmKind k) { return gemm_kind_fp8(k) ? 1 : 2; }
+size_t out_bytes(GemmKind k) { return gemm_kind_f32_out(k) ? 4 : 2; }
 size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 }  // namespace
@@ -69,14 +69,21 @@ std::vector<GemmPlanShape> gemm_plan_shapes(const KilnDirInfo& info, bool fp8, c
   struct Linear {
     const char* name;
     int64_t N, K;
+    bool into_residual;  // FP8: also added into the f32 residual by the GEMM (kind fp8_acc)
   };
-  const Linear linears[] = {{"qkv", q + 2 * kv, H}, {"o", H, q}, {"gate_up", 2 * I, H}, {"down", H, I}};
+  const Linear linears[] = {
+      {"qkv", q + 2 * kv, H, false}, {"o", H, q, true}, {"gate_up", 2 * I, H, false}, {"down", H, I, true}};
   std::vector<GemmPlanShape> out;
   for (const Linear& l : linears) {
     // The executor keeps a matrix FP8 only when its columns are a multiple of 16 (cuBLASLt's rule).
     const bool f = fp8 && l.K % 16 == 0;
     for (int64_t m : all)
       out.push_back({l.name, GemmKey{f ? GemmKind::kFp8 : GemmKind::kBf16, m, l.N, l.K, f && outer_vec}});
+    // FP8 o_proj / down_proj also add into the f32 residual in the GEMM's epilogue (every step of
+    // more than gemv_max_m rows: CudaOps, Gemm::linear_fp8_accumulate).
+    if (f && l.into_residual)
+      for (int64_t m : all)
+        out.push_back({std::string(l.name) + "_acc", GemmKey{GemmKind::kFp8Acc, m, l.N, l.K, outer_vec}});
   }
   for (int64_t m : decode) out.push_back({"lm_head", GemmKey{GemmKind::kBf16F32Out, m, V, H, false}});
   return out;
@@ -134,14 +141,14 @@ Status GemmBench::prepare(const GemmKey& key) {
   if (ones_bytes_ != ones_before) launch_fill_f32(ones_, int64_t(ones_bytes_ / sizeof(float)), 1.0f, stream_);
   // Refill when a buffer was reallocated or the element type changed (FP8 codes read as bf16 and
   // the reverse would hold NaNs).
-  const bool kind_changed = (filled_kind_ == GemmKind::kFp8) != (key.kind == GemmKind::kFp8);
+  const bool kind_changed = gemm_kind_fp8(filled_kind_) != gemm_kind_fp8(key.kind);
   if (kind_changed || x_bytes_ != x_old || x_filled_ == 0) {
-    if (key.kind == GemmKind::kFp8) launch_fill_uniform_fp8(static_cast<uint8_t*>(x_), int64_t(x_bytes_), 11, 1.0f, 1.0f, stream_);
+    if (gemm_kind_fp8(key.kind)) launch_fill_uniform_fp8(static_cast<uint8_t*>(x_), int64_t(x_bytes_), 11, 1.0f, 1.0f, stream_);
     else launch_fill_uniform_bf16(static_cast<bf16_t*>(x_), int64_t(x_bytes_ / 2), 11, 1.0f, stream_);
     x_filled_ = x_bytes_;
   }
   if (kind_changed || w_bytes_ != w_old || w_filled_ == 0) {
-    if (key.kind == GemmKind::kFp8) launch_fill_uniform_fp8(static_cast<uint8_t*>(w_), int64_t(w_bytes_), 12, 1.0f, 1.0f, stream_);
+    if (gemm_kind_fp8(key.kind)) launch_fill_uniform_fp8(static_cast<uint8_t*>(w_), int64_t(w_bytes_), 12, 1.0f, 1.0f, stream_);
     else launch_fill_uniform_bf16(static_cast<bf16_t*>(w_), int64_t(w_bytes_ / 2), 12, 1.0f, stream_);
     w_filled_ = w_bytes_;
   }
@@ -195,7 +202,7 @@ Status GemmBench::run_to_host(const GemmKey& key, const GemmAlgo& algo, std::vec
   KILN_RETURN_IF_ERROR(gemm_.run_algorithm(key, algo, x_, ones_, w_, ones_, y_, stream_));
   const size_t count = size_t(key.n) * key.N;
   y->assign(count, 0.0f);
-  if (key.kind == GemmKind::kBf16F32Out) {
+  if (gemm_kind_f32_out(key.kind)) {
     KILN_RETURN_IF_ERROR(cuda_ok(cudaMemcpyAsync(y->data(), y_, count * 4, cudaMemcpyDeviceToHost, stream_), "copy"));
     return cuda_ok(cudaStreamSynchronize(stream_), "GEMM run");
   }
@@ -223,7 +230,9 @@ Result<GemmPlanResult> plan_gemm(GemmBench& bench, const GemmKey& key, const Gem
   for (size_t i = 0; i < algos.size(); ++i)
     if (!seen(algos[i]) && gemm.algorithm_ok(key, algos[i])) cands.push_back({algos[i], int(i)});
   GemmPlanResult r;
-  if (!o.split_k.empty() && key.n <= o.split_k_max_m) {
+  // No split-K for fp8_acc: its partial sums would meet beta = 1 in a reduction scheme the
+  // planner's check (outputs from a zeroed y) does not exercise.
+  if (!o.split_k.empty() && key.n <= o.split_k_max_m && key.kind != GemmKind::kFp8Acc) {
     const size_t base = cands.size();
     for (size_t i = 0; i < base; ++i) {
       std::string why;

@@ -29,13 +29,14 @@ Result<std::string> gpu_name(int device);
 bool gpu_has_fp8(int device);
 
 struct GemmPlanShape {
-  std::string name;  // "qkv" | "o" | "gate_up" | "down" | "lm_head"
+  std::string name;  // "qkv" | "o" | "gate_up" | "down" | "o_acc" | "down_acc" | "lm_head"
   GemmKey key;
 };
 // The GEMMs to time for a model: rank-local weight shapes (tp_size) x M buckets. Linears are FP8
 // when `fp8` (then outer_vec when weight scales are per channel or activations per token); lm_head
-// is bf16 with f32 output and only decode buckets (it sees one row per sequence). M <= gemv_max_m
-// goes to kiln's GEMV and is not planned.
+// is bf16 with f32 output and only decode buckets (it sees one row per sequence). FP8 o / down are
+// planned twice: bf16 out (fp8) and into the f32 residual (fp8_acc, "o_acc" / "down_acc"). M <=
+// gemv_max_m goes to kiln's GEMV and is not planned.
 std::vector<GemmPlanShape> gemm_plan_shapes(const KilnDirInfo& info, bool fp8, const std::vector<int32_t>& graph_sizes,
                                             int32_t max_num_tokens, int gemv_max_m);
 
