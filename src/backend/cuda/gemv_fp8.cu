@@ -5,7 +5,8 @@
 // activations quantized once per block into shared memory (B, n of its 8 columns used).
 //
 // Layout. A block owns a tile of 16 weight rows (for the silu pair: 16 gate rows and the 16 up rows
-// pair_off below) over all of K; its 8 warps split K into 64-wide chunks, interleaved (warp w takes
+// pair_off below, or at n <= 2 one 16-row tile of 8 gate rows and their 8 up rows, see kPair8) over
+// all of K; its 8 warps split K into 64-wide chunks, interleaved (warp w takes
 // chunks w, w + 8, ...: the block streams each row front to back). In a chunk, lane (g = lane / 4,
 // t = lane % 4) loads the 16 bytes at k = 64 c + 16 t of rows g and g + 8, and the 16 bytes of x_q
 // column g at the same k from shared memory; bytes [0, 8) feed one mma and [8, 16) the next. The
@@ -78,14 +79,21 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
 
 // kL: chunks in flight per warp (each 2 x 16 bytes per lane and row tile). Slot j is refilled with
 // chunk c + kL as soon as chunk c has gone into the mma, so a warp keeps kL chunks outstanding.
-template <bool kSilu, bool kNorm, int kL, int kMinBlocks>
+// kPair8 (silu only): a block owns 8 gate rows and their 8 up rows as one 16-row tile (rows g and
+// g + 8 of the mma pair up, as in fused_decode.cu), so one set of buffers serves both: 80 registers
+// and 3 blocks an SM against 124 and 2, twice the blocks. On the H100 (docs/PERF_fp8_gpu.md, session
+// 14) it takes the 8B batch-1 step from 3.63 to 3.55 ms and batch 2 from 3.99 to 3.88, but batch 3
+// and 4 lose 3-5 % (presumably because every block quantizes all n rows of x: twice the blocks, twice
+// that work; not profiled).
+template <bool kSilu, bool kNorm, int kL, int kMinBlocks, bool kPair8 = false>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];  // x_q [n, kp]; after the loop, the partial sums
   __shared__ float sx[kMaxN];                      // dynamic activation scales
   __shared__ float red_s[32];
   pdl_trigger();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  constexpr int kR = kSilu ? 2 : 1;
+  static_assert(!kPair8 || kSilu, "the 8 + 8 tile is the silu pair's");
+  constexpr int kR = kSilu && !kPair8 ? 2 : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int K = p.K, N = p.N, n = p.n;
   // The warp's chunks: base + i * stride for i < cnt. Interleaved (stride 8, the default): at any
@@ -104,15 +112,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
     stride = 1;
     cnt = min(chunks, base + per) - base;
   }
-  const int row0 = blockIdx.x * 16;
+  const int row0 = blockIdx.x * (kPair8 ? 8 : 16);
 
   // Rows past N read row N - 1 (finite; their outputs are not written).
   const uint8_t* wp[kR][2];
 #pragma unroll
   for (int r = 0; r < kR; ++r)
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-      wp[r][h] = p.w + (int64_t(min(row0 + g + 8 * h, N - 1)) + (r ? p.pair_off : 0)) * K + 16 * t;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = kPair8 ? int64_t(min(row0 + g, N - 1)) + (h ? p.pair_off : 0)
+                                 : int64_t(min(row0 + g + 8 * h, N - 1)) + (r ? p.pair_off : 0);
+      wp[r][h] = p.w + row * K + 16 * t;
+    }
   uint4 buf[kR][2][kL];
   auto load = [&](int j, int i) {
     const int c = base + i * stride;
@@ -129,14 +140,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
   for (int j = 0; j < kL; ++j) load(j, j);
 
   // The epilogue thread (row tid % 16, column tid / 16) and its row scales.
+  // kPair8: rows er < 8 only, each reading its gate (er) and up (er + 8) sums.
   const int er = threadIdx.x & 15, em = threadIdx.x >> 4, erow = row0 + er;
-  const bool epi = em < n && erow < N;
-  float rs[kR];
+  const bool epi = em < n && erow < N && (!kPair8 || er < 8);
+  constexpr int kS = kSilu ? 2 : 1;  // row scales: gate and up for the silu pair
+  float rs[kS];
 #pragma unroll
-  for (int r = 0; r < kR; ++r) rs[r] = p.wscale;
+  for (int r = 0; r < kS; ++r) rs[r] = p.wscale;
   if (p.row_scales && epi)
 #pragma unroll
-    for (int r = 0; r < kR; ++r) rs[r] = __ldg(p.row_scales + erow + r * p.pair_off);
+    for (int r = 0; r < kS; ++r) rs[r] = __ldg(p.row_scales + erow + r * p.pair_off);
 
   pdl_wait();  // x and the residual are earlier kernels' outputs
   float res = 0.0f;
@@ -233,16 +246,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
   __syncthreads();
   if (epi) {
     const float s = dynamic ? sx[em] : s_static;
-    float v[kR];
+    float v[kS];
 #pragma unroll
-    for (int r = 0; r < kR; ++r) {
+    for (int r = 0; r < kS; ++r) {
+      // The pair's up sums: the second tile (kR = 2) or rows 8..15 of the one tile (kPair8).
+      const int base = kPair8 ? (er + 8 * r) * 8 + em : r * 128 + er * 8 + em;
       float a = 0.0f;
 #pragma unroll
-      for (int q = 0; q < kWarps; ++q) a += red[(q * kR + r) * 128 + er * 8 + em];
+      for (int q = 0; q < kWarps; ++q) a += red[q * kR * 128 + base];
       v[r] = a * (s * rs[r]);
     }
     float out = v[0];
-    if constexpr (kSilu) out = silu(out) * v[kR - 1];
+    if constexpr (kSilu) out = silu(out) * v[kS - 1];
     if (p.y_f32) {
       static_cast<float*>(p.y)[em * p.ldy + erow] = out;
     } else {
@@ -267,9 +282,9 @@ int max_smem() {
   return v;
 }
 
-template <bool kSilu, bool kNorm, int kL, int kMinBlocks>
+template <bool kSilu, bool kNorm, int kL, int kMinBlocks, bool kPair8 = false>
 void launch(const Params& p, int grid, int smem, cudaStream_t s) {
-  auto* k = gemv_fp8_mma_kernel<kSilu, kNorm, kL, kMinBlocks>;
+  auto* k = gemv_fp8_mma_kernel<kSilu, kNorm, kL, kMinBlocks, kPair8>;
   // More than 48 KB of x_q (n * K bytes) only after raising the limit; once per instantiation.
   // KILN_FP8_GEMV_CARVEOUT: preferred shared-memory carveout in percent (experiment; -1 = driver's).
   static const bool raised = [k] {
@@ -322,7 +337,10 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   p.interleave = interleave;
   const int smem = std::max(n * p.kp, kWarps * (silu ? 2 : 1) * 128 * 4);
   if (smem > max_smem()) return false;
-  const int grid = (N + 15) / 16;
+  // The silu pair's 8 + 8 tile up to this many rows (KILN_FP8_GEMV_PAIR8_MAX_N; 0: never).
+  static const int pair8_max_n = env_int("KILN_FP8_GEMV_PAIR8_MAX_N", 2);
+  const bool pair8 = silu && n <= pair8_max_n;
+  const int grid = pair8 ? (N + 7) / 8 : (N + 15) / 16;
   // Chunks in flight per warp (H100, batch 1, docs/PERF_fp8_gpu.md): 4 (80 registers, 3 blocks per
   // SM) puts qkv's 384 tiles in one wave (11.2 us against 14.8 with 8) and won the decode step
   // (3.74-3.78 ms against 3.88 with 8). 8 (115 registers, 2 blocks per SM) streams down_proj's long
@@ -332,7 +350,8 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   // 256-tile shapes, a persistent grid walking tiles, cp.async stages in shared memory.
   static const int loads = env_int("KILN_FP8_GEMV_LOADS", 4);
   // (The silu pair holds two tiles' chunks: 4 of them already take 124 registers.)
-  if (silu) launch<true, false, 4, 2>(p, grid, smem, s);
+  if (pair8) launch<true, false, 4, 3, true>(p, grid, smem, s);
+  else if (silu) launch<true, false, 4, 2>(p, grid, smem, s);
   else if (fold) loads == 8 ? launch<false, true, 8, 2>(p, grid, smem, s) : launch<false, true, 4, 3>(p, grid, smem, s);
   else loads == 8 ? launch<false, false, 8, 2>(p, grid, smem, s) : launch<false, false, 4, 3>(p, grid, smem, s);
   return true;
