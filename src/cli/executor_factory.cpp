@@ -17,9 +17,6 @@ namespace {
 
 bool is_cuda(const std::string& d) { return d == "cuda" || d.rfind("cuda:", 0) == 0; }
 
-// "cuda" -> 0, "cuda:N" -> N (check_device has validated the form).
-[[maybe_unused]] int cuda_index(const std::string& d) { return d.size() > 5 ? std::atoi(d.c_str() + 5) : 0; }
-
 // "auto": the first GPU when this build has CUDA and one is visible, else the CPU.
 std::string plan_device(const std::string& d) {
   if (d != "auto") return d;
@@ -30,6 +27,8 @@ std::string plan_device(const std::string& d) {
 }
 
 }  // namespace
+
+int cuda_index(const std::string& d) { return d.size() > 5 ? std::atoi(d.c_str() + 5) : 0; }
 
 Status check_device(const std::string& device) {
   if (device == "cpu" || device == "auto") return Status::ok();

@@ -17,6 +17,8 @@ namespace kiln::cli {
 // "auto" -> "cuda" when this build has the CUDA backend and a GPU answers, else "cpu"; any other
 // value is returned as it is. One binary, same command line on a laptop and on an H100.
 std::string resolve_device(const std::string& device);
+// "cuda" -> 0, "cuda:N" -> N (after check_device has accepted the form).
+int cuda_index(const std::string& device);
 
 // The name plans are made for on `device` ("cpu", or the GPU's name for cuda / cuda:N; "auto":
 // the first GPU when this build has CUDA and one is visible, else "cpu"). For a GPU it also

@@ -68,7 +68,7 @@ Result<ModelConfig> bench_config(const BenchArgs& a) {
 // to the executor as the process table. Prints the planner's summary and the largest M's choices.
 Status plan_dummy_gemms(const BenchArgs& a, const ModelConfig& cfg, int32_t max_batch, int32_t max_tokens) {
   if (auto name = plan_device_name(a.device); !name) return Status::error(name.message());
-  const int idx = a.device.size() > 5 ? std::atoi(a.device.c_str() + 5) : 0;
+  const int idx = cuda_index(a.device);
   KilnDirInfo info;
   info.config = cfg;
   info.lm_head = cfg.tie_word_embeddings ? LmHeadMode::kTied : LmHeadMode::kReplicated;
@@ -84,12 +84,14 @@ Status plan_dummy_gemms(const BenchArgs& a, const ModelConfig& cfg, int32_t max_
   KILN_ASSIGN_OR_RETURN(auto table, cuda::usable_gemm_table(plan.gemm_algorithms, idx));
   int64_t top = 0;
   for (const auto& e : plan.gemm_algorithms["entries"]) top = std::max(top, e["M"].get<int64_t>());
-  for (const auto& e : plan.gemm_algorithms["entries"])
-    if (e["M"].get<int64_t>() == top)
-      std::printf("gemm plan     %-8s M=%lld: %.1f us (heuristic's first %s us, rank %d)\n",
-                  e["shape"].get<std::string>().c_str(), (long long)top, e["us"].get<double>(),
-                  e["heuristic_us"].is_null() ? "-" : std::to_string(e["heuristic_us"].get<double>()).c_str(),
-                  e["heuristic_rank"].get<int>());
+  for (const auto& e : plan.gemm_algorithms["entries"]) {
+    if (e["M"].get<int64_t>() != top) continue;
+    char heur[32] = "-";
+    if (e["heuristic_us"].is_number()) std::snprintf(heur, sizeof(heur), "%.1f", e["heuristic_us"].get<double>());
+    std::printf("gemm plan     %-8s M=%lld: %.1f us (heuristic's first %s us, rank %d)\n",
+                e["shape"].get<std::string>().c_str(), (long long)top, e["us"].get<double>(), heur,
+                e["heuristic_rank"].get<int>());
+  }
   cuda::set_process_gemm_table(std::move(table));
   return Status::ok();
 }
@@ -173,6 +175,7 @@ int latency(const BenchArgs& a) {
   const double load_s = seconds_since(t_load);
   nlohmann::json j;
   j["model"] = a.model;
+  j["plan_gemms"] = a.plan_gemms;
   j["device"] = (*ex)->info().device;
   j["batch_size"] = a.batch_size;
   j["input_len"] = a.input_len;
@@ -422,7 +425,7 @@ int throughput(const BenchArgs& a) {
                         {"output_len", a.output_len}, {"seconds", secs},                {"output_tokens_per_s", out_tps},
                         {"total_tokens_per_s", total_tps}, {"output_tokens", out_tokens}, {"preemptions", st.num_preemptions},
                         {"steps", steps}, {"execute_seconds", st.execute_seconds - w.execute_seconds},
-                        {"host_seconds", st.host_seconds - w.host_seconds}};
+                        {"host_seconds", st.host_seconds - w.host_seconds}, {"plan_gemms", a.plan_gemms}};
     std::printf("%s\n", j.dump().c_str());
   }
   return out_tokens == expect ? 0 : fail("bench throughput", "fewer output tokens than asked for");
