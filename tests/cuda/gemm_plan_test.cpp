@@ -90,8 +90,6 @@ OutputDiff diff_outputs(const std::vector<float>& got, const std::vector<float>&
   return d;
 }
 
-size_t elem_bytes(GemmKind k) { return gemm_kind_fp8(k) ? 1 : 2; }
-size_t out_bytes(GemmKind k) { return gemm_kind_f32_out(k) ? 4 : 2; }
 
 // Random x and W for `key` on the device, unit scales; freed with the struct.
 struct GemmBuffers {
@@ -99,8 +97,8 @@ struct GemmBuffers {
   float* ones = nullptr;
   size_t y_bytes = 0;
   explicit GemmBuffers(const GemmKey& key, uint64_t seed) {
-    const size_t es = elem_bytes(key.kind);
-    y_bytes = size_t(key.n) * key.N * out_bytes(key.kind);
+    const size_t es = gemm_elem_bytes(key.kind);
+    y_bytes = size_t(key.n) * key.N * gemm_out_bytes(key.kind);
     EXPECT_EQ(cudaMalloc(&x, size_t(key.n) * key.K * es), cudaSuccess);
     EXPECT_EQ(cudaMalloc(&w, size_t(key.N) * key.K * es), cudaSuccess);
     EXPECT_EQ(cudaMalloc(&y1, y_bytes), cudaSuccess);

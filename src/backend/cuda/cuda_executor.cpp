@@ -229,8 +229,6 @@ Fp8Act fp8_act_of(ActQuant a) {
   return Fp8Act::kDynamicToken;
 }
 
-Fp8Act dummy_fp8_act() { return fp8_act_of(dummy_fp8_activations()); }
-
 // Uploads (or generates) the model's weights. Fused groups (q|k|v, gate|up) are one allocation so
 // one GEMM/GEMV covers them; an FP8 group stays FP8 (1 byte per weight, scales per row when its
 // members' scales differ) when the GPU has FP8 tensor cores, else it is dequantized to bf16 here.
@@ -333,7 +331,7 @@ class WeightBuilder {
     void* base = nullptr;
     KILN_RETURN_IF_ERROR(alloc(size_t(total * cols) * esize, gname, &base));
     std::vector<float> row_scales;  // fp8: every row's dequantization scale
-    Fp8Act act = dummy_fp8_act();
+    Fp8Act act = fp8_act_of(dummy_fp8_activations());
     float input_scale = 0.0f;
     int64_t r0 = 0;
     for (size_t i = 0; i < members.size(); ++i) {

@@ -350,8 +350,8 @@ bool Gemm::check(Plan* p, const GemmAlgo& algo) {
   return st == CUBLAS_STATUS_SUCCESS && res.workspaceSize <= workspace_bytes_;
 }
 
-void Gemm::choose(Plan* p, const GemmKey& key, bool use_table) {
-  if (use_table && table_ && !table_->algos.empty()) {
+void Gemm::choose(Plan* p, const GemmKey& key) {
+  if (table_ && !table_->algos.empty()) {
     auto exact = table_->algos.find(key);
     if (exact != table_->algos.end()) {
       if (check(p, exact->second)) {
@@ -616,18 +616,18 @@ std::vector<GemmAlgo> Gemm::accepted_algorithms(const GemmKey& key, const std::v
   return out;
 }
 
+Gemm::Plan* Gemm::plan_of(const GemmKey& key) {
+  if (gemm_kind_fp8(key.kind))
+    return plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec, key.kind == GemmKind::kFp8Acc);
+  return const_cast<Plan*>(&plan_for(key.n, key.K, key.N, key.K, key.N, key.kind == GemmKind::kBf16F32Out));
+}
+
 Status Gemm::run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void* x, const float* x_scales,
                            const void* w, const float* w_scales, void* y, cudaStream_t stream) {
   // Cached per key: the planner runs each candidate a dozen times.
-  Plan* p = nullptr;
-  const bool fp8 = gemm_kind_fp8(key.kind);
-  if (fp8) {
-    p = plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec, key.kind == GemmKind::kFp8Acc);
-  } else {
-    p = const_cast<Plan*>(&plan_for(key.n, key.K, key.N, key.K, key.N, key.kind == GemmKind::kBf16F32Out));
-  }
+  Plan* p = plan_of(key);
   const LtApi& api = lt_api();
-  if (fp8) {
+  if (gemm_kind_fp8(key.kind)) {
     api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scales, sizeof(w_scales));
     api.desc_set(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scales, sizeof(x_scales));
   }
@@ -642,9 +642,7 @@ Status Gemm::run_algorithm(const GemmKey& key, const GemmAlgo& algo, const void*
 }
 
 GemmAlgo Gemm::chosen_algorithm(const GemmKey& key) {
-  const Plan* p = gemm_kind_fp8(key.kind)
-                      ? plan_fp8(key.n, key.K, key.N, key.K, key.N, key.outer_vec, key.kind == GemmKind::kFp8Acc)
-                      : &plan_for(key.n, key.K, key.N, key.K, key.N, key.kind == GemmKind::kBf16F32Out);
+  const Plan* p = plan_of(key);
   GemmAlgo a;
   std::memcpy(a.data.data(), &p->algo, sizeof(a));
   return a;

@@ -7,6 +7,7 @@
 // shape otherwise, and the heuristic when cublasLtMatmulAlgoCheck rejects either.
 #pragma once
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -30,6 +31,8 @@ enum class GemmKind : uint8_t { kBf16, kBf16F32Out, kFp8, kFp8Acc };
 std::string_view gemm_kind_name(GemmKind k);  // "bf16" | "bf16_f32out" | "fp8" | "fp8_acc"
 inline bool gemm_kind_fp8(GemmKind k) { return k == GemmKind::kFp8 || k == GemmKind::kFp8Acc; }
 inline bool gemm_kind_f32_out(GemmKind k) { return k == GemmKind::kBf16F32Out || k == GemmKind::kFp8Acc; }
+inline size_t gemm_elem_bytes(GemmKind k) { return gemm_kind_fp8(k) ? 1 : 2; }  // x and W
+inline size_t gemm_out_bytes(GemmKind k) { return gemm_kind_f32_out(k) ? 4 : 2; }  // y
 std::optional<GemmKind> gemm_kind_from_name(std::string_view s);
 
 // One GEMM as the table knows it: y[n, N] = x[n, K] @ W[N, K]^T; outer_vec: FP8 with per-row
@@ -159,12 +162,15 @@ class Gemm {
   struct Plan;
   Plan* make_plan(const GemmKey& key, int64_t ldx, int64_t ldy);
   bool check(Plan* p, const GemmAlgo& algo);
-  // use_table false: the heuristic's first, whatever the table says.
-  void choose(Plan* p, const GemmKey& key, bool use_table = true);
+  // The table's algorithm for key (exact M, else the nearest planned M) if the library accepts it,
+  // else the heuristic's first.
+  void choose(Plan* p, const GemmKey& key);
   const Plan& plan_for(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool y_f32);
   // FP8 plans by (n, ldx, N, K, ldy, vector scales); null algorithm = the library has none.
   // f32_acc: into f32 C = D (linear_fp8_accumulate: kind fp8_acc).
   Plan* plan_fp8(int64_t n, int64_t ldx, int64_t N, int64_t K, int64_t ldy, bool outer_vec, bool f32_acc = false);
+  // The cached plan of key's kind with contiguous x and y (run_algorithm, chosen_algorithm).
+  Plan* plan_of(const GemmKey& key);
   // One FP8 cuBLASLt call on plan p: D = C = y, y = (A scale a_scale, B scale b_scale) product + beta y.
   // A failure is fatal, naming `what`.
   void run_fp8(Plan* p, const float* a_scale, const float* b_scale, float beta, const void* wq, const void* xq,

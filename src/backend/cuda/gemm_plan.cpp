@@ -19,8 +19,6 @@ Status cuda_ok(cudaError_t e, const char* what) {
   return Status::error(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
-size_t elem_bytes(GemmKind k) { return gemm_kind_fp8(k) ? 1 : 2; }
-size_t out_bytes(GemmKind k) { return gemm_kind_f32_out(k) ? 4 : 2; }
 size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 }  // namespace
@@ -125,14 +123,14 @@ Status GemmBench::grow(void** p, size_t* have, size_t want, const char* what) {
 }
 
 Status GemmBench::prepare(const GemmKey& key) {
-  const size_t es = elem_bytes(key.kind);
+  const size_t es = gemm_elem_bytes(key.kind);
   const size_t w_stride = round_up(size_t(key.N) * key.K * es, 256);
   // Enough copies that one rotation touches 3x L2: each call then reads its weight from HBM, as a
   // real step does (it reads every layer's weights once).
   const size_t copies = std::clamp<size_t>((3 * l2_bytes_ + w_stride - 1) / w_stride, 1, 8);
   const size_t x_old = x_bytes_, w_old = w_bytes_;
   KILN_RETURN_IF_ERROR(grow(&x_, &x_bytes_, size_t(key.n) * key.K * es, "activations"));
-  KILN_RETURN_IF_ERROR(grow(&y_, &y_bytes_, size_t(key.n) * key.N * out_bytes(key.kind), "output"));
+  KILN_RETURN_IF_ERROR(grow(&y_, &y_bytes_, size_t(key.n) * key.N * gemm_out_bytes(key.kind), "output"));
   KILN_RETURN_IF_ERROR(grow(&w_, &w_bytes_, copies * w_stride, "weight copies"));
   const size_t ones_before = ones_bytes_;
   void* ones = ones_;
@@ -164,7 +162,7 @@ Result<double> GemmBench::time_us(const GemmKey& key, const GemmAlgo& algo, int 
     KILN_RETURN_IF_ERROR(cuda_ok(cudaEventCreate(&e), "cudaEventCreate"));
     events_.push_back(e);
   }
-  const size_t w_stride = round_up(size_t(key.N) * key.K * elem_bytes(key.kind), 256);
+  const size_t w_stride = round_up(size_t(key.N) * key.K * gemm_elem_bytes(key.kind), 256);
   const size_t copies = std::clamp<size_t>(w_bytes_ / w_stride, 1, 8);
   auto weight = [&](int i) { return static_cast<const char*>(w_) + (size_t(i) % copies) * w_stride; };
   const float* xs = ones_;
