@@ -343,16 +343,20 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   const int grid = pair8 ? (N + 7) / 8 : (N + 15) / 16;
   // Chunks in flight per warp (H100, batch 1, docs/PERF_fp8_gpu.md): 4 (80 registers, 3 blocks per
   // SM) puts qkv's 384 tiles in one wave (11.2 us against 14.8 with 8) and won the decode step
-  // (3.74-3.78 ms against 3.88 with 8). 8 (115 registers, 2 blocks per SM) streams down_proj's long
-  // rows faster alone (27.2 against 29.1 us) but not inside the step (3.76-3.78 ms with 8 for
-  // K >= 8192 only; presumably the fat blocks leave no room for the next kernel's early PDL blocks).
-  // KILN_FP8_GEMV_LOADS=8 for A/B. Tried and not kept (no gain in the step): 12-warp blocks for the
-  // 256-tile shapes, a persistent grid walking tiles, cp.async stages in shared memory.
+  // (3.74-3.78 ms against 3.88 with 8). The fold GEMVs (o_proj, down_proj: 256 tiles at the 8B's
+  // hidden 4096, one wave at 2 an SM either way) take 8 (115 registers): o_proj's whole rows are
+  // then loaded before pdl_wait, during the attention. Session 15 (block timestamps): o_proj 12.8 ->
+  // 9.0 us in the step, down_proj 28.9 -> 27.7; the step -0.8..-1 % at batch 1, -2 % at 2, -3 % at 4
+  // (fold only; 8 everywhere lost, qkv's second wave). KILN_FP8_GEMV_LOADS / _FOLD_LOADS = 4 or 8
+  // for A/B. Tried and not kept (no gain in the step): 12-warp blocks for the 256-tile shapes, a
+  // persistent grid walking tiles, cp.async stages in shared memory (again in session 15 as extra
+  // chunks copied before the wait: slower, the shared memory costs early-resident blocks).
   static const int loads = env_int("KILN_FP8_GEMV_LOADS", 4);
+  static const int fold_loads = env_int("KILN_FP8_GEMV_FOLD_LOADS", 8);
   // (The silu pair holds two tiles' chunks: 4 of them already take 124 registers.)
   if (pair8) launch<true, false, 4, 3, true>(p, grid, smem, s);
   else if (silu) launch<true, false, 4, 2>(p, grid, smem, s);
-  else if (fold) loads == 8 ? launch<false, true, 8, 2>(p, grid, smem, s) : launch<false, true, 4, 3>(p, grid, smem, s);
+  else if (fold) fold_loads == 8 ? launch<false, true, 8, 2>(p, grid, smem, s) : launch<false, true, 4, 3>(p, grid, smem, s);
   else loads == 8 ? launch<false, false, 8, 2>(p, grid, smem, s) : launch<false, false, 4, 3>(p, grid, smem, s);
   return true;
 }
