@@ -346,8 +346,8 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   // (3.74-3.78 ms against 3.88 with 8). The fold GEMVs (o_proj, down_proj: 256 tiles at the 8B's
   // hidden 4096, one wave at 2 an SM either way) take 8 (115 registers): o_proj's whole rows are
   // then loaded before pdl_wait, during the attention. Session 15 (block timestamps): o_proj 12.8 ->
-  // 9.0 us in the step, down_proj 28.9 -> 27.7; the step -0.8..-1 % at batch 1, -2 % at 2, -3 % at 4
-  // (fold only; 8 everywhere lost, qkv's second wave). KILN_FP8_GEMV_LOADS / _FOLD_LOADS = 4 or 8
+  // 9.0 us in the step, down_proj 28.9 -> 27.7; the batch-1 step -0.9 % (3.576 / 3.580 -> 3.543 /
+  // 3.550 ms; 8 for every GEMV lost: qkv's second wave). KILN_FP8_GEMV_LOADS / _FOLD_LOADS = 4 or 8
   // for A/B. Tried and not kept (no gain in the step): 12-warp blocks for the 256-tile shapes, a
   // persistent grid walking tiles, cp.async stages in shared memory (again in session 15 as extra
   // chunks copied before the wait: slower, the shared memory costs early-resident blocks).
