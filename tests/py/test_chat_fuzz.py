@@ -31,7 +31,8 @@ def test_fuzz_jinja(tmp_path):
     work.mkdir()
     cmd = [str(binary), str(work), str(seeds), f"-max_total_time={SECONDS}", "-rss_limit_mb=2048",
            "-max_len=4096", "-timeout=10", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 120)
+    # libFuzzer's log can quote the raw bytes of an input (not UTF-8): decode leniently, it is only shown.
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=SECONDS + 120)
     tail = (proc.stdout + proc.stderr)[-6000:]
     crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "leak-", "timeout-", "oom-")))
     assert proc.returncode == 0 and not crashes, f"fuzz_jinja failed (rc {proc.returncode}, {crashes}):\n{tail}"

@@ -24,7 +24,8 @@ def test_fuzz_parser(name, tmp_path):
     # New inputs go to the first (scratch) directory; the committed seeds are only read.
     cmd = [str(binary), str(work), str(seeds), f"-max_total_time={SECONDS}", "-rss_limit_mb=2048",
            "-max_len=16384", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SECONDS + 120)
+    # libFuzzer's log can quote the raw bytes of an input (not UTF-8): decode leniently, it is only shown.
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=SECONDS + 120)
     tail = (proc.stdout + proc.stderr)[-6000:]
     crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "leak-", "timeout-", "oom-")))
     assert proc.returncode == 0 and not crashes, f"fuzz_{name} failed (rc {proc.returncode}, {crashes}):\n{tail}"
