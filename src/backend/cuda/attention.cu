@@ -294,16 +294,14 @@ template <int D, int G>
 __device__ __forceinline__ void merge_splits(const AttnParams& p, int seq, int head0, int n_eff, float v_scale, bf16* out,
                                              float* s_m, float* s_l, float* s_ml, bool& s_last) {
   const int tid = threadIdx.x;
-  __threadfence();  // partials visible device-wide before the count
-  __syncthreads();
+  __syncthreads();  // the block's partials, then its arrival (launch.cuh, atomic_add_acq_rel_gpu)
   if (tid == 0) {
     int32_t* cnt = p.counters + int64_t(seq) * p.n_heads + blockIdx.y;
-    s_last = atomicAdd(cnt, 1) == n_eff - 1;
+    s_last = atomic_add_acq_rel_gpu(cnt, 1) == n_eff - 1;
     if (s_last) *cnt = 0;  // every other split has counted: ready for the next launch
   }
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   const float* part0 = p.partials + (int64_t(seq) * p.n_heads + head0) * p.splits * (D + 2);
   // Up to kRegSplits splits (batch-1 contexts up to 64 kRegSplits tokens): each thread owns kPer
   // consecutive outputs of one head and loads their partials with every split's m and l at once

@@ -9,26 +9,16 @@
 
 #include <cstdint>
 
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/norm.cuh"
 
 namespace kiln::cuda {
-
-// The arrival: one acquire-release atomic by thread 0 after the block barrier (as CUTLASS's
-// GenericBarrier::arrive_inc): bar.sync orders every thread's residual writes before it, the release
-// is cumulative, and the last block's acquire, followed by a barrier, orders its threads' loads after
-// every block's writes. (It was __threadfence() in every thread, then a relaxed atomicAdd: one more
-// memory round trip on the fold's critical path.)
-__device__ __forceinline__ unsigned int atomic_add_acq_rel_gpu(unsigned int* p, unsigned int v) {
-  unsigned int old;
-  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
 
 template <class Fold>
 __device__ __forceinline__ void fold_norm_tail(const Fold& ne, int n, int dim) {
   __shared__ unsigned int last;
   __shared__ float red[32];
-  __syncthreads();
+  __syncthreads();  // the block's residual writes, then its arrival (launch.cuh, atomic_add_acq_rel_gpu)
   if (threadIdx.x == 0) last = atomic_add_acq_rel_gpu(ne.counter, 1u) == gridDim.x - 1 ? 1u : 0u;
   __syncthreads();
   if (!last) return;
