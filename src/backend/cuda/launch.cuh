@@ -3,7 +3,9 @@
 // first weight bytes arrive ~1 us after its blocks start). With PDL the next kernel's blocks are
 // scheduled while the previous kernel's last wave drains, load what does not depend on it (weights),
 // and only then wait for it. Rules every kernel launched this way follows:
-//  - pdl_trigger() at the top (lets the next kernel be scheduled once all our blocks are resident);
+//  - pdl_trigger() at the top (lets the next kernel be scheduled once all our blocks are resident),
+//    or after the first dependent loads where the next kernel's early weight loads would queue ahead
+//    of them (decode attention v2, the one-row FP8 GEMV: session 15);
 //  - pdl_wait() before the first read of anything an earlier kernel wrote, and before any write.
 // On older GPUs (or KILN_PDL=0) the attribute is left off and both calls compile to nothing or no-ops.
 #pragma once
