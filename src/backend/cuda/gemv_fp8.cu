@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
   __shared__ float red_s[32];
   // One row (batch-1 decode): the next kernel launches only once x is quantized (below), so its
   // blocks' early weight loads do not queue ahead of x's (s15 run 12: -1.0 % at batch 1; at batch 4,
-  // whose quantization takes longer, +0.9 %, so more rows trigger here).
+  // whose quantization takes longer, +0.9 %, so two or more rows trigger at the top, here).
   const bool late_trigger = p.n == 1;
   if (!late_trigger) pdl_trigger();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
