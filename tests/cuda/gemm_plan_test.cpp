@@ -90,7 +90,6 @@ OutputDiff diff_outputs(const std::vector<float>& got, const std::vector<float>&
   return d;
 }
 
-
 // Random x and W for `key` on the device, unit scales; freed with the struct.
 struct GemmBuffers {
   void *x = nullptr, *w = nullptr, *y1 = nullptr, *y2 = nullptr;
