@@ -165,6 +165,7 @@ int latency(const BenchArgs& a) {
   opts.kv_cache_dtype = a.kv_cache_dtype;
   opts.max_seq_len = a.input_len + a.output_len;
   opts.quantization = a.quantization;
+  opts.max_batch_size = a.batch_size;
   const int32_t blocks_per_seq = (opts.max_seq_len + opts.block_size - 1) / opts.block_size;
   opts.kv_cache_blocks = a.kv_cache_blocks > 0 ? a.kv_cache_blocks : a.batch_size * blocks_per_seq + 1;
   ModelConfig c;
@@ -344,6 +345,7 @@ int throughput(const BenchArgs& a) {
   opts.quantization = a.quantization;
   opts.kv_cache_blocks = a.kv_cache_blocks;
   opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
+  opts.max_batch_size = a.max_batch_size;
   ModelConfig c;
   void* cuda_ex = nullptr;
   auto ex = make_executor(a, opts, &c, &cuda_ex, a.max_batch_size, a.max_num_tokens);

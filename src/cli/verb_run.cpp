@@ -84,6 +84,7 @@ int run(const RunArgs& a) {
   LoadOptions opts;
   opts.device = a.device;
   opts.kv_cache_blocks = (total + opts.block_size - 1) / opts.block_size;
+  opts.max_batch_size = 1;
   use_engine_plan(a.model, a.device);  // a built engine: re-planned for this device, GEMM table handed over
   auto made = make_executor(*model, opts);
   if (!made) return fail("run", made.message());

@@ -70,6 +70,7 @@ Result<std::unique_ptr<ModelExecutor>> load_executor(const ServeArgs& a) {
   opts.kv_cache_blocks = a.kv_cache_blocks;
   if (a.kv_cache_memory_fraction > 0) opts.kv_cache_memory_fraction = a.kv_cache_memory_fraction;
   opts.max_seq_len = a.max_seq_len;
+  opts.max_batch_size = a.max_batch_size;
   return cli::load_executor(a.model, opts);  // cli/executor_factory.h
 }
 

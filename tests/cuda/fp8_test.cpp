@@ -204,6 +204,46 @@ TEST(CudaFp8, ExecutorMatchesCpuEmulation) {
   }
 }
 
+// The decode GEMV's tiled FP8 copies (LoadOptions::max_batch_size 1..8): the same kernels in the
+// same order over the same bytes, so decode logits are bit-identical to the executor without them,
+// at one sequence and two (the 8 + 8 silu pair reads its copy) and three (the 16 + 16 pair reads
+// the matrix as stored, the other GEMVs their copies).
+TEST(CudaFp8, TiledCopiesDecodeBitIdentically) {
+  REQUIRE_GPU();
+  ModelConfig c = small_config(8, 2, 64, 256, 512);
+  c.vocab_size = 512;
+  auto model = quantize_model(*make_dummy_model(c, WeightFormat::kBF16, 78), ActQuant::kStaticTensor, true);
+  LoadOptions opts;
+  opts.device = "cuda";
+  opts.kv_cache_blocks = 64;
+  opts.max_seq_len = 256;
+  auto plain = cuda::CudaExecutor::create(model, opts);
+  opts.max_batch_size = 4;
+  auto tiled = cuda::CudaExecutor::create(model, opts);
+  ASSERT_TRUE(plain.is_ok()) << plain.message();
+  ASSERT_TRUE(tiled.is_ok()) << tiled.message();
+  EXPECT_EQ((*plain)->tiled_bytes(), 0u);
+  // q|k|v (768 x 256), o (256 x 512), gate|up (1024 x 256), down (256 x 512), two layers
+  EXPECT_EQ((*tiled)->tiled_bytes(), size_t(2) * (768 * 256 + 256 * 512 + 1024 * 256 + 256 * 512));
+  std::mt19937 rng(5);
+  for (int seqs : {1, 2, 3}) {
+    std::vector<std::vector<int32_t>> prompts, forced(static_cast<size_t>(seqs));
+    for (int s = 0; s < seqs; ++s) {
+      std::vector<int32_t> p;
+      for (int i = 0; i < 9 + 7 * s; ++i) p.push_back(int32_t(rng() % 512));
+      prompts.push_back(p);
+    }
+    const int steps = 6;
+    for (auto& f : forced)
+      for (int i = 0; i < steps; ++i) f.push_back(int32_t(rng() % 512));
+    auto a = run_batch(**plain, [&](std::vector<float>* v) { return (*plain)->last_logits(v); }, prompts, forced, steps, 16);
+    auto b = run_batch(**tiled, [&](std::vector<float>* v) { return (*tiled)->last_logits(v); }, prompts, forced, steps, 16);
+    for (size_t s = 0; s < size_t(seqs); ++s)
+      for (int st = 1; st <= steps; ++st)
+        EXPECT_EQ(a[s].logits[size_t(st)], b[s].logits[size_t(st)]) << seqs << " sequences: seq " << s << " step " << st;
+  }
+}
+
 // The quantizers divide by the scale through a reciprocal made once (fp8_mma.cuh's ScaleDiv,
 // Markstein's correction) instead of an IEEE division per element: the same quotient, so the same
 // E4M3 codes as the CPU emulation. Checked against __fdiv_rn over random bit patterns (every

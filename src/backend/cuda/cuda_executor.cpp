@@ -14,6 +14,7 @@
 #include "backend/cuda/sampler.h"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/fp8.h"
+#include "backend/cuda/gemv_fp8.h"
 #include "core/dtype.h"
 #include "core/log.h"
 #include "core/thread_pool.h"
@@ -445,6 +446,7 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
     ops_->register_fused(l.wq.data, c.q_dim() + 2 * c.kv_dim(), Buf::kQ, {{l.wk.data, Buf::kK}, {l.wv.data, Buf::kV}});
     ops_->register_fused(l.w_gate.data, 2 * int64_t(c.intermediate_size), Buf::kGate, {{l.w_up.data, Buf::kUp}});
   }
+  KILN_RETURN_IF_ERROR(make_tiled_copies(opts));
   for (const auto& [data, f] : fp8_regs_) ops_->register_fp8(data, f);
   weight_bytes_per_token_ = size_t(c.vocab_size) * c.hidden_size * 2;  // lm_head
   for (const LayerWeights& l : dw_.layers)
@@ -510,6 +512,47 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
            std::to_string(blocks) + " blocks (" + mib(size_t(blocks) * per_block) + (*kv_fp8 ? ", fp8" : ", bf16") +
            "), activations " +
            mib(ops_->reserved_bytes()) + ", " + gemm_->library());
+  return Status::ok();
+}
+
+Status CudaExecutor::make_tiled_copies(const LoadOptions& opts) {
+  static const bool on = env_int("KILN_FP8_TILED", 1) != 0;
+  if (!on || opts.max_batch_size < 1 || opts.max_batch_size > 8 || fp8_regs_.empty() || !gemv_fp8_mma_enabled())
+    return Status::ok();
+  const ModelConfig& c = config_;
+  std::map<const void*, Fp8Weight*> regs;
+  for (auto& [data, f] : fp8_regs_) regs[data] = &f;
+  cudaStream_t s = as_stream(stream_);
+  size_t bytes = 0;
+  // q|k|v and gate|up are one matrix each (uploaded back to back: register_fused); the silu pair's
+  // copy pairs gate row r with up row I + r.
+  for (const LayerWeights& l : dw_.layers) {
+    const struct {
+      const Weight* w;
+      int64_t rows;
+      bool pair;
+    } mats[] = {{&l.wq, c.q_dim() + 2 * c.kv_dim(), false},
+                {&l.wo, c.hidden_size, false},
+                {&l.w_gate, c.intermediate_size, true},
+                {&l.w_down, c.hidden_size, false}};
+    for (const auto& m : mats) {
+      auto it = regs.find(m.w->data);
+      if (it == regs.end() || !fp8_tiled_shape_ok(m.rows, m.w->cols, m.pair)) continue;
+      const size_t n = size_t(m.rows) * size_t(m.w->cols) * (m.pair ? 2 : 1);
+      void* p = nullptr;
+      KILN_RETURN_IF_ERROR(device_alloc(&p, n, "the decode GEMV's tiled copy of " + m.w->name +
+                                                   " (KILN_FP8_TILED=0 or a max batch size over 8 goes without)"));
+      allocations_.push_back(p);
+      if (!launch_tile_fp8(m.w->data, m.rows, m.w->cols, m.pair, p, s))
+        return Status::error("tiling " + m.w->name + " for the decode GEMV failed");
+      it->second->tiled = p;
+      bytes += n;
+    }
+  }
+  KILN_RETURN_IF_ERROR(cuda_status(cudaStreamSynchronize(s), "tiling the FP8 matrices"));
+  tiled_bytes_ = bytes;
+  if (bytes) log_info("cuda: FP8 matrices tiled for the decode GEMV (max batch " + std::to_string(opts.max_batch_size) +
+                      "): +" + mib(bytes));
   return Status::ok();
 }
 

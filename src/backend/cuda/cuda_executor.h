@@ -72,6 +72,8 @@ class CudaExecutor final : public ModelExecutor {
                                                   bool fp8 = false);
   // Whether any linear runs in FP8 on this GPU.
   bool weights_fp8() const;
+  // Bytes of the decode GEMV's tiled FP8 copies (LoadOptions::max_batch_size; 0: none made).
+  size_t tiled_bytes() const { return tiled_bytes_; }
   // Steps whose layers ran as one kernel (CudaOps::all_layers; a replayed graph counts at capture).
   uint64_t fused_decode_calls() const;
   // The last replayed decode graph launched `reps` times back to back with nothing from the host in
@@ -91,6 +93,9 @@ class CudaExecutor final : public ModelExecutor {
   Status run_forward(const StepBatch& b, StepPath* path);
   Status reserve_ids(int32_t rows);
   void clear_graphs();
+  // The decode GEMV's tiled copies of the FP8 matrices (LoadOptions::max_batch_size), into
+  // fp8_regs_ before CudaOps sees them.
+  Status make_tiled_copies(const LoadOptions& opts);
 
   ModelConfig config_;
   ModelWeights dw_;  // Weight::data are device pointers
@@ -106,6 +111,7 @@ class CudaExecutor final : public ModelExecutor {
   bool device_sampling_ = true;  // KILN_DEVICE_SAMPLING=0: every non-greedy row on the host sampler
   void* kv_base_ = nullptr;
   size_t weight_bytes_per_token_ = 0;
+  size_t tiled_bytes_ = 0;
   bool use_graphs_ = true;
   std::map<int32_t, void*> graphs_;  // bucket -> cudaGraphExec_t
   StepBatch pad_;

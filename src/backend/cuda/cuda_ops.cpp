@@ -267,6 +267,7 @@ GemvW CudaOps::gemv_weight(const void* w) const {
       case Fp8Act::kDynamicToken: g.act = GemvAct::kDynamicToken; break;
     }
     g.input_scale = f->second.d_input_scale;
+    g.tiled = f->second.tiled;
   }
   return g;
 }

@@ -41,6 +41,7 @@ struct Fp8Weight {
   bool per_channel = false;              // rows differ in scale (d_row_scales is the truth)
   Fp8Act act = Fp8Act::kDynamicToken;    // how the GEMM path quantizes the input
   const float* d_input_scale = nullptr;  // device [1] (Fp8Act::kStatic)
+  const void* tiled = nullptr;  // the decode GEMV's tiled copy (gemv_fp8.h), or null
 };
 
 struct StepCaps {

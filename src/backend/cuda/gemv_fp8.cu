@@ -14,6 +14,10 @@
 // for column g) is thus permuted, but A and B use the same permutation (logical k 4t+j <-> byte j,
 // 16+4t+j <-> byte 4+j of the lane's 8), so the sum over k is the dot (IntegerInputsAreExact).
 // Partial sums (one 16 x 8 C fragment per warp) are added across warps in shared memory.
+// With a tiled copy (launch_tile_fp8: [tile][K / 64][16][64]) the same lanes read the same bytes from
+// one contiguous range per block: 8 KB a step instead of 16 rows x 512 bytes, which the H100 streams
+// faster (batch-1 8B step 3.40 -> 3.25 ms, s17 run 5; a timing-only version of the same reads first
+// said so in runs 1-4, where reading 4 rows x 128 bytes a warp load or shifting each row's k did not).
 //
 // Activation quantization matches launch_quantize_fp8 and the CPU emulation bit for bit: fp8(x / s)
 // with IEEE division and saturating round-to-nearest-even, s = input_scale (static), amax / 448
@@ -61,6 +65,7 @@ struct Params {
   int32_t kp;  // row stride (bytes) of x_q in shared memory
   bool interleave;
   GemvFold fold;
+  const uint8_t* wt;  // the tiled copy (launch_tile_fp8; one-tile kernels only) or null: w as stored
 };
 
 __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
@@ -127,7 +132,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
       const int64_t row = kPair8 ? int64_t(min(row0 + g, N - 1)) + (h ? p.pair_off : 0)
                                  : int64_t(min(row0 + g + 8 * h, N - 1)) + (r ? p.pair_off : 0);
       wp[r][h] = p.w + row * K + 16 * t;
+      // The tiled copy stores this block's 16 rows chunk by chunk ([tile][K / 64][16][64]): chunk c
+      // of tile row g + 8 h is at (c * 16 + g + 8 h) * 64.
+      if (kR == 1 && p.wt) wp[r][h] = p.wt + int64_t(blockIdx.x) * 16 * K + (g + 8 * h) * kChunk + 16 * t;
     }
+  const int64_t cstride = kR == 1 && p.wt ? 16 * kChunk : kChunk;  // bytes from chunk c to c + 1 of a row
   uint4 buf[kR][2][kL];
   auto load = [&](int j, int i) {
     const int c = base + i * stride;
@@ -136,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(cons
     for (int r = 0; r < kR; ++r)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        buf[r][h][j] = ok ? __ldcs(reinterpret_cast<const uint4*>(wp[r][h] + int64_t(c) * kChunk))
+        buf[r][h][j] = ok ? __ldcs(reinterpret_cast<const uint4*>(wp[r][h] + int64_t(c) * cstride))
                           : make_uint4(0u, 0u, 0u, 0u);
   };
   // Weights do not depend on the previous kernel: their first loads overlap its tail.
@@ -301,7 +310,34 @@ void launch(const Params& p, int grid, int smem, cudaStream_t s) {
   launch_pdl(k, dim3(grid), dim3(kThreads), size_t(smem), s, p);
 }
 
+// One 16-byte piece of the tiled copy per thread: piece i of out is byte 16 (i % 4) of chunk c of
+// tile row r of tile b, i / 4 = (b * chunks + c) * 16 + r; tile row r is w's row 16 b + r, or for
+// the silu pair the gate row 8 b + r (r < 8) and the up row pair_off + 8 b + r - 8.
+__global__ void tile_fp8_kernel(const uint8_t* w, int64_t K, int64_t pair_off, int64_t pieces, uint8_t* out) {
+  const int64_t chunks = K / kChunk;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < pieces; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = i / 4, r = q % 16, c = (q / 16) % chunks, b = q / 16 / chunks;
+    const int64_t row = pair_off ? (r < 8 ? 8 * b + r : pair_off + 8 * b + r - 8) : 16 * b + r;
+    reinterpret_cast<uint4*>(out)[i] =
+        *reinterpret_cast<const uint4*>(w + row * K + c * kChunk + 16 * (i % 4));
+  }
+}
+
 }  // namespace
+
+bool fp8_tiled_shape_ok(int64_t N, int64_t K, bool pair) {
+  return N > 0 && K > 0 && K % kChunk == 0 && N % (pair ? 8 : 16) == 0;
+}
+
+bool launch_tile_fp8(const void* w, int64_t N, int64_t K, bool pair, void* out, cudaStream_t s) {
+  if (!fp8_tiled_shape_ok(N, K, pair) || reinterpret_cast<uintptr_t>(w) % 16 || reinterpret_cast<uintptr_t>(out) % 16)
+    return false;
+  const int64_t pieces = (pair ? 2 * N : N) * K / 16;
+  const int grid = int(std::min<int64_t>((pieces + 255) / 256, 132 * 16));
+  tile_fp8_kernel<<<grid, 256, 0, s>>>(static_cast<const uint8_t*>(w), K, pair ? N : 0, pieces,
+                                       static_cast<uint8_t*>(out));
+  return cudaGetLastError() == cudaSuccess;
+}
 
 bool gemv_fp8_mma_enabled() {
   static const bool on = [] {
@@ -346,6 +382,11 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   static const int pair8_max_n = env_int("KILN_FP8_GEMV_PAIR8_MAX_N", 2);
   const bool pair8 = silu && n <= pair8_max_n;
   const int grid = pair8 ? (N + 7) / 8 : (N + 15) / 16;
+  // The tiled copy serves the one-tile kernels (plain, fold, the 8 + 8 silu pair) in the shapes it
+  // was made for (fp8_tiled_shape_ok); the 16 + 16 silu pair reads w as stored.
+  p.wt = w.tiled && (!silu || pair8) && fp8_tiled_shape_ok(N, K, silu) && (!silu || pair_off == N)
+             ? static_cast<const uint8_t*>(w.tiled)
+             : nullptr;
   // Chunks in flight per warp (H100, batch 1, docs/PERF_fp8_gpu.md): 4 (80 registers, 3 blocks per
   // SM) puts qkv's 384 tiles in one wave (11.2 us against 14.8 with 8) and won the decode step
   // (3.74-3.78 ms against 3.88 with 8). The fold GEMVs (o_proj, down_proj: 256 tiles at the 8B's

@@ -129,6 +129,7 @@ struct GemvW {
   const float* row_scales = nullptr;  // device [N] (fp8 only; for the silu pair: [2 I]); replaces scale
   GemvAct act = GemvAct::kNone;       // fp8 only
   const float* input_scale = nullptr;  // device [1] (GemvAct::kStatic)
+  const void* tiled = nullptr;  // fp8: the decode GEMV's tiled copy (gemv_fp8.h, launch_tile_fp8) or null
 };
 // Whether the model's FP8 decode linears take the tensor-core GEMV (CudaOps::gemv_weight fills
 // GemvW::act only then): KILN_FP8_GEMV=mma | cvt (A/B), the build's default otherwise, never
