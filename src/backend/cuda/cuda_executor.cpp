@@ -523,6 +523,17 @@ Status CudaExecutor::make_tiled_copies(const LoadOptions& opts) {
   std::map<const void*, Fp8Weight*> regs;
   for (auto& [data, f] : fp8_regs_) regs[data] = &f;
   cudaStream_t s = as_stream(stream_);
+  // The copies come out of what the KV cache would get: not more than half of what is free now.
+  size_t need = 0, free_b = 0, total_b = 0;
+  for (const LayerWeights& l : dw_.layers)
+    for (const Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
+      if (regs.count(w->data)) need += w->nbytes();
+  cudaMemGetInfo(&free_b, &total_b);
+  if (need > free_b / 2) {
+    log_info("cuda: no tiled FP8 copies for the decode GEMV: they would take " + mib(need) + " of " + mib(free_b) +
+             " free");
+    return Status::ok();
+  }
   size_t bytes = 0;
   // q|k|v and gate|up are one matrix each (uploaded back to back: register_fused); the silu pair's
   // copy pairs gate row r with up row I + r.

@@ -5,7 +5,8 @@
 // activations quantized once per block into shared memory (B, n of its 8 columns used).
 //
 // Layout. A block owns a tile of 16 weight rows (for the silu pair: 16 gate rows and the 16 up rows
-// pair_off below, or at n <= 2 one 16-row tile of 8 gate rows and their 8 up rows, see kPair8) over
+// pair_off below, or at n <= 2 (4 with a tiled copy) one 16-row tile of 8 gate rows and their 8 up
+// rows, see kPair8) over
 // all of K; its 8 warps split K into 64-wide chunks, interleaved (warp w takes
 // chunks w, w + 8, ...: the block streams each row front to back). In a chunk, lane (g = lane / 4,
 // t = lane % 4) loads the 16 bytes at k = 64 c + 16 t of rows g and g + 8, and the 16 bytes of x_q
@@ -378,13 +379,16 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   p.interleave = interleave;
   const int smem = std::max(n * p.kp, kWarps * (silu ? 2 : 1) * 128 * 4);
   if (smem > max_smem()) return false;
-  // The silu pair's 8 + 8 tile up to this many rows (KILN_FP8_GEMV_PAIR8_MAX_N; 0: never).
-  static const int pair8_max_n = env_int("KILN_FP8_GEMV_PAIR8_MAX_N", 2);
-  const bool pair8 = silu && n <= pair8_max_n;
+  // The silu pair's 8 + 8 tile up to this many rows (KILN_FP8_GEMV_PAIR8_MAX_N; 0: never; default below).
+  // With the tiled copy the 8 + 8 tile wins at 4 rows as well (s17 run 6, batch 4: 4.50 -> 4.38 ms),
+  // where reading the matrix as stored it lost (session 14); so up to 4 rows with a copy, else 2.
+  static const int pair8_max_n = env_int("KILN_FP8_GEMV_PAIR8_MAX_N", -1);
+  const bool has_tiled_pair = w.tiled && fp8_tiled_shape_ok(N, K, true) && pair_off == N;
+  const bool pair8 = silu && n <= (pair8_max_n >= 0 ? pair8_max_n : has_tiled_pair ? 4 : 2);
   const int grid = pair8 ? (N + 7) / 8 : (N + 15) / 16;
   // The tiled copy serves the one-tile kernels (plain, fold, the 8 + 8 silu pair) in the shapes it
   // was made for (fp8_tiled_shape_ok); the 16 + 16 silu pair reads w as stored.
-  p.wt = w.tiled && (!silu || pair8) && fp8_tiled_shape_ok(N, K, silu) && (!silu || pair_off == N)
+  p.wt = (silu ? pair8 && has_tiled_pair : w.tiled && fp8_tiled_shape_ok(N, K, false))
              ? static_cast<const uint8_t*>(w.tiled)
              : nullptr;
   // Chunks in flight per warp (H100, batch 1, docs/PERF_fp8_gpu.md): 4 (80 registers, 3 blocks per
