@@ -6,9 +6,8 @@
 //
 // Layout. A block owns a tile of 16 weight rows (for the silu pair: 16 gate rows and the 16 up rows
 // pair_off below, or at n <= 2 (4 with a tiled copy) one 16-row tile of 8 gate rows and their 8 up
-// rows, see kPair8) over
-// all of K; its 8 warps split K into 64-wide chunks, interleaved (warp w takes
-// chunks w, w + 8, ...: the block streams each row front to back). In a chunk, lane (g = lane / 4,
+// rows, see kPair8) over all of K; its 8 warps split K into 64-wide chunks, interleaved (warp w
+// takes chunks w, w + 8, ...: the block streams each row front to back). In a chunk, lane (g = lane / 4,
 // t = lane % 4) loads the 16 bytes at k = 64 c + 16 t of rows g and g + 8, and the 16 bytes of x_q
 // column g at the same k from shared memory; bytes [0, 8) feed one mma and [8, 16) the next. The
 // mma's own k order (a0..a3: row g, k 4t..4t+3; a8..a11: row g, k 16+4t..; b0..b3 / b4..b7 likewise
@@ -89,8 +88,9 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
 // g + 8 of the mma pair up, as in fused_decode.cu), so one set of buffers serves both: 80 registers
 // and 3 blocks an SM against 124 and 2, twice the blocks. On the H100 (docs/PERF_fp8_gpu.md, session
 // 14) it takes the 8B batch-1 step from 3.63 to 3.55 ms and batch 2 from 3.99 to 3.88, but batch 3
-// and 4 lose 3-5 % (presumably because every block quantizes all n rows of x: twice the blocks, twice
-// that work; not profiled).
+// and 4 lose 3-5 % reading the matrix as stored (presumably because every block quantizes all n rows
+// of x: twice the blocks, twice that work; not profiled); reading a tiled copy they gain 2-4 %
+// (session 17), so the tile runs at n <= 4 where gate|up has one.
 template <bool kSilu, bool kNorm, int kL, int kMinBlocks, bool kPair8 = false>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) gemv_fp8_mma_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem[];  // x_q [n, kp]; after the loop, the partial sums

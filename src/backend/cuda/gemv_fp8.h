@@ -20,11 +20,6 @@ struct GemvFold {
   unsigned int* counter;
 };
 
-// y[m, r] = (x_q[m] . w_q[r]) * s_x(m) * s_w(r) for m < n, r < N; silu: w is [gate; up] with the
-// up rows pair_off rows below and y = silu(gate) * up (bf16); fold: as GemvFold (bf16 y, N % 4 == 0,
-// N <= 4096). Returns false (nothing launched) when it does not take the call: w not FP8 or
-// weight-only (w.act == kNone), a device before sm_89, n outside 1..8,
-// K % 16 != 0, ldx % 8 != 0, x or the weight not 16-byte aligned, or a static scale missing.
 // The tiled copy of an FP8 matrix [N, K] for the decode GEMV: each block's 16 rows chunk by chunk,
 // [N / 16][K / 64][16][64] bytes, so a block streams one contiguous range (in the layout as stored
 // it reads 16 rows in 64-byte pieces, one 512-byte run per row and step). pair: the silu pair's
@@ -37,6 +32,11 @@ bool fp8_tiled_shape_ok(int64_t N, int64_t K, bool pair);  // N % 16 == 0 (pair:
 // alignment does not fit.
 bool launch_tile_fp8(const void* w, int64_t N, int64_t K, bool pair, void* out, cudaStream_t s);
 
+// y[m, r] = (x_q[m] . w_q[r]) * s_x(m) * s_w(r) for m < n, r < N; silu: w is [gate; up] with the
+// up rows pair_off rows below and y = silu(gate) * up (bf16); fold: as GemvFold (bf16 y, N % 4 == 0,
+// N <= 4096). Returns false (nothing launched) when it does not take the call: w not FP8 or
+// weight-only (w.act == kNone), a device before sm_89, n outside 1..8,
+// K % 16 != 0, ldx % 8 != 0, x or the weight not 16-byte aligned, or a static scale missing.
 bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w, int32_t N, int32_t K, int64_t pair_off,
                          bool silu, void* y, int64_t ldy, bool y_f32, const GemvFold* fold, cudaStream_t s);
 
