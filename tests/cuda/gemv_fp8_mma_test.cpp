@@ -69,6 +69,11 @@ const char* act_name(cuda::GemvAct a) {
   return "?";
 }
 
+// A GEMV shape: N output rows of K.
+struct Shape {
+  int N, K;
+};
+
 // A deterministic small integer in [-2, 2] from a position (a hash: no k pattern a wrong
 // permutation of the mma's k order could still match).
 int small_int(uint32_t a, uint32_t b, uint32_t salt) {
@@ -140,9 +145,6 @@ TEST(GemvFp8Mma, MatchesReference) {
   cudaStreamCreate(&s);
   DevBuf counter(4);
   cudaMemset(counter.p, 0, 4);
-  struct Shape {
-    int N, K;
-  };
   enum Kind { kPlain, kSilu, kFold };
   const float* lut = fp8_decode_table();
   int checked = 0;
@@ -294,8 +296,9 @@ TEST(GemvFp8Mma, MatchesReference) {
 // The tiled copy (launch_tile_fp8): byte for byte the documented layout, and the GEMVs that read it
 // (plain, fold, the 8 + 8 silu pair at n <= 2) give bit-identical outputs to the matrix as stored
 // (same chunks, same warps, same order). At n = 4 the silu pair takes the 8 + 8 tile only with the
-// copy (the 16 + 16 tiles without): held to the float64 test's bf16 bound there. Shapes: one tile, the 8B's o_proj, 14,336-wide down rows,
-// more tiles than the chip holds at once. Shapes the copy does not take are refused.
+// copy (the 16 + 16 tiles without): held to the float64 test's bf16 bound there. Shapes: one tile,
+// the 8B's o_proj, 14,336-wide down rows, more tiles than the chip holds at once. Shapes the copy
+// does not take are refused.
 TEST(GemvFp8Mma, TiledCopyReadsTheSameBytes) {
   REQUIRE_GPU();
   std::mt19937 rng(17);
@@ -303,9 +306,6 @@ TEST(GemvFp8Mma, TiledCopyReadsTheSameBytes) {
   cudaStreamCreate(&s);
   DevBuf counter(4);
   cudaMemset(counter.p, 0, 4);
-  struct Shape {
-    int N, K;
-  };
   int compared = 0;
   for (Shape sh : {Shape{16, 64}, Shape{4096, 4096}, Shape{1024, 14336}, Shape{6144, 1024}}) {
     const int N = sh.N, K = sh.K;
