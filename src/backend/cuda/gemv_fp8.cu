@@ -377,8 +377,6 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   if (fold) p.fold = *fold;
   static const bool interleave = env_int("KILN_FP8_GEMV_ILV", 1) != 0;
   p.interleave = interleave;
-  const int smem = std::max(n * p.kp, kWarps * (silu ? 2 : 1) * 128 * 4);
-  if (smem > max_smem()) return false;
   // The silu pair's 8 + 8 tile up to this many rows (KILN_FP8_GEMV_PAIR8_MAX_N; 0: never; default below).
   // With the tiled copy the 8 + 8 tile wins at 4 rows as well (s17 run 6, batch 4: 4.50 -> 4.38 ms),
   // where reading the matrix as stored it lost (session 14); so up to 4 rows with a copy, else 2.
@@ -386,6 +384,10 @@ bool launch_gemv_fp8_mma(const bf16_t* x, int64_t ldx, int32_t n, const GemvW& w
   const bool has_tiled_pair = w.tiled && fp8_tiled_shape_ok(N, K, true) && pair_off == N;
   const bool pair8 = silu && n <= (pair8_max_n >= 0 ? pair8_max_n : has_tiled_pair ? 4 : 2);
   const int grid = pair8 ? (N + 7) / 8 : (N + 15) / 16;
+  // x_q, then the warps' partial sums: one 16 x 8 f32 fragment a warp and row tile (the 16 + 16 silu
+  // pair has two tiles, the 8 + 8 one).
+  const int smem = std::max(n * p.kp, kWarps * (silu && !pair8 ? 2 : 1) * 128 * 4);
+  if (smem > max_smem()) return false;
   // The tiled copy serves the one-tile kernels (plain, fold, the 8 + 8 silu pair) in the shapes it
   // was made for (fp8_tiled_shape_ok); the 16 + 16 silu pair reads w as stored.
   p.wt = (silu ? pair8 && has_tiled_pair : w.tiled && fp8_tiled_shape_ok(N, K, false))
