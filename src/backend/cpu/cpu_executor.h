@@ -25,7 +25,7 @@ struct LoadOptions {
   // (sm_89+; else they are dequantized to bf16 on upload), "bf16" always dequantizes, "fp8" also
   // makes dummy weights FP8 (benchmarks). The CPU backend reads weights as they are stored.
   std::string quantization = "auto";
-  // The most sequences a step will decode (the engine's max batch size; 0: not known). At 1..8 the
+  // The most sequences a step will decode (the engine's max batch size; 0: not known). At 1..4 the
   // GPU decodes with GEMVs only, and an FP8 model gets a tiled copy of each matrix for them
   // (kiln::cuda launch_tile_fp8: ~4-5 % faster batch-1 steps on the H100 for twice the FP8 weight
   // memory; KILN_FP8_TILED=0 turns it off). The CPU ignores it.

@@ -517,7 +517,10 @@ Status CudaExecutor::finish_init(const LoadOptions& opts) {
 
 Status CudaExecutor::make_tiled_copies(const LoadOptions& opts) {
   static const bool on = env_int("KILN_FP8_TILED", 1) != 0;
-  if (!on || opts.max_batch_size < 1 || opts.max_batch_size > 8 || fp8_regs_.empty() || !gemv_fp8_mma_enabled())
+  // Only where every decode step runs on the GEMV (M <= Gemm::gemv_max_m, 4 unless KILN_GEMV_MAX_M):
+  // past that the steps of a full batch take cuBLASLt's GEMM and the copies would mostly sit idle.
+  if (!on || opts.max_batch_size < 1 || opts.max_batch_size > gemm_->gemv_max_m() || fp8_regs_.empty() ||
+      !gemv_fp8_mma_enabled())
     return Status::ok();
   const ModelConfig& c = config_;
   std::map<const void*, Fp8Weight*> regs;
@@ -552,7 +555,7 @@ Status CudaExecutor::make_tiled_copies(const LoadOptions& opts) {
       const size_t n = size_t(m.rows) * size_t(m.w->cols) * (m.pair ? 2 : 1);
       void* p = nullptr;
       KILN_RETURN_IF_ERROR(device_alloc(&p, n, "the decode GEMV's tiled copy of " + m.w->name +
-                                                   " (KILN_FP8_TILED=0 or a max batch size over 8 goes without)"));
+                                                    " (KILN_FP8_TILED=0 or a max batch size over 4 goes without)"));
       allocations_.push_back(p);
       if (!launch_tile_fp8(m.w->data, m.rows, m.w->cols, m.pair, p, s))
         return Status::error("tiling " + m.w->name + " for the decode GEMV failed");
