@@ -525,43 +525,44 @@ Status CudaExecutor::make_tiled_copies(const LoadOptions& opts) {
   const ModelConfig& c = config_;
   std::map<const void*, Fp8Weight*> regs;
   for (auto& [data, f] : fp8_regs_) regs[data] = &f;
-  cudaStream_t s = as_stream(stream_);
-  // The copies come out of what the KV cache would get: not more than half of what is free now.
-  size_t need = 0, free_b = 0, total_b = 0;
+  // The copies to make: q|k|v and gate|up are one matrix each (uploaded back to back:
+  // register_fused); the silu pair's copy pairs gate row r with up row I + r.
+  struct Copy {
+    const Weight* w;
+    int64_t rows;
+    bool pair;
+    Fp8Weight* reg;
+    size_t bytes;
+  };
+  std::vector<Copy> copies;
+  size_t bytes = 0;
   for (const LayerWeights& l : dw_.layers)
-    for (const Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
-      if (regs.count(w->data)) need += w->nbytes();
+    for (Copy m : {Copy{&l.wq, c.q_dim() + 2 * c.kv_dim(), false}, Copy{&l.wo, c.hidden_size, false},
+                   Copy{&l.w_gate, c.intermediate_size, true}, Copy{&l.w_down, c.hidden_size, false}}) {
+      auto it = regs.find(m.w->data);
+      if (it == regs.end() || !fp8_tiled_shape_ok(m.rows, m.w->cols, m.pair)) continue;
+      m.reg = it->second;
+      m.bytes = size_t(m.rows) * size_t(m.w->cols) * (m.pair ? 2 : 1);
+      bytes += m.bytes;
+      copies.push_back(m);
+    }
+  // The copies come out of what the KV cache would get: not more than half of what is free now.
+  size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
-  if (need > free_b / 2) {
-    log_info("cuda: no tiled FP8 copies for the decode GEMV: they would take " + mib(need) + " of " + mib(free_b) +
+  if (bytes > free_b / 2) {
+    log_info("cuda: no tiled FP8 copies for the decode GEMV: they would take " + mib(bytes) + " of " + mib(free_b) +
              " free");
     return Status::ok();
   }
-  size_t bytes = 0;
-  // q|k|v and gate|up are one matrix each (uploaded back to back: register_fused); the silu pair's
-  // copy pairs gate row r with up row I + r.
-  for (const LayerWeights& l : dw_.layers) {
-    const struct {
-      const Weight* w;
-      int64_t rows;
-      bool pair;
-    } mats[] = {{&l.wq, c.q_dim() + 2 * c.kv_dim(), false},
-                {&l.wo, c.hidden_size, false},
-                {&l.w_gate, c.intermediate_size, true},
-                {&l.w_down, c.hidden_size, false}};
-    for (const auto& m : mats) {
-      auto it = regs.find(m.w->data);
-      if (it == regs.end() || !fp8_tiled_shape_ok(m.rows, m.w->cols, m.pair)) continue;
-      const size_t n = size_t(m.rows) * size_t(m.w->cols) * (m.pair ? 2 : 1);
-      void* p = nullptr;
-      KILN_RETURN_IF_ERROR(device_alloc(&p, n, "the decode GEMV's tiled copy of " + m.w->name +
-                                                    " (KILN_FP8_TILED=0 or a max batch size over 4 goes without)"));
-      allocations_.push_back(p);
-      if (!launch_tile_fp8(m.w->data, m.rows, m.w->cols, m.pair, p, s))
-        return Status::error("tiling " + m.w->name + " for the decode GEMV failed");
-      it->second->tiled = p;
-      bytes += n;
-    }
+  cudaStream_t s = as_stream(stream_);
+  for (const Copy& m : copies) {
+    void* p = nullptr;
+    KILN_RETURN_IF_ERROR(device_alloc(&p, m.bytes, "the decode GEMV's tiled copy of " + m.w->name +
+                                                       " (KILN_FP8_TILED=0 or a max batch size over 4 goes without)"));
+    allocations_.push_back(p);
+    if (!launch_tile_fp8(m.w->data, m.rows, m.w->cols, m.pair, p, s))
+      return Status::error("tiling " + m.w->name + " for the decode GEMV failed");
+    m.reg->tiled = p;
   }
   KILN_RETURN_IF_ERROR(cuda_status(cudaStreamSynchronize(s), "tiling the FP8 matrices"));
   tiled_bytes_ = bytes;
